@@ -1,0 +1,161 @@
+//! `mulo generate`: one image from a condition.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mulo_engine::{generate_ar, TorchWorker};
+use mulo_model::{image_io, Gpt, VqModel};
+use tch::Tensor;
+
+use crate::common::{warn_unused, write_tokens, ConditionArgs, RuntimeArgs, SamplingArgs};
+
+/// Generation method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Plain autoregressive decoding: one target pass per token (the exact reference).
+    Ar,
+}
+
+/// Arguments of `mulo generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory (config.json + model.safetensors of a GPT).
+    #[arg(long, env = "MULO_MODEL", value_name = "DIR")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub condition: ConditionArgs,
+    /// Decoding method.
+    #[arg(long, value_enum, default_value = "ar")]
+    pub method: Method,
+    /// Random seed: the same seed, model and parameters give the same tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// PNG to write (default image.png unless only --tokens-out is given).
+    #[arg(long, value_name = "FILE.png")]
+    pub out: Option<PathBuf>,
+    /// Also write the tokens as a JSON array of ints in raster order.
+    #[arg(long, value_name = "FILE.json")]
+    pub tokens_out: Option<PathBuf>,
+    /// VQ model directory that decodes the tokens (default: the model config's `vq`).
+    #[arg(long, env = "MULO_VQ", value_name = "DIR")]
+    pub vq: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// The VQ directory for a model: an explicit one, else the config's `vq` relative to the model.
+pub fn resolve_vq(model_dir: &Path, explicit: Option<&Path>, from_config: Option<&str>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| from_config.map(|v| model_dir.join(v)))
+}
+
+struct State {
+    gpt: Gpt,
+    vq: Option<VqModel>,
+}
+
+/// Runs `mulo generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let cond = args.condition.load()?;
+    let out = match (&args.out, &args.tokens_out) {
+        (Some(o), _) => Some(o.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(PathBuf::from("image.png")),
+    };
+    let model_dir = args.model.clone();
+    let vq_flag = args.vq.clone();
+    let runtime = args.runtime.clone();
+    let want_png = out.is_some();
+    let worker = TorchWorker::spawn("torch", move || -> Result<State> {
+            let device = runtime.setup()?;
+            let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype)?;
+            warn_unused(&model_dir, &unused);
+            let vq = if want_png {
+                let Some(dir) =
+                    resolve_vq(&model_dir, vq_flag.as_deref(), gpt.config().vq.as_deref())
+                else {
+                    bail!(
+                        "{} names no VQ model to decode with: pass --vq DIR, or only --tokens-out FILE",
+                        model_dir.display()
+                    );
+                };
+                let (vq, unused) = VqModel::load(&dir, device, runtime.dtype)
+                    .with_context(|| format!("loading the VQ model {}", dir.display()))?;
+                warn_unused(&dir, &unused);
+                if vq.config().codebook_size != gpt.config().vocab_size {
+                    bail!(
+                        "VQ codebook has {} codes but the model's vocabulary is {}",
+                        vq.config().codebook_size,
+                        gpt.config().vocab_size
+                    );
+                }
+                Some(vq)
+            } else {
+                None
+            };
+            Ok(State { gpt, vq })
+    })?;
+
+    let params = worker.run({
+        let sampling = args.sampling.clone();
+        move |s: &mut State| sampling.resolve(s.gpt.config().default_sampling())
+    })??;
+    let n = worker.run(|s: &mut State| s.gpt.config().grid.len())?;
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(n as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let seed = args.seed;
+    let pb = bar.clone();
+    let (generation, png) = worker.run(move |s: &mut State| -> Result<_> {
+        let mut progress = |done: usize, _total: usize| pb.set_position(done as u64);
+        let generation = generate_ar(&s.gpt, &cond, &params, seed, &mut progress)?;
+        let png = match &s.vq {
+            Some(vq) => {
+                let g = s.gpt.config().grid;
+                let t = Tensor::from_slice(&generation.tokens)
+                    .view([1, g.rows as i64, g.cols as i64])
+                    .to_device(s.gpt.device());
+                let img = vq.decode(&t)?;
+                Some(image_io::png_bytes(&img.get(0))?)
+            }
+            None => None,
+        };
+        Ok((generation, png))
+    })??;
+    bar.finish_and_clear();
+
+    if let Some(path) = &args.tokens_out {
+        write_tokens(path, &generation.tokens)?;
+    }
+    if let (Some(path), Some(bytes)) = (&out, png) {
+        std::fs::write(path, bytes).with_context(|| format!("{}", path.display()))?;
+    }
+    let st = &generation.stats;
+    let mut wrote: Vec<String> = Vec::new();
+    wrote.extend(out.iter().map(|p| p.display().to_string()));
+    wrote.extend(args.tokens_out.iter().map(|p| p.display().to_string()));
+    println!(
+        "{} tokens in {:.2} s: {:.1} tokens/s (method {}, {} target passes, seed {seed}); wrote {}",
+        st.tokens,
+        st.prefill_seconds + st.decode_seconds,
+        st.tokens_per_second(),
+        st.method,
+        st.target_passes,
+        wrote.join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Pure algorithm of mulo: token grids, conditions, sampling parameters and their validation.
+//!
+//! This crate has no torch and no gRPC dependency so that it can be property-tested quickly and
+//! shared by every role.
+
+pub mod condition;
+pub mod grid;
+pub mod params;
+
+pub use condition::Condition;
+pub use grid::{GridSize, TokenGrid};
+pub use params::{ParamError, SamplingParams};

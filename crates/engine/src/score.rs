@@ -1,0 +1,62 @@
+//! Teacher-forced scoring of a given token grid.
+
+use mulo_core::{Condition, SamplingParams, TokenGrid};
+use mulo_model::sampling::process_logits;
+use mulo_model::Gpt;
+use tch::{Kind, Tensor};
+
+use crate::error::EngineError;
+
+/// Per-position distributions of a teacher-forced pass (all on the CPU, fp32).
+#[derive(Debug)]
+pub struct Scores {
+    /// Processed log-probabilities `[N, V]` (−inf where top-k / top-p removed an id).
+    pub logprobs: Tensor,
+    /// Raw logits of the conditional branch `[N, V]`.
+    pub logits: Tensor,
+    /// Raw logits of the unconditional branch `[N, V]` when CFG is on.
+    pub logits_uncond: Option<Tensor>,
+    /// Processed log-probability of each given token `[N]`.
+    pub token_logprobs: Vec<f32>,
+}
+
+/// Scores `tokens` under the model: position `i` gets the processed distribution of token `i`
+/// given the condition and tokens `0..i` (one prefill and one forward over the whole grid).
+pub fn score_tokens(
+    model: &Gpt,
+    cond: &Condition,
+    tokens: &TokenGrid,
+    params: &SamplingParams,
+) -> Result<Scores, EngineError> {
+    params.validate()?;
+    tch::no_grad(|| {
+        let cfg = model.config();
+        let cls = cfg.cls_token_num;
+        let ids = tokens.to_i64();
+        let n = ids.len() as i64;
+        let cond = model.condition(cond, params.uses_cfg())?;
+        let batch = cond.batch();
+        let mut cache = model.new_cache(batch, cls + n)?;
+        let first = model.prefill(&cond, &mut cache)?.unsqueeze(1);
+        let logits = if n > 1 {
+            let x = model.embed_tokens(&ids[..ids.len() - 1], batch)?;
+            let positions: Vec<i64> = (cls..cls + n - 1).collect();
+            let h = model.forward(&x, &positions, None, &mut cache)?;
+            Tensor::cat(&[first, model.head(&h)], 1)
+        } else {
+            first
+        };
+        let logprobs = process_logits(&logits, params)
+            .log_softmax(-1, Kind::Float)
+            .to_device(tch::Device::Cpu);
+        let idx = Tensor::from_slice(&ids).view([-1, 1]);
+        let token_logprobs = Vec::<f32>::try_from(logprobs.gather(1, &idx, false).view([-1]))?;
+        let logits = logits.to_device(tch::Device::Cpu);
+        Ok(Scores {
+            logprobs,
+            logits_uncond: (batch > 1).then(|| logits.get(1)),
+            logits: logits.get(0),
+            token_logprobs,
+        })
+    })
+}

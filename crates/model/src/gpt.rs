@@ -1,0 +1,548 @@
+//! LlamaGen's GPT (c2i and t2i) with a preallocated KV cache and masked forwards at arbitrary
+//! absolute positions.
+//!
+//! Numerics follow LlamaGen's `autoregressive/models/gpt.py`: pre-RMSNorm computed in fp32 and cast
+//! back before the weight multiply, fused `wqkv` split `q|k|v` (GQA by `repeat_interleave`), SwiGLU,
+//! 2D RoPE with interleaved pairs and zeroed condition positions, scaled-dot-product attention with
+//! a boolean mask, logits in fp32.
+
+use std::path::Path;
+
+use mulo_core::Condition;
+use tch::nn::{Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint;
+use crate::config::{weights_path, ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding};
+use crate::error::{ModelError, Result};
+use crate::kv::KvCache;
+use crate::rope::RopeTable;
+
+#[derive(Debug)]
+struct Block {
+    wqkv: Tensor,
+    wo: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor,
+    attention_norm: Tensor,
+    ffn_norm: Tensor,
+}
+
+#[derive(Debug)]
+enum CondEmbed {
+    Class {
+        table: Tensor,
+        num_classes: i64,
+    },
+    Caption {
+        fc1: Tensor,
+        fc2: Tensor,
+        uncond: Tensor,
+    },
+}
+
+/// The condition of one session turned into embeddings: `[batch, cls_token_num, dim]` (batch 2 =
+/// `[cond; uncond]` with CFG) and the caption mask, if any.
+#[derive(Debug)]
+pub struct Conditioning {
+    /// Condition embeddings.
+    pub embeddings: Tensor,
+    /// `[cls_token_num]` bool: false hides that caption row from every other position.
+    pub mask: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// Sequences in the batch (2 with CFG).
+    pub fn batch(&self) -> i64 {
+        self.embeddings.size()[0]
+    }
+}
+
+/// A LlamaGen-style autoregressive image-token model.
+#[derive(Debug)]
+pub struct Gpt {
+    cfg: GptConfig,
+    vs: VarStore,
+    tok_embeddings: Tensor,
+    cond: CondEmbed,
+    layers: Vec<Block>,
+    norm: Tensor,
+    output: Tensor,
+    abs_pe: Option<Tensor>,
+    rope: Option<RopeTable>,
+    device: Device,
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let inv = (&xf * &xf)
+        .mean_dim(-1, true, Kind::Float)
+        .g_add_scalar(eps)
+        .rsqrt();
+    (xf * inv).to_kind(x.kind()) * weight
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    x.linear::<Tensor>(w, None)
+}
+
+impl Gpt {
+    fn build(cfg: GptConfig, device: Device, init_std: Option<f64>) -> Result<Self> {
+        cfg.validate()?;
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let lin = |std: Option<f64>| match std {
+            Some(s) => Init::Randn {
+                mean: 0.0,
+                stdev: s,
+            },
+            None => Init::Const(0.0),
+        };
+        let ones = Init::Const(1.0);
+        let d = cfg.dim;
+        let hd = cfg.head_dim();
+        let kv = cfg.kv_heads();
+        let hidden = cfg.ffn_hidden();
+        let cond = match cfg.condition {
+            ConditionConfig::Class { num_classes } => CondEmbed::Class {
+                table: (&root / "cls_embedding" / "embedding_table").var(
+                    "weight",
+                    &[num_classes + 1, d],
+                    lin(init_std),
+                ),
+                num_classes,
+            },
+            ConditionConfig::Caption { caption_dim } => {
+                let p = &root / "cls_embedding";
+                CondEmbed::Caption {
+                    fc1: (&p / "cap_proj" / "fc1").var("weight", &[d, caption_dim], lin(init_std)),
+                    fc2: (&p / "cap_proj" / "fc2").var("weight", &[d, d], lin(init_std)),
+                    uncond: p.var(
+                        "uncond_embedding",
+                        &[cfg.cls_token_num, caption_dim],
+                        lin(init_std.map(|_| 1.0 / (caption_dim as f64).sqrt())),
+                    ),
+                }
+            }
+        };
+        let tok_embeddings =
+            (&root / "tok_embeddings").var("weight", &[cfg.vocab_size, d], lin(init_std));
+        let mut layers = Vec::with_capacity(cfg.n_layer as usize);
+        for i in 0..cfg.n_layer {
+            let p = &root / "layers" / i;
+            let a = &p / "attention";
+            let f = &p / "feed_forward";
+            layers.push(Block {
+                wqkv: (&a / "wqkv").var("weight", &[(cfg.n_head + 2 * kv) * hd, d], lin(init_std)),
+                wo: (&a / "wo").var("weight", &[d, d], lin(init_std)),
+                w1: (&f / "w1").var("weight", &[hidden, d], lin(init_std)),
+                w2: (&f / "w2").var("weight", &[d, hidden], lin(init_std)),
+                w3: (&f / "w3").var("weight", &[hidden, d], lin(init_std)),
+                attention_norm: (&p / "attention_norm").var("weight", &[d], ones),
+                ffn_norm: (&p / "ffn_norm").var("weight", &[d], ones),
+            });
+        }
+        let norm = (&root / "norm").var("weight", &[d], ones);
+        let output = (&root / "output").var("weight", &[cfg.vocab_size, d], lin(init_std));
+        let (abs_pe, rope) = match cfg.position_embedding {
+            PositionEmbedding::Learned => (
+                Some(root.var("abs_pe", &[cfg.max_positions(), d], lin(init_std))),
+                None,
+            ),
+            PositionEmbedding::Rope2d => (
+                None,
+                Some(RopeTable::new(
+                    cfg.grid,
+                    hd,
+                    cfg.rope_base,
+                    cfg.cls_token_num,
+                    device,
+                )),
+            ),
+        };
+        Ok(Self {
+            cfg,
+            vs,
+            tok_embeddings,
+            cond,
+            layers,
+            norm,
+            output,
+            abs_pe,
+            rope,
+            device,
+        })
+    }
+
+    /// A randomly initialised model (weights `N(0, init_std)`, norms 1) in `dtype`; the global torch
+    /// seed is set to `seed` first.
+    pub fn random(
+        cfg: GptConfig,
+        device: Device,
+        dtype: DType,
+        seed: i64,
+        init_std: f64,
+    ) -> Result<Self> {
+        tch::manual_seed(seed);
+        let mut m = Self::build(cfg, device, Some(init_std))?;
+        m.vs.set_kind(dtype.kind());
+        m.cfg.dtype = dtype;
+        Ok(m)
+    }
+
+    /// Loads a model directory (`config.json` + `model.safetensors`); `dtype` overrides the
+    /// config's. Returns the model and the names of file tensors it did not use.
+    pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
+        let cfg = match ModelConfig::load(dir)? {
+            ModelConfig::Gpt(c) => c,
+            ModelConfig::Vq(_) => {
+                return Err(ModelError::Config(format!(
+                    "{} is a VQ model, not a GPT",
+                    dir.display()
+                )))
+            }
+        };
+        let dtype = dtype.unwrap_or(cfg.dtype);
+        let mut m = Self::build(cfg, device, None)?;
+        m.vs.set_kind(dtype.kind());
+        m.cfg.dtype = dtype;
+        let unused = checkpoint::load_into(&m.vs, &weights_path(dir))?;
+        Ok((m, unused))
+    }
+
+    /// Writes the model directory, weights stored in `dtype`.
+    pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        cfg.dtype = dtype;
+        ModelConfig::Gpt(cfg).save(dir)?;
+        checkpoint::save(&self.vs, &weights_path(dir), dtype.kind())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// The variables (for training and inspection).
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The activation kind.
+    pub fn kind(&self) -> Kind {
+        self.tok_embeddings.kind()
+    }
+
+    /// A zeroed KV cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        KvCache::new(
+            self.cfg.n_layer,
+            batch,
+            self.cfg.kv_heads(),
+            capacity,
+            self.cfg.head_dim(),
+            self.kind(),
+            self.device,
+        )
+    }
+
+    /// Embeddings `[batch, S, dim]` of image tokens (the same tokens in every sequence).
+    pub fn embed_tokens(&self, tokens: &[i64], batch: i64) -> Result<Tensor> {
+        if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t >= self.cfg.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {t} is outside the vocabulary [0, {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::from_slice(tokens).to_device(self.device);
+        let e = self.tok_embeddings.index_select(0, &ids);
+        Ok(e.unsqueeze(0).expand([batch, tokens.len() as i64, self.cfg.dim], false))
+    }
+
+    /// Embeddings `[B, S, dim]` of a batch of token rows `[B, S]` (int64, on the model's device).
+    pub fn embed_token_tensor(&self, tokens: &Tensor) -> Tensor {
+        let s = tokens.size();
+        self.tok_embeddings
+            .index_select(0, &tokens.reshape([-1]))
+            .view([s[0], s[1], self.cfg.dim])
+    }
+
+    /// Turns a condition into embeddings, with the unconditional half appended when `cfg` is true
+    /// (null class for c2i, the learned null caption for t2i).
+    pub fn condition(&self, cond: &Condition, cfg: bool) -> Result<Conditioning> {
+        cond.validate()
+            .map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+        match (&self.cond, cond) {
+            (CondEmbed::Class { table, num_classes }, Condition::Class(c)) => {
+                let c = i64::from(*c);
+                if c >= *num_classes {
+                    return Err(ModelError::InvalidInput(format!(
+                        "class {c} is outside [0, {num_classes})"
+                    )));
+                }
+                let ids: Vec<i64> = if cfg { vec![c, *num_classes] } else { vec![c] };
+                let ids = Tensor::from_slice(&ids).to_device(self.device);
+                Ok(Conditioning {
+                    embeddings: table.index_select(0, &ids).unsqueeze(1),
+                    mask: None,
+                })
+            }
+            (
+                CondEmbed::Caption { fc1, fc2, uncond },
+                Condition::CaptionFeatures {
+                    features,
+                    len,
+                    dim,
+                    mask,
+                },
+            ) => {
+                let want_dim = uncond.size()[1];
+                if *len as i64 != self.cfg.cls_token_num || *dim as i64 != want_dim {
+                    return Err(ModelError::InvalidInput(format!(
+                        "caption features must be [{}, {want_dim}], got [{len}, {dim}]",
+                        self.cfg.cls_token_num
+                    )));
+                }
+                let x = Tensor::from_slice(features)
+                    .view([1, *len as i64, *dim as i64])
+                    .to_device(self.device)
+                    .to_kind(self.kind());
+                let x = if cfg {
+                    Tensor::cat(&[x, uncond.unsqueeze(0)], 0)
+                } else {
+                    x
+                };
+                let embeddings = linear(&linear(&x, fc1).gelu("tanh"), fc2);
+                let mask = mask
+                    .as_ref()
+                    .map(|m| Tensor::from_slice(m).to_device(self.device));
+                Ok(Conditioning { embeddings, mask })
+            }
+            (CondEmbed::Class { .. }, _) => Err(ModelError::InvalidInput(
+                "this model is class-conditional: give a class id".into(),
+            )),
+            (CondEmbed::Caption { .. }, Condition::Prompt(_)) => Err(ModelError::InvalidInput(
+                "this model has no caption tokenizer: give precomputed caption features".into(),
+            )),
+            (CondEmbed::Caption { .. }, Condition::Class(_)) => Err(ModelError::InvalidInput(
+                "this model is text-conditional: give caption features, not a class id".into(),
+            )),
+        }
+    }
+
+    /// Writes the condition into `cache` at positions `0..cls_token_num` and returns the fp32 logits
+    /// `[batch, vocab]` that predict the first image token.
+    pub fn prefill(&self, cond: &Conditioning, cache: &mut KvCache) -> Result<Tensor> {
+        let n = self.cfg.cls_token_num;
+        if cond.batch() != cache.batch() {
+            return Err(ModelError::InvalidInput(format!(
+                "condition batch {} does not match the cache batch {}",
+                cond.batch(),
+                cache.batch()
+            )));
+        }
+        cache.visible = match &cond.mask {
+            Some(m) => {
+                let rest = Tensor::ones([cache.capacity() - n], (Kind::Bool, self.device));
+                Some(Tensor::cat(&[m.to_kind(Kind::Bool), rest], 0))
+            }
+            None => None,
+        };
+        let positions: Vec<i64> = (0..n).collect();
+        let h = self.forward(&cond.embeddings, &positions, None, cache)?;
+        Ok(self.head(&h.select(1, n - 1)))
+    }
+
+    /// Runs inputs `x` `[batch, S, dim]` at absolute `positions` (`S` of them) against `cache`, writing
+    /// their keys and values there, and returns the final-norm hidden states `[batch, S, dim]`.
+    ///
+    /// `mask` `[S, W]` (bool, `W <= capacity`, `W > max(positions)`) says which cache slots each input
+    /// attends to; `None` means causal by position (slot `j` visible to an input at `p` iff `j <= p`).
+    /// Every input always sees its own slot, and caption rows hidden by the condition mask are never
+    /// seen by another position.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &[i64],
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let s = positions.len() as i64;
+        let xs = x.size();
+        if xs.len() != 3 || xs[0] != cache.batch() || xs[1] != s || xs[2] != self.cfg.dim {
+            return Err(ModelError::InvalidInput(format!(
+                "forward input has shape {xs:?}, expected [{}, {s}, {}]",
+                cache.batch(),
+                self.cfg.dim
+            )));
+        }
+        if s == 0 {
+            return Err(ModelError::InvalidInput("forward with no input".into()));
+        }
+        cache.check_positions(positions)?;
+        self.check_rope_range(positions)?;
+        let max_pos = positions.iter().copied().max().unwrap_or(0);
+        let width = match mask {
+            Some(m) => {
+                let ms = m.size();
+                if ms.len() != 2 || ms[0] != s || ms[1] > cache.capacity() || ms[1] <= max_pos {
+                    return Err(ModelError::InvalidInput(format!(
+                        "attention mask has shape {ms:?}, expected [{s}, W] with {max_pos} < W <= {}",
+                        cache.capacity()
+                    )));
+                }
+                ms[1]
+            }
+            None => max_pos + 1,
+        };
+        let pos_t = Tensor::from_slice(positions).to_device(self.device);
+        let attn_mask = build_mask(
+            &pos_t,
+            &cache.slots.narrow(0, 0, width),
+            mask,
+            cache.visible.as_ref().map(|v| v.narrow(0, 0, width)).as_ref(),
+        );
+        let h = tch::no_grad(|| self.run_layers(x, &pos_t, &attn_mask, Some((cache, width))));
+        cache.mark_written(positions);
+        Ok(h)
+    }
+
+    /// One full causal forward of `x` `[B, S, dim]` at positions `0..S`, without a cache (the reference
+    /// the cached paths are tested against, and the training forward). `cond_mask` `[cls_token_num]`
+    /// hides caption rows as in [`Gpt::forward`].
+    pub fn forward_full(&self, x: &Tensor, cond_mask: Option<&Tensor>) -> Result<Tensor> {
+        let s = x.size()[1];
+        let positions: Vec<i64> = (0..s).collect();
+        self.check_rope_range(&positions)?;
+        let pos_t = Tensor::from_slice(&positions).to_device(self.device);
+        let visible = cond_mask.map(|m| {
+            let n = m.size()[0];
+            let rest = Tensor::ones([(s - n).max(0)], (Kind::Bool, self.device));
+            Tensor::cat(&[m.to_kind(Kind::Bool), rest], 0).narrow(0, 0, s)
+        });
+        let attn_mask = build_mask(&pos_t, &pos_t, None, visible.as_ref());
+        Ok(self.run_layers(x, &pos_t, &attn_mask, None))
+    }
+
+    /// fp32 logits of final-norm hidden states.
+    pub fn head(&self, h: &Tensor) -> Tensor {
+        linear(h, &self.output).to_kind(Kind::Float)
+    }
+
+    fn check_rope_range(&self, positions: &[i64]) -> Result<()> {
+        let limit = self.cfg.max_positions();
+        match positions.iter().find(|&&p| p < 0 || p >= limit) {
+            Some(p) => Err(ModelError::InvalidInput(format!(
+                "position {p} is outside the model's {limit} positions"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        pos_t: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<(&mut KvCache, i64)>,
+    ) -> Tensor {
+        let mut h = match &self.abs_pe {
+            Some(pe) => x + pe.index_select(0, pos_t).unsqueeze(0),
+            None => x.shallow_clone(),
+        };
+        for (i, blk) in self.layers.iter().enumerate() {
+            let a = self.attention(
+                blk,
+                &rms_norm(&h, &blk.attention_norm, self.cfg.norm_eps),
+                pos_t,
+                mask,
+                cache.as_mut().map(|(c, w)| (&mut **c, i, *w)),
+            );
+            h = h + a;
+            let f = rms_norm(&h, &blk.ffn_norm, self.cfg.norm_eps);
+            let f = linear(&(linear(&f, &blk.w1).silu() * linear(&f, &blk.w3)), &blk.w2);
+            h = h + f;
+        }
+        rms_norm(&h, &self.norm, self.cfg.norm_eps)
+    }
+
+    fn attention(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        pos_t: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize, i64)>,
+    ) -> Tensor {
+        let sz = x.size();
+        let (b, s) = (sz[0], sz[1]);
+        let (nh, nkv, hd, d) = (
+            self.cfg.n_head,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+            self.cfg.dim,
+        );
+        let qkv = linear(x, &blk.wqkv);
+        let mut q = qkv.narrow(-1, 0, d).view([b, s, nh, hd]);
+        let mut k = qkv.narrow(-1, d, nkv * hd).view([b, s, nkv, hd]);
+        let v = qkv.narrow(-1, d + nkv * hd, nkv * hd).view([b, s, nkv, hd]);
+        if let Some(rope) = &self.rope {
+            q = rope.apply(&q, pos_t);
+            k = rope.apply(&k, pos_t);
+        }
+        let q = q.transpose(1, 2);
+        let k = k.transpose(1, 2);
+        let v = v.transpose(1, 2);
+        let (keys, values) = match cache {
+            Some((c, layer, width)) => {
+                let _ = c.keys[layer].index_copy_(2, pos_t, &k);
+                let _ = c.values[layer].index_copy_(2, pos_t, &v);
+                (
+                    c.keys[layer].narrow(2, 0, width),
+                    c.values[layer].narrow(2, 0, width),
+                )
+            }
+            None => (k, v),
+        };
+        let (keys, values) = if nkv != nh {
+            (
+                keys.repeat_interleave_self_int(nh / nkv, 1, None),
+                values.repeat_interleave_self_int(nh / nkv, 1, None),
+            )
+        } else {
+            (keys, values)
+        };
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, false);
+        let out = out.transpose(1, 2).contiguous().view([b, s, d]);
+        linear(&out, &blk.wo)
+    }
+}
+
+/// Boolean attention mask `[1, 1, S, W]`: `explicit` `[S, W]` or causal by position, AND the caption
+/// visibility of each key slot, OR each query's own slot.
+fn build_mask(
+    pos_t: &Tensor,
+    key_slots: &Tensor,
+    explicit: Option<&Tensor>,
+    visible: Option<&Tensor>,
+) -> Tensor {
+    let s = pos_t.size()[0];
+    let w = key_slots.size()[0];
+    let j = key_slots.unsqueeze(0);
+    let p = pos_t.unsqueeze(1);
+    let mut m = match explicit {
+        Some(m) => m.to_device(pos_t.device()).to_kind(Kind::Bool),
+        None => j.le_tensor(&p),
+    };
+    if let Some(v) = visible {
+        m = m.logical_and(&v.unsqueeze(0));
+    }
+    m.logical_or(&j.eq_tensor(&p)).view([1, 1, s, w])
+}

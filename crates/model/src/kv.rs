@@ -1,0 +1,108 @@
+//! A preallocated per-session KV cache written at absolute positions.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// Keys and values of every layer for one session (both halves of a CFG pair when `batch` is 2),
+/// preallocated once: `[batch, kv_heads, capacity, head_dim]` per layer. Forwards write their inputs'
+/// K/V at the inputs' absolute positions; nothing is allocated per step.
+#[derive(Debug)]
+pub struct KvCache {
+    pub(crate) keys: Vec<Tensor>,
+    pub(crate) values: Vec<Tensor>,
+    capacity: i64,
+    batch: i64,
+    /// `[capacity]` int64 slot indices on the device, to build masks without host round trips.
+    pub(crate) slots: Tensor,
+    /// `[capacity]` bool: false for condition columns hidden by a caption mask.
+    pub(crate) visible: Option<Tensor>,
+    filled: i64,
+}
+
+impl KvCache {
+    pub(crate) fn new(
+        layers: i64,
+        batch: i64,
+        kv_heads: i64,
+        capacity: i64,
+        head_dim: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        if capacity <= 0 || batch <= 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "KV cache needs a positive capacity and batch, got {capacity} and {batch}"
+            )));
+        }
+        let shape = [batch, kv_heads, capacity, head_dim];
+        let mut keys = Vec::with_capacity(layers as usize);
+        let mut values = Vec::with_capacity(layers as usize);
+        for _ in 0..layers {
+            keys.push(Tensor::f_zeros(shape, (kind, device))?);
+            values.push(Tensor::f_zeros(shape, (kind, device))?);
+        }
+        Ok(Self {
+            keys,
+            values,
+            capacity,
+            batch,
+            slots: Tensor::arange(capacity, (Kind::Int64, device)),
+            visible: None,
+            filled: 0,
+        })
+    }
+
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Sequences in the cache (2 for a CFG pair).
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+
+    /// One past the highest position written since the last reset or truncate.
+    pub fn filled(&self) -> i64 {
+        self.filled
+    }
+
+    /// Forgets every position at or after `len` (their slots are rewritten by later forwards).
+    pub fn truncate(&mut self, len: i64) {
+        self.filled = self.filled.min(len.max(0));
+    }
+
+    /// Forgets everything, including the caption mask.
+    pub fn reset(&mut self) {
+        self.filled = 0;
+        self.visible = None;
+    }
+
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> i64 {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+            .sum()
+    }
+
+    pub(crate) fn check_positions(&self, positions: &[i64]) -> Result<()> {
+        for &p in positions {
+            if p < 0 || p >= self.capacity {
+                return Err(ModelError::KvCapacity {
+                    position: p,
+                    capacity: self.capacity,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn mark_written(&mut self, positions: &[i64]) {
+        if let Some(&m) = positions.iter().max() {
+            self.filled = self.filled.max(m + 1);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let files = ["mulo/v1/info.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    tonic_prost_build::configure()
+        .protoc_executable(protoc)
+        .file_descriptor_set_path(out.join("mulo_descriptor.bin"))
+        .compile_protos(&files.map(|f| root.join(f)), &[root])?;
+    Ok(())
+}
