@@ -149,7 +149,11 @@ pub fn read_npy_f32(path: &Path) -> Result<(Vec<u64>, Vec<f32>)> {
     }
     let dtype = npy.dtype();
     let bad = |e: std::io::Error| anyhow!("{}: {e}", path.display());
-    let values: Vec<f32> = match dtype.descr().trim_start_matches(['<', '>', '|', '=']) {
+    let descr = dtype.descr();
+    let code = descr
+        .trim_matches(['\'', '"'])
+        .trim_start_matches(['<', '>', '|', '=']);
+    let values: Vec<f32> = match code {
         "f4" => npy.into_vec::<f32>().map_err(bad)?,
         "f8" => npy
             .into_vec::<f64>()

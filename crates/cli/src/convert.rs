@@ -151,7 +151,10 @@ fn gpt_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<GptConfig> {
     let (vocab, dim) = (emb[0], emb[1]);
     let n_layer = count(shapes, |i| format!("layers.{i}.attention.wqkv.weight"));
     if n_layer == 0 {
-        bail!("{}: missing tensor 'layers.0.attention.wqkv.weight'", file.display());
+        bail!(
+            "{}: missing tensor 'layers.0.attention.wqkv.weight'",
+            file.display()
+        );
     }
     let (n_head, default_grid) = match (&a.preset, a.n_head) {
         (Some(p), _) => {
@@ -167,7 +170,9 @@ fn gpt_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<GptConfig> {
             (h, Some(GridSize::square(16)))
         }
         (None, Some(h)) => (h, None),
-        (None, None) => bail!("the head count is not stored in a checkpoint: pass --preset or --n-head"),
+        (None, None) => {
+            bail!("the head count is not stored in a checkpoint: pass --preset or --n-head")
+        }
     };
     let grid = match (a.grid, default_grid) {
         (Some(g), _) => g,
@@ -225,7 +230,10 @@ fn gpt_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<GptConfig> {
         PositionEmbedding::Rope2d
     };
     let mut cfg = GptConfig {
-        name: a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()),
+        name: a
+            .checkpoint
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned()),
         dim,
         n_layer,
         n_head,
@@ -261,10 +269,17 @@ fn vq_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<VqConfig> {
     let cb = shape(shapes, "quantize.embedding.weight", file)?;
     let ch = shape(shapes, "encoder.conv_in.weight", file)?[0];
     let z = shape(shapes, "encoder.conv_out.weight", file)?[0];
-    let levels = count(shapes, |l| format!("encoder.conv_blocks.{l}.res.0.conv1.weight"));
-    let res = count(shapes, |j| format!("encoder.conv_blocks.0.res.{j}.conv1.weight"));
+    let levels = count(shapes, |l| {
+        format!("encoder.conv_blocks.{l}.res.0.conv1.weight")
+    });
+    let res = count(shapes, |j| {
+        format!("encoder.conv_blocks.0.res.{j}.conv1.weight")
+    });
     if levels == 0 || res == 0 {
-        bail!("{}: missing tensor 'encoder.conv_blocks.0.res.0.conv1.weight'", file.display());
+        bail!(
+            "{}: missing tensor 'encoder.conv_blocks.0.res.0.conv1.weight'",
+            file.display()
+        );
     }
     let mult = |name: String| -> Result<i64> { Ok(shape(shapes, &name, file)?[0] / ch) };
     let encoder_ch_mult = (0..levels)
@@ -275,7 +290,10 @@ fn vq_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<VqConfig> {
         .collect::<Result<Vec<_>>>()?;
     decoder_ch_mult.reverse();
     let cfg = VqConfig {
-        name: a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()),
+        name: a
+            .checkpoint
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned()),
         codebook_size: cb[0],
         codebook_embed_dim: cb[1],
         codebook_l2_norm: true,
@@ -296,7 +314,10 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
     let py = python(a.python.as_deref());
     let out = a.out.clone();
     if out.join("config.json").exists() || out.join("model.safetensors").exists() {
-        bail!("{} already holds a model; choose an empty --out", out.display());
+        bail!(
+            "{} already holds a model; choose an empty --out",
+            out.display()
+        );
     }
     std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let result = convert(&a, &py);
@@ -316,8 +337,8 @@ fn convert(a: &LlamagenArgs, py: &Path) -> Result<String> {
     let worker = TorchWorker::spawn("torch", || Ok::<_, anyhow::Error>(()))?;
     let raw2 = raw.clone();
     let shapes: Shapes = worker.run(move |_| -> Result<Shapes> {
-        let tensors = Tensor::read_safetensors(&raw2)
-            .map_err(|e| anyhow!("{}: {e}", raw2.display()))?;
+        let tensors =
+            Tensor::read_safetensors(&raw2).map_err(|e| anyhow!("{}: {e}", raw2.display()))?;
         Ok(tensors.into_iter().map(|(n, t)| (n, t.size())).collect())
     })??;
     let out = a.out.clone();

@@ -51,7 +51,11 @@ pub struct GenerateArgs {
 }
 
 /// The VQ directory for a model: an explicit one, else the config's `vq` relative to the model.
-pub fn resolve_vq(model_dir: &Path, explicit: Option<&Path>, from_config: Option<&str>) -> Option<PathBuf> {
+pub fn resolve_vq(
+    model_dir: &Path,
+    explicit: Option<&Path>,
+    from_config: Option<&str>,
+) -> Option<PathBuf> {
     explicit
         .map(Path::to_path_buf)
         .or_else(|| from_config.map(|v| model_dir.join(v)))
@@ -75,33 +79,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let runtime = args.runtime.clone();
     let want_png = out.is_some();
     let worker = TorchWorker::spawn("torch", move || -> Result<State> {
-            let device = runtime.setup()?;
-            let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype)?;
-            warn_unused(&model_dir, &unused);
-            let vq = if want_png {
-                let Some(dir) =
-                    resolve_vq(&model_dir, vq_flag.as_deref(), gpt.config().vq.as_deref())
-                else {
-                    bail!(
-                        "{} names no VQ model to decode with: pass --vq DIR, or only --tokens-out FILE",
-                        model_dir.display()
-                    );
-                };
-                let (vq, unused) = VqModel::load(&dir, device, runtime.dtype)
-                    .with_context(|| format!("loading the VQ model {}", dir.display()))?;
-                warn_unused(&dir, &unused);
-                if vq.config().codebook_size != gpt.config().vocab_size {
-                    bail!(
-                        "VQ codebook has {} codes but the model's vocabulary is {}",
-                        vq.config().codebook_size,
-                        gpt.config().vocab_size
-                    );
-                }
-                Some(vq)
-            } else {
-                None
+        let device = runtime.setup()?;
+        let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype)?;
+        warn_unused(&model_dir, &unused);
+        let vq = if want_png {
+            let Some(dir) = resolve_vq(&model_dir, vq_flag.as_deref(), gpt.config().vq.as_deref())
+            else {
+                bail!(
+                    "{} names no VQ model to decode with: pass --vq DIR, or only --tokens-out FILE",
+                    model_dir.display()
+                );
             };
-            Ok(State { gpt, vq })
+            let (vq, unused) = VqModel::load(&dir, device, runtime.dtype)
+                .with_context(|| format!("loading the VQ model {}", dir.display()))?;
+            warn_unused(&dir, &unused);
+            if vq.config().codebook_size != gpt.config().vocab_size {
+                bail!(
+                    "VQ codebook has {} codes but the model's vocabulary is {}",
+                    vq.config().codebook_size,
+                    gpt.config().vocab_size
+                );
+            }
+            Some(vq)
+        } else {
+            None
+        };
+        Ok(State { gpt, vq })
     })?;
 
     let params = worker.run({

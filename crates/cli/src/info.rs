@@ -36,7 +36,10 @@ fn weights_summary(path: &Path) -> Result<(usize, u64, BTreeMap<String, usize>, 
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let n = u64::from_le_bytes(len);
     if n > size.saturating_sub(8) || n > 100_000_000 {
-        bail!("{}: not a safetensors file (bad header length)", path.display());
+        bail!(
+            "{}: not a safetensors file (bad header length)",
+            path.display()
+        );
     }
     let mut head = vec![0u8; n as usize];
     f.read_exact(&mut head)?;
@@ -70,12 +73,23 @@ pub fn run(args: InfoArgs) -> Result<()> {
     match &cfg {
         ModelConfig::Gpt(c) => {
             let cond = match c.condition {
-                ConditionConfig::Class { num_classes } => format!("class ({num_classes} classes, c2i)"),
+                ConditionConfig::Class { num_classes } => {
+                    format!("class ({num_classes} classes, c2i)")
+                }
                 ConditionConfig::Caption { caption_dim } => {
-                    format!("caption features [{}, {caption_dim}] (t2i)", c.cls_token_num)
+                    format!(
+                        "caption features [{}, {caption_dim}] (t2i)",
+                        c.cls_token_num
+                    )
                 }
             };
-            println!("  type        GPT{}", c.name.as_ref().map(|n| format!(" '{n}'")).unwrap_or_default());
+            println!(
+                "  type        GPT{}",
+                c.name
+                    .as_ref()
+                    .map(|n| format!(" '{n}'"))
+                    .unwrap_or_default()
+            );
             println!(
                 "  layers      {} x width {}, {} heads ({} kv), head dim {}, SwiGLU {}",
                 c.n_layer,
@@ -99,7 +113,13 @@ pub fn run(args: InfoArgs) -> Result<()> {
             }
         }
         ModelConfig::Vq(c) => {
-            println!("  type        VQ tokenizer{}", c.name.as_ref().map(|n| format!(" '{n}'")).unwrap_or_default());
+            println!(
+                "  type        VQ tokenizer{}",
+                c.name
+                    .as_ref()
+                    .map(|n| format!(" '{n}'"))
+                    .unwrap_or_default()
+            );
             println!(
                 "  codebook    {} x {} (l2-normalised: {})",
                 c.codebook_size, c.codebook_embed_dim, c.codebook_l2_norm

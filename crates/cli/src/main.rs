@@ -1,1 +1,83 @@
-fn main() {}
+//! `mulo`: generate images with LlamaGen-style autoregressive models, score token grids, decode
+//! them, convert LlamaGen checkpoints and inspect model directories.
+
+mod common;
+mod convert;
+mod decode;
+mod generate;
+mod info;
+mod init;
+mod score;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// mulo: fast autoregressive image generation (MuLo-SD) on LlamaGen-style models.
+#[derive(Debug, Parser)]
+#[command(name = "mulo", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate one image from a prompt, a class id or caption features.
+    Generate(generate::GenerateArgs),
+    /// Teacher-forced processed log-probabilities of a token grid (JSON).
+    Score(score::ScoreArgs),
+    /// Decode a token grid to a PNG with a VQ model.
+    Decode(decode::DecodeArgs),
+    /// Convert a checkpoint of another project into mulo's model format.
+    #[command(subcommand)]
+    Convert(convert::ConvertCommand),
+    /// Show what a model directory holds.
+    Info(info::InfoArgs),
+    /// Write a randomly initialised model (for demos and tests).
+    #[command(subcommand)]
+    Init(init::InitCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One clear line: clap's first line, without the usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Decode(a) => decode::run(a),
+        Command::Convert(c) => convert::run(c),
+        Command::Info(a) => info::run(a),
+        Command::Init(c) => init::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -101,26 +101,31 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     })?;
     let sampling = args.sampling.clone();
     let want_logits = args.logits;
-    let (params, grid, vocab, scores, tokens) = worker.run(move |gpt: &mut Gpt| -> Result<_> {
-        let cfg = gpt.config();
-        let params = sampling.resolve(cfg.default_sampling())?;
-        let grid = TokenGrid::new(cfg.grid, tokens, cfg.vocab_size as usize)
-            .map_err(|e| anyhow!("{e}"))?;
-        let s = score_tokens(gpt, &cond, &grid, &params)?;
-        let logprobs = flat(&s.logprobs)?;
-        let logits = if want_logits { Some(flat(&s.logits)?) } else { None };
-        let uncond = match (&s.logits_uncond, want_logits) {
-            (Some(u), true) => Some(flat(u)?),
-            _ => None,
-        };
-        Ok((
-            params,
-            cfg.grid,
-            cfg.vocab_size as usize,
-            (logprobs, logits, uncond, s.token_logprobs),
-            grid.to_i64(),
-        ))
-    })??;
+    let (params, grid, vocab, scores, tokens) =
+        worker.run(move |gpt: &mut Gpt| -> Result<_> {
+            let cfg = gpt.config();
+            let params = sampling.resolve(cfg.default_sampling())?;
+            let grid = TokenGrid::new(cfg.grid, tokens, cfg.vocab_size as usize)
+                .map_err(|e| anyhow!("{e}"))?;
+            let s = score_tokens(gpt, &cond, &grid, &params)?;
+            let logprobs = flat(&s.logprobs)?;
+            let logits = if want_logits {
+                Some(flat(&s.logits)?)
+            } else {
+                None
+            };
+            let uncond = match (&s.logits_uncond, want_logits) {
+                (Some(u), true) => Some(flat(u)?),
+                _ => None,
+            };
+            Ok((
+                params,
+                cfg.grid,
+                cfg.vocab_size as usize,
+                (logprobs, logits, uncond, s.token_logprobs),
+                grid.to_i64(),
+            ))
+        })??;
     let (logprobs, logits, uncond, token_lp) = scores;
     let token_logprobs: Vec<Option<f32>> = token_lp
         .iter()
@@ -142,8 +147,14 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             data: &logprobs,
             cols: vocab,
         },
-        logits: logits.as_deref().map(|d| Matrix { data: d, cols: vocab }),
-        logits_uncond: uncond.as_deref().map(|d| Matrix { data: d, cols: vocab }),
+        logits: logits.as_deref().map(|d| Matrix {
+            data: d,
+            cols: vocab,
+        }),
+        logits_uncond: uncond.as_deref().map(|d| Matrix {
+            data: d,
+            cols: vocab,
+        }),
     };
     let f = std::fs::File::create(&args.out).with_context(|| format!("{}", args.out.display()))?;
     let mut w = BufWriter::new(f);

@@ -286,7 +286,9 @@ impl VqConfig {
             return bad("codebook_size and codebook_embed_dim must be positive");
         }
         if self.ch <= 0 || self.ch % 32 != 0 || self.z_channels <= 0 || self.z_channels % 32 != 0 {
-            return bad("ch and z_channels must be positive multiples of 32 (GroupNorm with 32 groups)");
+            return bad(
+                "ch and z_channels must be positive multiples of 32 (GroupNorm with 32 groups)",
+            );
         }
         if self.encoder_ch_mult.is_empty() || self.decoder_ch_mult.is_empty() {
             return bad("encoder_ch_mult and decoder_ch_mult must not be empty");
@@ -294,7 +296,12 @@ impl VqConfig {
         if self.encoder_ch_mult.len() != self.decoder_ch_mult.len() {
             return bad("encoder_ch_mult and decoder_ch_mult must have the same length");
         }
-        if self.encoder_ch_mult.iter().chain(&self.decoder_ch_mult).any(|&m| m <= 0) {
+        if self
+            .encoder_ch_mult
+            .iter()
+            .chain(&self.decoder_ch_mult)
+            .any(|&m| m <= 0)
+        {
             return bad("channel multipliers must be positive");
         }
         if self.num_res_blocks <= 0 {

@@ -13,7 +13,9 @@ use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
-use crate::config::{weights_path, ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding};
+use crate::config::{
+    weights_path, ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding,
+};
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
 use crate::rope::RopeTable;
@@ -262,7 +264,8 @@ impl Gpt {
         }
         let ids = Tensor::from_slice(tokens).to_device(self.device);
         let e = self.tok_embeddings.index_select(0, &ids);
-        Ok(e.unsqueeze(0).expand([batch, tokens.len() as i64, self.cfg.dim], false))
+        Ok(e.unsqueeze(0)
+            .expand([batch, tokens.len() as i64, self.cfg.dim], false))
     }
 
     /// Embeddings `[B, S, dim]` of a batch of token rows `[B, S]` (int64, on the model's device).
@@ -406,7 +409,11 @@ impl Gpt {
             &pos_t,
             &cache.slots.narrow(0, 0, width),
             mask,
-            cache.visible.as_ref().map(|v| v.narrow(0, 0, width)).as_ref(),
+            cache
+                .visible
+                .as_ref()
+                .map(|v| v.narrow(0, 0, width))
+                .as_ref(),
         );
         let h = tch::no_grad(|| self.run_layers(x, &pos_t, &attn_mask, Some((cache, width))));
         cache.mark_written(positions);
@@ -518,8 +525,16 @@ impl Gpt {
         } else {
             (keys, values)
         };
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, false);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &keys,
+            &values,
+            Some(mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
         let out = out.transpose(1, 2).contiguous().view([b, s, d]);
         linear(&out, &blk.wo)
     }

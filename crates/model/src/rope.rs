@@ -38,8 +38,10 @@ impl RopeTable {
         let q = half / 2;
         let grid_angles = Tensor::cat(
             &[
-                fr.unsqueeze(1).expand([grid.rows as i64, grid.cols as i64, q], false),
-                fc.unsqueeze(0).expand([grid.rows as i64, grid.cols as i64, q], false),
+                fr.unsqueeze(1)
+                    .expand([grid.rows as i64, grid.cols as i64, q], false),
+                fc.unsqueeze(0)
+                    .expand([grid.rows as i64, grid.cols as i64, q], false),
             ],
             -1,
         )

@@ -126,7 +126,10 @@ mod tests {
 
     #[test]
     fn top_k_keeps_ties_and_the_k_largest() {
-        let out = vec1(&process_logits(&t(&[3.0, 1.0, 2.0, 2.0, 0.0]), &p(1.0, 1.0, 2, 1.0)));
+        let out = vec1(&process_logits(
+            &t(&[3.0, 1.0, 2.0, 2.0, 0.0]),
+            &p(1.0, 1.0, 2, 1.0),
+        ));
         // k = 2: threshold is the 2nd largest (2.0); both 2.0 entries survive.
         assert_eq!(out[0], 3.0);
         assert_eq!(out[2], 2.0);
@@ -165,7 +168,10 @@ mod tests {
         let mut c = TokenRng::new(8);
         let xs: Vec<f64> = (0..1000).map(|_| a.next_uniform()).collect();
         assert!(xs.iter().all(|&x| x > 0.0 && x <= 1.0));
-        assert!(xs.iter().zip((0..1000).map(|_| b.next_uniform())).all(|(x, y)| *x == y));
+        assert!(xs
+            .iter()
+            .zip((0..1000).map(|_| b.next_uniform()))
+            .all(|(x, y)| *x == y));
         assert_ne!(xs[0], c.next_uniform());
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         assert!((mean - 0.5).abs() < 0.05, "{mean}");

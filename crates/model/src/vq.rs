@@ -100,7 +100,11 @@ impl AttnBlock {
         let h = self.norm.forward(x);
         let sz = h.size();
         let (b, c, hh, ww) = (sz[0], sz[1], sz[2], sz[3]);
-        let q = self.q.forward(&h).reshape([b, c, hh * ww]).permute([0, 2, 1]);
+        let q = self
+            .q
+            .forward(&h)
+            .reshape([b, c, hh * ww])
+            .permute([0, 2, 1]);
         let k = self.k.forward(&h).reshape([b, c, hh * ww]);
         let v = self.v.forward(&h).reshape([b, c, hh * ww]);
         let w = (q.bmm(&k) * (c as f64).powf(-0.5)).softmax(2, q.kind());
@@ -159,8 +163,8 @@ impl Encoder {
                     attn.push(AttnBlock::new(&(&lp / "attn" / j), block_in));
                 }
             }
-            let resample =
-                (i != n - 1).then(|| conv(&lp / "downsample" / "conv", block_in, block_in, 3, 2, 0));
+            let resample = (i != n - 1)
+                .then(|| conv(&lp / "downsample" / "conv", block_in, block_in, 3, 2, 0));
             levels.push(Level {
                 res,
                 attn,
@@ -222,8 +226,8 @@ impl Decoder {
                     attn.push(AttnBlock::new(&(&lp / "attn" / j), block_in));
                 }
             }
-            let resample =
-                (i_level != 0).then(|| conv(&lp / "upsample" / "conv", block_in, block_in, 3, 1, 1));
+            let resample = (i_level != 0)
+                .then(|| conv(&lp / "upsample" / "conv", block_in, block_in, 3, 1, 1));
             levels.push(Level {
                 res,
                 attn,
@@ -276,9 +280,22 @@ impl VqModel {
         let root = vs.root();
         let encoder = Encoder::new(&(&root / "encoder"), &cfg);
         let decoder = Decoder::new(&(&root / "decoder"), &cfg);
-        let quant_conv = conv(&root / "quant_conv", cfg.z_channels, cfg.codebook_embed_dim, 1, 1, 0);
-        let post_quant_conv =
-            conv(&root / "post_quant_conv", cfg.codebook_embed_dim, cfg.z_channels, 1, 1, 0);
+        let quant_conv = conv(
+            &root / "quant_conv",
+            cfg.z_channels,
+            cfg.codebook_embed_dim,
+            1,
+            1,
+            0,
+        );
+        let post_quant_conv = conv(
+            &root / "post_quant_conv",
+            cfg.codebook_embed_dim,
+            cfg.z_channels,
+            1,
+            1,
+            0,
+        );
         let n = cfg.codebook_size as f64;
         let codebook = (&root / "quantize" / "embedding").var(
             "weight",
@@ -383,8 +400,12 @@ impl VqModel {
                 flat
             };
             let codes = self.codes();
-            let d = flat.pow_tensor_scalar(2).sum_dim_intlist(1, true, Kind::Float)
-                + codes.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Float)
+            let d = flat
+                .pow_tensor_scalar(2)
+                .sum_dim_intlist(1, true, Kind::Float)
+                + codes
+                    .pow_tensor_scalar(2)
+                    .sum_dim_intlist(1, false, Kind::Float)
                 - flat.matmul(&codes.tr()) * 2.0;
             d.argmin(1, false).view([zs[0], zs[2], zs[3]])
         }))
@@ -399,10 +420,7 @@ impl VqModel {
             )));
         }
         let n = self.cfg.codebook_size;
-        let (lo, hi) = (
-            i64::try_from(tokens.min())?,
-            i64::try_from(tokens.max())?,
-        );
+        let (lo, hi) = (i64::try_from(tokens.min())?, i64::try_from(tokens.max())?);
         if lo < 0 || hi >= n {
             return Err(ModelError::InvalidInput(format!(
                 "token ids must be in [0, {n}), found {}",
