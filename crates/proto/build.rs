@@ -7,9 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // Vendored protoc unless the caller points PROTOC at one.
+    if std::env::var_os("PROTOC").is_none() {
+        std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    }
     tonic_prost_build::configure()
-        .protoc_executable(protoc)
         .file_descriptor_set_path(out.join("mulo_descriptor.bin"))
         .compile_protos(&files.map(|f| root.join(f)), &[root])?;
     Ok(())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command (README.md, .ci/run): installs libtorch if needed, then formatting,
+# clippy with warnings as errors, and every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-torch.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
