@@ -39,20 +39,25 @@ impl RuntimeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
     /// Classifier-free guidance scale (values <= 1 disable guidance).
-    #[arg(long = "cfg", env = "MULO_CFG")]
+    #[arg(long = "cfg", env = "MULO_CFG", allow_negative_numbers = true)]
     pub cfg_scale: Option<f64>,
     /// Softmax temperature (0 = greedy).
-    #[arg(long, env = "MULO_TEMPERATURE")]
+    #[arg(long, env = "MULO_TEMPERATURE", allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Keep the K most likely tokens (0 = off, 1 = greedy).
     #[arg(long, env = "MULO_TOP_K")]
     pub top_k: Option<usize>,
     /// Nucleus sampling mass in (0, 1] (1 = off).
-    #[arg(long, env = "MULO_TOP_P")]
+    #[arg(long, env = "MULO_TOP_P", allow_negative_numbers = true)]
     pub top_p: Option<f64>,
 }
 
 impl SamplingArgs {
+    /// Checks the given flags before any model is loaded (unset flags cannot be wrong).
+    pub fn check(&self) -> Result<()> {
+        self.resolve(SamplingParams::default()).map(|_| ())
+    }
+
     /// The model's defaults overridden by the given flags, validated.
     pub fn resolve(&self, defaults: SamplingParams) -> Result<SamplingParams> {
         let p = SamplingParams {

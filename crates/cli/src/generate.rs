@@ -68,6 +68,7 @@ struct State {
 
 /// Runs `mulo generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    args.sampling.check()?;
     let cond = args.condition.load()?;
     let out = match (&args.out, &args.tokens_out) {
         (Some(o), _) => Some(o.clone()),

@@ -89,6 +89,7 @@ fn flat(t: &tch::Tensor) -> Result<Vec<f32>> {
 
 /// Runs `mulo score`.
 pub fn run(args: ScoreArgs) -> Result<()> {
+    args.sampling.check()?;
     let cond = args.condition.load()?;
     let tokens = read_tokens(&args.tokens)?;
     let model_dir = args.model.clone();
