@@ -452,6 +452,8 @@ impl Gpt {
         }
     }
 
+    // `h += a` on tensors adds in place, into storage shared with the caller's input: keep `h = h + a`.
+    #[allow(clippy::assign_op_pattern)]
     fn run_layers(
         &self,
         x: &Tensor,
