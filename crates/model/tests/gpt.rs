@@ -146,13 +146,14 @@ fn masked_forward_at_arbitrary_positions_equals_recomputation() {
         // Prefix 0..8 in order, then the block 8..19 in a scrambled order in one pass with an
         // explicit causal mask over absolute positions.
         let pos: Vec<i64> = (cls..cls + 8).collect();
-        let _ = m.forward(
-            &m.embed_tokens(&toks[..8], 2).unwrap(),
-            &pos,
-            None,
-            &mut cache,
-        )
-        .unwrap();
+        let _ = m
+            .forward(
+                &m.embed_tokens(&toks[..8], 2).unwrap(),
+                &pos,
+                None,
+                &mut cache,
+            )
+            .unwrap();
         let order = [15usize, 8, 18, 11, 9, 17, 10, 13, 16, 12, 14];
         let block_toks: Vec<i64> = order.iter().map(|&i| toks[i]).collect();
         let block_pos: Vec<i64> = order.iter().map(|&i| cls + i as i64).collect();
