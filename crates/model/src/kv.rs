@@ -88,6 +88,16 @@ impl KvCache {
             .sum()
     }
 
+    /// Addresses of the key and value buffers: they never change over the cache's life (a decode
+    /// step writes in place and allocates no KV memory).
+    pub fn buffer_addresses(&self) -> Vec<usize> {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.data_ptr() as usize)
+            .collect()
+    }
+
     pub(crate) fn check_positions(&self, positions: &[i64]) -> Result<()> {
         for &p in positions {
             if p < 0 || p >= self.capacity {

@@ -86,12 +86,18 @@ fn cached_logits(m: &Gpt, cond: &Condition, cfg: bool, toks: &[i64]) -> Tensor {
         let b = c.batch();
         let cls = m.config().cls_token_num;
         let mut cache = m.new_cache(b, cls + toks.len() as i64).unwrap();
+        let buffers = cache.buffer_addresses();
+        let bytes = cache.bytes();
         let mut out = vec![m.prefill(&c, &mut cache).unwrap()];
         for (i, &t) in toks[..toks.len() - 1].iter().enumerate() {
             let x = m.embed_tokens(&[t], b).unwrap();
             let h = m.forward(&x, &[cls + i as i64], None, &mut cache).unwrap();
             out.push(m.head(&h.select(1, 0)));
+            // Decode steps write into the preallocated buffers: no KV memory per step.
+            assert_eq!(cache.buffer_addresses(), buffers);
+            assert_eq!(cache.bytes(), bytes);
         }
+        assert_eq!(cache.filled(), cls + toks.len() as i64 - 1);
         Tensor::stack(&out, 1)
     })
 }
