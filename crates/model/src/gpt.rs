@@ -210,6 +210,8 @@ impl Gpt {
         m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
         let unused = checkpoint::load_into(&m.vs, &weights_path(dir))?;
+        // Loaded models serve inference: no gradient bookkeeping (training unfreezes).
+        m.vs.freeze();
         Ok((m, unused))
     }
 

@@ -341,6 +341,8 @@ impl VqModel {
         m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
         let unused = checkpoint::load_into(&m.vs, &weights_path(dir))?;
+        // Loaded models serve inference: no gradient bookkeeping (training unfreezes).
+        m.vs.freeze();
         Ok((m, unused))
     }
 
