@@ -5,7 +5,23 @@ use std::path::Path;
 
 use tch::{nn::VarStore, Kind, Tensor};
 
+use crate::config::{weights_path, DType, ModelConfig};
 use crate::error::{ModelError, Result};
+
+/// Converts `vs` to `dtype`, loads `<dir>/model.safetensors` into it and freezes it (loaded models
+/// serve inference; training unfreezes). Returns the file's unused tensor names.
+pub(crate) fn load_dir_weights(vs: &mut VarStore, dir: &Path, dtype: DType) -> Result<Vec<String>> {
+    vs.set_kind(dtype.kind());
+    let unused = load_into(vs, &weights_path(dir))?;
+    vs.freeze();
+    Ok(unused)
+}
+
+/// Writes `config` (with `dtype` as its stored dtype) and the weights of `vs` in `dtype` to `dir`.
+pub(crate) fn save_dir(config: ModelConfig, vs: &VarStore, dir: &Path, dtype: DType) -> Result<()> {
+    config.save(dir)?;
+    save(vs, &weights_path(dir), dtype.kind())
+}
 
 /// Copies every variable of `vs` from the safetensors file at `path`, converting dtype and device.
 ///

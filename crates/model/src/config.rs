@@ -341,6 +341,28 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Reads `<dir>/config.json`, which must describe a GPT.
+    pub fn load_gpt(dir: &Path) -> Result<GptConfig> {
+        match Self::load(dir)? {
+            ModelConfig::Gpt(c) => Ok(c),
+            ModelConfig::Vq(_) => Err(ModelError::Config(format!(
+                "{} is a VQ model, not a GPT",
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Reads `<dir>/config.json`, which must describe a VQ model.
+    pub fn load_vq(dir: &Path) -> Result<VqConfig> {
+        match Self::load(dir)? {
+            ModelConfig::Vq(c) => Ok(c),
+            ModelConfig::Gpt(_) => Err(ModelError::Config(format!(
+                "{} is a GPT, not a VQ model",
+                dir.display()
+            ))),
+        }
+    }
+
     /// Writes `<dir>/config.json`, creating the directory.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;

@@ -13,9 +13,7 @@ use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
-use crate::config::{
-    weights_path, ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding,
-};
+use crate::config::{ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding};
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
 use crate::rope::RopeTable;
@@ -196,22 +194,11 @@ impl Gpt {
     /// Loads a model directory (`config.json` + `model.safetensors`); `dtype` overrides the
     /// config's. Returns the model and the names of file tensors it did not use.
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
-        let cfg = match ModelConfig::load(dir)? {
-            ModelConfig::Gpt(c) => c,
-            ModelConfig::Vq(_) => {
-                return Err(ModelError::Config(format!(
-                    "{} is a VQ model, not a GPT",
-                    dir.display()
-                )))
-            }
-        };
+        let cfg = ModelConfig::load_gpt(dir)?;
         let dtype = dtype.unwrap_or(cfg.dtype);
         let mut m = Self::build(cfg, device, None)?;
-        m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
-        let unused = checkpoint::load_into(&m.vs, &weights_path(dir))?;
-        // Loaded models serve inference: no gradient bookkeeping (training unfreezes).
-        m.vs.freeze();
+        let unused = checkpoint::load_dir_weights(&mut m.vs, dir, dtype)?;
         Ok((m, unused))
     }
 
@@ -219,8 +206,7 @@ impl Gpt {
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
         let mut cfg = self.cfg.clone();
         cfg.dtype = dtype;
-        ModelConfig::Gpt(cfg).save(dir)?;
-        checkpoint::save(&self.vs, &weights_path(dir), dtype.kind())
+        checkpoint::save_dir(ModelConfig::Gpt(cfg), &self.vs, dir, dtype)
     }
 
     /// The configuration.

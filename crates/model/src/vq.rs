@@ -7,7 +7,7 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
-use crate::config::{weights_path, DType, ModelConfig, VqConfig};
+use crate::config::{DType, ModelConfig, VqConfig};
 use crate::error::{ModelError, Result};
 
 #[derive(Debug)]
@@ -120,6 +120,50 @@ struct Level {
     resample: Option<nn::Conv2D>,
 }
 
+impl Level {
+    /// `n_res` residual blocks `block_in → block_out` (each followed by attention when `attn`);
+    /// `resample` names the level's down/up-sampling conv and its stride, if it has one.
+    fn new(
+        lp: &nn::Path,
+        block_in: i64,
+        block_out: i64,
+        n_res: i64,
+        attn: bool,
+        resample: Option<(&str, i64)>,
+    ) -> Self {
+        let mut res = Vec::new();
+        let mut attns = Vec::new();
+        let mut cin = block_in;
+        for j in 0..n_res {
+            res.push(ResBlock::new(&(lp / "res" / j), cin, block_out));
+            cin = block_out;
+            if attn {
+                attns.push(AttnBlock::new(&(lp / "attn" / j), block_out));
+            }
+        }
+        let resample = resample.map(|(name, stride)| {
+            let padding = if stride == 1 { 1 } else { 0 };
+            conv(lp / name / "conv", block_out, block_out, 3, stride, padding)
+        });
+        Self {
+            res,
+            attn: attns,
+            resample,
+        }
+    }
+
+    /// The residual (and attention) blocks, without the resampling.
+    fn blocks(&self, mut h: Tensor) -> Tensor {
+        for (j, r) in self.res.iter().enumerate() {
+            h = r.forward(&h);
+            if let Some(a) = self.attn.get(j) {
+                h = a.forward(&h);
+            }
+        }
+        h
+    }
+}
+
 #[derive(Debug)]
 struct Mid(ResBlock, AttnBlock, ResBlock);
 
@@ -152,24 +196,17 @@ impl Encoder {
         let mut levels = Vec::with_capacity(n);
         let mut block_in = c.ch;
         for (i, &mult) in c.encoder_ch_mult.iter().enumerate() {
-            let lp = p / "conv_blocks" / i;
             let block_out = c.ch * mult;
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for j in 0..c.num_res_blocks {
-                res.push(ResBlock::new(&(&lp / "res" / j), block_in, block_out));
-                block_in = block_out;
-                if i == n - 1 {
-                    attn.push(AttnBlock::new(&(&lp / "attn" / j), block_in));
-                }
-            }
-            let resample = (i != n - 1)
-                .then(|| conv(&lp / "downsample" / "conv", block_in, block_in, 3, 2, 0));
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
+            let last = i == n - 1;
+            levels.push(Level::new(
+                &(p / "conv_blocks" / i),
+                block_in,
+                block_out,
+                c.num_res_blocks,
+                last,
+                (!last).then_some(("downsample", 2)),
+            ));
+            block_in = block_out;
         }
         Self {
             conv_in,
@@ -183,12 +220,7 @@ impl Encoder {
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut h = self.conv_in.forward(x);
         for level in &self.levels {
-            for (j, r) in level.res.iter().enumerate() {
-                h = r.forward(&h);
-                if let Some(a) = level.attn.get(j) {
-                    h = a.forward(&h);
-                }
-            }
+            h = level.blocks(h);
             if let Some(d) = &level.resample {
                 h = d.forward(&h.constant_pad_nd([0, 1, 0, 1]));
             }
@@ -215,24 +247,16 @@ impl Decoder {
         let mid = Mid::new(&(p / "mid"), block_in);
         let mut levels = Vec::with_capacity(n);
         for (idx, i_level) in (0..n).rev().enumerate() {
-            let lp = p / "conv_blocks" / idx;
             let block_out = c.ch * c.decoder_ch_mult[i_level];
-            let mut res = Vec::new();
-            let mut attn = Vec::new();
-            for j in 0..=c.num_res_blocks {
-                res.push(ResBlock::new(&(&lp / "res" / j), block_in, block_out));
-                block_in = block_out;
-                if i_level == n - 1 {
-                    attn.push(AttnBlock::new(&(&lp / "attn" / j), block_in));
-                }
-            }
-            let resample = (i_level != 0)
-                .then(|| conv(&lp / "upsample" / "conv", block_in, block_in, 3, 1, 1));
-            levels.push(Level {
-                res,
-                attn,
-                resample,
-            });
+            levels.push(Level::new(
+                &(p / "conv_blocks" / idx),
+                block_in,
+                block_out,
+                c.num_res_blocks + 1,
+                i_level == n - 1,
+                (i_level != 0).then_some(("upsample", 1)),
+            ));
+            block_in = block_out;
         }
         Self {
             conv_in,
@@ -246,12 +270,7 @@ impl Decoder {
     fn forward(&self, z: &Tensor) -> Tensor {
         let mut h = self.mid.forward(&self.conv_in.forward(z));
         for level in &self.levels {
-            for (j, r) in level.res.iter().enumerate() {
-                h = r.forward(&h);
-                if let Some(a) = level.attn.get(j) {
-                    h = a.forward(&h);
-                }
-            }
+            h = level.blocks(h);
             if let Some(u) = &level.resample {
                 let s = h.size();
                 h = u.forward(&h.upsample_nearest2d([s[2] * 2, s[3] * 2], None, None));
@@ -327,22 +346,11 @@ impl VqModel {
 
     /// Loads a model directory; `dtype` overrides the config's.
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
-        let cfg = match ModelConfig::load(dir)? {
-            ModelConfig::Vq(c) => c,
-            ModelConfig::Gpt(_) => {
-                return Err(ModelError::Config(format!(
-                    "{} is a GPT, not a VQ model",
-                    dir.display()
-                )))
-            }
-        };
+        let cfg = ModelConfig::load_vq(dir)?;
         let dtype = dtype.unwrap_or(cfg.dtype);
         let mut m = Self::build(cfg, device)?;
-        m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
-        let unused = checkpoint::load_into(&m.vs, &weights_path(dir))?;
-        // Loaded models serve inference: no gradient bookkeeping (training unfreezes).
-        m.vs.freeze();
+        let unused = checkpoint::load_dir_weights(&mut m.vs, dir, dtype)?;
         Ok((m, unused))
     }
 
@@ -350,8 +358,7 @@ impl VqModel {
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
         let mut cfg = self.cfg.clone();
         cfg.dtype = dtype;
-        ModelConfig::Vq(cfg).save(dir)?;
-        checkpoint::save(&self.vs, &weights_path(dir), dtype.kind())
+        checkpoint::save_dir(ModelConfig::Vq(cfg), &self.vs, dir, dtype)
     }
 
     /// The configuration.
