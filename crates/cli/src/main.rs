@@ -4,6 +4,7 @@
 mod common;
 mod convert;
 mod decode;
+mod encode;
 mod generate;
 mod info;
 mod init;
@@ -29,6 +30,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// Decode a token grid to a PNG with a VQ model.
     Decode(decode::DecodeArgs),
+    /// Encode an image to a token grid with a VQ model.
+    Encode(encode::EncodeArgs),
     /// Convert a checkpoint of another project into mulo's model format.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Decode(a) => decode::run(a),
+        Command::Encode(a) => encode::run(a),
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
         Command::Init(c) => init::run(c),

@@ -286,6 +286,17 @@ fn generate_decode_info_and_determinism() {
     );
     let png = std::fs::read(d.join("a.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+    let line = ok(&[
+        "encode",
+        "--vq",
+        s(&d.join("vq")),
+        "--image",
+        s(&d.join("a.png")),
+        "--tokens-out",
+        s(&d.join("e.json")),
+    ]);
+    assert!(line.contains("8x8 grid"), "{line}");
+    assert_eq!(read_json(&d.join("e.json")).as_array().unwrap().len(), 64);
 }
 
 #[test]

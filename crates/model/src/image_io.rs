@@ -47,3 +47,24 @@ pub fn png_bytes(image: &Tensor) -> Result<Vec<u8>> {
         .map_err(|e| ModelError::InvalidInput(format!("PNG encoding failed: {e}")))?;
     Ok(out.into_inner())
 }
+
+/// Reads a PNG (or any format the `image` crate knows) as `[3, H, W]` fp32 in [-1, 1]; an alpha
+/// channel is composited on white.
+pub fn load_image(path: &Path) -> Result<Tensor> {
+    let img = image::open(path)
+        .map_err(|e| ModelError::InvalidInput(format!("{}: {e}", path.display())))?;
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut data = Vec::with_capacity((w * h * 3) as usize);
+    for p in rgba.pixels() {
+        let a = f32::from(p[3]) / 255.0;
+        for c in 0..3 {
+            let v = f32::from(p[c]) / 255.0 * a + (1.0 - a);
+            data.push(v * 2.0 - 1.0);
+        }
+    }
+    Ok(Tensor::from_slice(&data)
+        .view([i64::from(h), i64::from(w), 3])
+        .permute([2, 0, 1])
+        .contiguous())
+}
