@@ -16,7 +16,14 @@ use clap::{Parser, Subcommand};
 
 /// mulo: fast autoregressive image generation (MuLo-SD) on LlamaGen-style models.
 #[derive(Debug, Parser)]
-#[command(name = "mulo", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "mulo",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Examples:\n  mulo init vq --out m/vq && mulo init gpt --out m/c2i --vq ../vq\n  mulo generate --model m/c2i --class 3 --seed 1 --out a.png --tokens-out a.json\n  mulo score --model m/c2i --class 3 --tokens a.json --out s.json --top-k 0 --top-p 1\n  mulo convert llamagen --kind c2i --checkpoint c2i_L_256.pt --out m/c2i-L --preset GPT-L\n\nSee docs/cli.md for the sampling semantics and file formats."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
