@@ -3,6 +3,7 @@
 
 mod common;
 mod convert;
+mod data;
 mod decode;
 mod encode;
 mod generate;
@@ -42,6 +43,9 @@ enum Command {
     /// Convert a checkpoint of another project into mulo's model format.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
+    /// Build a training data set.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Show what a model directory holds.
     Info(info::InfoArgs),
     /// Write a randomly initialised model (for demos and tests).
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
+        Command::Data(c) => data::run(c),
         Command::Init(c) => init::run(c),
     };
     match result {

@@ -2,6 +2,7 @@
 //! methods built on the models. (Later issues add the MuLo-SD roles and cycle here.)
 
 pub mod ar;
+pub mod data;
 pub mod error;
 pub mod score;
 pub mod worker;

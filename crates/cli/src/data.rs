@@ -1,0 +1,73 @@
+//! `mulo data emoji`: build the emoji data set from the npm packages.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use mulo_engine::data::emoji;
+
+/// Data sets `mulo data` builds.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Noto (google) and Twemoji (twitter) emoji at 64, 32 and 16 px with captions and labels.
+    Emoji(EmojiArgs),
+}
+
+fn cache_root() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache/mulo")
+}
+
+/// Arguments of `mulo data emoji`.
+#[derive(Debug, Args)]
+pub struct EmojiArgs {
+    /// Tarball of emoji-datasource-google@16.0.0 (default: fetched with `npm pack` into --cache).
+    #[arg(long, value_name = "FILE.tgz")]
+    pub google: Option<PathBuf>,
+    /// Tarball of emoji-datasource-twitter@16.0.0 (default: fetched with `npm pack` into --cache).
+    #[arg(long, value_name = "FILE.tgz")]
+    pub twitter: Option<PathBuf>,
+    /// Where fetched tarballs are kept (default ~/.cache/mulo/npm).
+    #[arg(long, env = "MULO_NPM_CACHE", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Output directory (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs `mulo data`.
+pub fn run(cmd: DataCommand) -> Result<()> {
+    let DataCommand::Emoji(a) = cmd;
+    let cache = a.cache.clone().unwrap_or_else(|| cache_root().join("npm"));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| cache_root().join("data/emoji"));
+    let mut sources = Vec::new();
+    for (vendor, given) in [("google", &a.google), ("twitter", &a.twitter)] {
+        let path = match given {
+            Some(p) => p.clone(),
+            None => emoji::fetch_tarball(vendor, &cache)?,
+        };
+        sources.push((vendor.to_string(), path));
+    }
+    let s = emoji::build(&sources, &out).context("building the emoji data set")?;
+    let vendors: Vec<String> = s
+        .per_vendor
+        .iter()
+        .map(|(v, n)| format!("{v} {n}"))
+        .collect();
+    println!(
+        "built {} images ({}): {} train, {} held-out; {} categories, {} subcategories; wrote {}",
+        s.train + s.heldout,
+        vendors.join(", "),
+        s.train,
+        s.heldout,
+        s.categories,
+        s.subcategories,
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Training and evaluation data sets.
+
+pub mod emoji;

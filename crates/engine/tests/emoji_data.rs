@@ -1,0 +1,183 @@
+//! The emoji data set builder on small synthetic npm tarballs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use mulo_engine::data::emoji::{self, Meta};
+
+fn png(color: [u8; 4], size: u32) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(size, size, |x, _| {
+        if x < size / 2 {
+            image::Rgba(color)
+        } else {
+            image::Rgba([0, 0, 0, 0]) // transparent: white after compositing
+        }
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+const EMOJI_JSON: &str = r#"[
+  {"name": "GRINNING FACE", "unified": "1F600", "image": "1f600.png", "short_names": ["grinning"],
+   "category": "Smileys & Emotion", "subcategory": "face-smiling",
+   "has_img_google": true, "has_img_twitter": true},
+  {"name": "WAVING HAND SIGN", "unified": "1F44B", "image": "1f44b.png", "short_names": ["wave"],
+   "category": "People & Body", "subcategory": "hand-fingers-open",
+   "has_img_google": true, "has_img_twitter": false,
+   "skin_variations": {"1F3FF": {"unified": "1F44B-1F3FF", "image": "1f44b-1f3ff.png",
+                                 "has_img_google": true, "has_img_twitter": false}}},
+  {"name": "EMOJI MODIFIER FITZPATRICK TYPE-1-2", "unified": "1F3FB", "image": "1f3fb.png",
+   "short_names": ["skin-tone-2"], "category": "Component", "subcategory": "skin-tone",
+   "has_img_google": true, "has_img_twitter": true}
+]"#;
+
+fn tarball(dir: &Path, vendor: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let path = dir.join(format!("{vendor}.tgz"));
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("package/emoji.json", EMOJI_JSON.as_bytes());
+    for (name, data) in files {
+        add(&format!("package/img/{vendor}/64/{name}"), data);
+    }
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+    path
+}
+
+#[test]
+fn builds_images_captions_labels_and_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+            ("1f3fb.png", png([1, 1, 1, 255], 64)),
+        ],
+    );
+    let twitter = tarball(d, "twitter", &[("1f600.png", png([0, 0, 255, 128], 64))]);
+    let out = d.join("data");
+    let s = emoji::build(
+        &[("google".into(), google), ("twitter".into(), twitter)],
+        &out,
+    )
+    .unwrap();
+    assert_eq!(s.train + s.heldout, 4, "Component skipped, no twitter wave");
+    let meta = Meta::load(&out).unwrap();
+    assert_eq!(meta.categories, vec!["People & Body", "Smileys & Emotion"]);
+    let captions: Vec<&str> = meta.items.iter().map(|i| i.caption.as_str()).collect();
+    assert!(captions.contains(&"grinning face smiling"), "{captions:?}");
+    assert!(
+        captions.contains(&"waving hand sign wave fingers open dark skin tone"),
+        "{captions:?}"
+    );
+    for it in &meta.items {
+        assert_eq!(it.split, emoji::split_of(&it.base));
+        assert_eq!(meta.subcategories[it.subcategory_id], it.subcategory);
+    }
+
+    let tensors = std::fs::read(out.join("emoji.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&tensors).unwrap();
+    let t64 = st.tensor("images64").unwrap();
+    assert_eq!(t64.shape(), &[4, 64, 64, 3]);
+    assert_eq!(st.tensor("images32").unwrap().shape(), &[4, 32, 32, 3]);
+    assert_eq!(st.tensor("images16").unwrap().shape(), &[4, 16, 16, 3]);
+    let px =
+        |img: usize, x: usize| &t64.data()[(img * 64 * 64 + x) * 3..(img * 64 * 64 + x) * 3 + 3];
+    let g = meta
+        .items
+        .iter()
+        .find(|i| i.vendor == "google" && i.unified == "1F600")
+        .unwrap();
+    assert_eq!(px(g.index, 0), &[200, 100, 0], "opaque pixels kept");
+    assert_eq!(
+        px(g.index, 63),
+        &[255, 255, 255],
+        "transparent pixels become white"
+    );
+    let t = meta.items.iter().find(|i| i.vendor == "twitter").unwrap();
+    // alpha 128 over white: 255 * (128/255) + 255 * (127/255) for blue, 127.0 for the others.
+    assert_eq!(px(t.index, 0), &[127, 127, 255]);
+    // 16 px: the 4x4 block straddling nothing keeps the colour; area average otherwise.
+    let t16 = st.tensor("images16").unwrap();
+    assert_eq!(
+        &t16.data()[g.index * 16 * 16 * 3..g.index * 16 * 16 * 3 + 3],
+        &[200, 100, 0]
+    );
+}
+
+#[test]
+fn corrupt_or_missing_inputs_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = tarball(d, "twitter", &[("1f600.png", png([0, 0, 0, 255], 64))]);
+    let bad = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", b"not a png".to_vec()),
+            ("1f44b.png", png([0, 0, 0, 255], 64)),
+            ("1f44b-1f3ff.png", png([0, 0, 0, 255], 64)),
+        ],
+    );
+    let e = emoji::build(
+        &[("google".into(), bad), ("twitter".into(), good.clone())],
+        &d.join("o"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("img/google/64/1f600.png") && e.contains("PNG"),
+        "{e}"
+    );
+
+    let missing = tarball(d, "google", &[("1f600.png", png([0, 0, 0, 255], 64))]);
+    let e = emoji::build(
+        &[("google".into(), missing), ("twitter".into(), good)],
+        &d.join("o"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("1f44b.png") && e.contains("missing"), "{e}");
+
+    let small = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([0, 0, 0, 255], 32)),
+            ("1f44b.png", png([0, 0, 0, 255], 64)),
+            ("1f44b-1f3ff.png", png([0, 0, 0, 255], 64)),
+        ],
+    );
+    let e = emoji::build(&[("google".into(), small)], &d.join("o"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("32x32, expected 64x64"), "{e}");
+
+    let e = emoji::build(&[("google".into(), d.join("nope.tgz"))], &d.join("o"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope.tgz"), "{e}");
+}
+
+#[test]
+fn downsample_is_an_area_average() {
+    // 2x2 image, one channel pattern repeated over RGB.
+    let img: Vec<u8> = [0u8, 10, 20, 31].iter().flat_map(|&v| [v, v, v]).collect();
+    assert_eq!(emoji::downsample(&img, 2, 2), vec![15, 15, 15]); // 61 / 4 = 15.25
+    assert_eq!(emoji::downsample(&img, 2, 1), img);
+}
