@@ -10,6 +10,7 @@ mod generate;
 mod info;
 mod init;
 mod score;
+mod train;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,9 @@ enum Command {
     /// Build a training data set.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train a model of the emoji family.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
     /// Show what a model directory holds.
     Info(info::InfoArgs),
     /// Write a randomly initialised model (for demos and tests).
@@ -54,6 +58,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // An unexpected panic (a bug) still ends in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        let msg = msg.replace('\n', " ");
+        eprintln!("error: internal error: {msg}");
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -86,6 +101,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
         Command::Data(c) => data::run(c),
+        Command::Train(c) => train::run(c),
         Command::Init(c) => init::run(c),
     };
     match result {

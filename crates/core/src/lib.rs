@@ -3,6 +3,7 @@
 //! This crate has no torch and no gRPC dependency so that it can be property-tested quickly and
 //! shared by every role.
 
+pub mod caption;
 pub mod condition;
 pub mod grid;
 pub mod params;

@@ -15,6 +15,9 @@ pub enum EngineError {
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A training or evaluation run failed (the message names the file or setting).
+    #[error("training: {0}")]
+    Train(String),
     /// The torch worker thread is gone (it panicked or was shut down).
     #[error("the torch worker thread has stopped")]
     WorkerGone,

@@ -5,6 +5,7 @@ pub mod ar;
 pub mod data;
 pub mod error;
 pub mod score;
+pub mod train;
 pub mod worker;
 
 pub use ar::{generate_ar, Generation, GenerationStats};

@@ -181,3 +181,74 @@ fn downsample_is_an_area_average() {
     assert_eq!(emoji::downsample(&img, 2, 2), vec![15, 15, 15]); // 61 / 4 = 15.25
     assert_eq!(emoji::downsample(&img, 2, 1), img);
 }
+
+#[test]
+fn vq_training_runs_checkpoints_resumes_and_reports() {
+    use mulo_engine::train::vq::{train_vq, VqTrainOptions};
+    use mulo_model::{DType, VqConfig, VqModel};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+        ],
+    );
+    let twitter = tarball(d, "twitter", &[("1f600.png", png([0, 0, 255, 128], 64))]);
+    let data = d.join("data");
+    emoji::build(
+        &[("google".into(), google), ("twitter".into(), twitter)],
+        &data,
+    )
+    .unwrap();
+    let mut opts = VqTrainOptions {
+        data,
+        out: d.join("vq"),
+        work: d.join("work"),
+        steps: 4,
+        batch: 2,
+        lr: 1e-3,
+        seed: 1,
+        resume: false,
+        config: VqConfig {
+            name: None,
+            codebook_size: 16,
+            codebook_embed_dim: 4,
+            codebook_l2_norm: true,
+            ch: 32,
+            encoder_ch_mult: vec![1, 1, 1],
+            decoder_ch_mult: vec![1, 1, 1],
+            z_channels: 32,
+            num_res_blocks: 1,
+            dtype: DType::Fp32,
+        },
+        dtype: DType::Fp16,
+    };
+    // 1F600 hashes to train and 1F44B to held-out: both splits are present.
+    let meta = Meta::load(&opts.data).unwrap();
+    assert!(meta.items.iter().any(|i| i.split == emoji::Split::Train));
+    assert!(meta.items.iter().any(|i| i.split == emoji::Split::Heldout));
+    let mut seen = Vec::new();
+    let report = train_vq(&opts, tch::Device::Cpu, &mut |s, _, l| seen.push((s, l))).unwrap();
+    assert_eq!(
+        seen.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(report.final_loss.is_finite() && report.psnr64.is_finite());
+    assert!(report.codebook_usage > 0.0 && report.codebook_usage <= 1.0);
+    let (vq, _) = VqModel::load(&opts.out, tch::Device::Cpu, None).unwrap();
+    assert_eq!(vq.config().dtype, DType::Fp16);
+    let log = std::fs::read_to_string(opts.work.join("loss.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"eval\""));
+
+    opts.resume = true;
+    opts.steps = 6;
+    let mut steps = Vec::new();
+    train_vq(&opts, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
+    assert_eq!(steps, vec![5, 6], "resumes after the checkpointed 4 steps");
+    let log2 = std::fs::read_to_string(opts.work.join("loss.jsonl")).unwrap();
+    assert!(log2.starts_with(&log), "the log is appended on resume");
+}

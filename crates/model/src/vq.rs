@@ -385,6 +385,73 @@ impl VqModel {
         }
     }
 
+    /// Training forward (straight-through estimator, LlamaGen's losses): returns the
+    /// reconstruction `[B, 3, H, W]`, the codebook loss `mean((z_q − sg[z])²)`, the commitment loss
+    /// `mean((sg[z_q] − z)²)` (on L2-normalised vectors when configured) and the token ids.
+    pub fn forward_train(&self, images: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
+        let z = self.quant_conv.forward(&self.encoder.forward(images));
+        let zs = z.size();
+        let e = self.cfg.codebook_embed_dim;
+        let zf = z.permute([0, 2, 3, 1]);
+        let zn = if self.cfg.codebook_l2_norm {
+            l2_normalize(&zf)
+        } else {
+            zf
+        };
+        let codes = self.codes();
+        let idx = tch::no_grad(|| {
+            let flat = zn.reshape([-1, e]);
+            let d = codes
+                .pow_tensor_scalar(2)
+                .sum_dim_intlist(1, false, Kind::Float)
+                - flat.matmul(&codes.tr()) * 2.0;
+            d.argmin(1, false)
+        });
+        let zq = codes.index_select(0, &idx).view_as(&zn);
+        let codebook_loss = (&zq - zn.detach()).pow_tensor_scalar(2).mean(Kind::Float);
+        let commit_loss = (zq.detach() - &zn).pow_tensor_scalar(2).mean(Kind::Float);
+        let st = &zn + (&zq - &zn).detach();
+        let recon = self
+            .decoder
+            .forward(&self.post_quant_conv.forward(&st.permute([0, 3, 1, 2])));
+        (
+            recon,
+            codebook_loss,
+            commit_loss,
+            idx.view([zs[0], zs[2], zs[3]]),
+        )
+    }
+
+    /// Latents `[N, embed_dim]` as the quantiser sees them (normalised when configured), for
+    /// re-seeding unused codes during training.
+    pub fn latents(&self, images: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let z = self.quant_conv.forward(&self.encoder.forward(images));
+            let flat = z
+                .permute([0, 2, 3, 1])
+                .reshape([-1, self.cfg.codebook_embed_dim]);
+            if self.cfg.codebook_l2_norm {
+                l2_normalize(&flat)
+            } else {
+                flat
+            }
+        })
+    }
+
+    /// Overwrites codebook rows `rows` with `values` `[len(rows), embed_dim]` (training only).
+    pub fn set_codes(&mut self, rows: &Tensor, values: &Tensor) {
+        tch::no_grad(|| {
+            let _ = self
+                .codebook
+                .index_copy_(0, rows, &values.to_kind(self.codebook.kind()));
+        });
+    }
+
+    /// The variables, mutably (to unfreeze or load a checkpoint for training).
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
     /// Encodes images `[B, 3, H, W]` in [-1, 1] to token ids `[B, H/f, W/f]`.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
         let s = images.size();

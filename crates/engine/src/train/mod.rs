@@ -1,0 +1,228 @@
+//! Training in Rust with tch, with the same model code as inference: learning-rate schedule,
+//! loss logs, checkpoints and resume, and the emoji data in tensors.
+
+pub mod vq;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::data::emoji::{DataError, Meta, Split};
+use crate::error::EngineError;
+
+/// Linear warm-up to `peak_lr`, then cosine decay to `peak_lr · min_ratio` at `total` steps.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Learning rate after warm-up.
+    pub peak_lr: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Total steps.
+    pub total: usize,
+    /// Final learning rate as a fraction of the peak.
+    pub min_ratio: f64,
+}
+
+impl Schedule {
+    /// Learning rate at `step` (0-based).
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak_lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+        let t = ((step - self.warmup) as f64 / span).min(1.0);
+        let min = self.peak_lr * self.min_ratio;
+        min + (self.peak_lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// A JSON-lines loss log, appended to on resume.
+#[derive(Debug)]
+pub struct TrainLog {
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl TrainLog {
+    /// Opens `path` (truncating unless `append`).
+    pub fn open(path: &Path, append: bool) -> Result<Self, EngineError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .map_err(|e| io_err(path, e))?;
+        Ok(Self {
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    /// Writes one record.
+    pub fn write(&mut self, record: &serde_json::Value) -> Result<(), EngineError> {
+        writeln!(self.file, "{record}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| EngineError::Train(format!("writing the loss log: {e}")))
+    }
+}
+
+pub(crate) fn io_err(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::Train(format!("{}: {e}", path.display()))
+}
+
+/// Where a training run keeps its checkpoint: `<dir>/checkpoint.safetensors` + `checkpoint.json`.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointInfo {
+    step: usize,
+}
+
+impl Checkpoints {
+    /// Checkpoints under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Saves the variables and the number of completed steps.
+    pub fn save(&self, vs: &VarStore, step: usize) -> Result<(), EngineError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        let tmp = self.dir.join("checkpoint.tmp.safetensors");
+        vs.save(&tmp)?;
+        std::fs::rename(&tmp, self.dir.join("checkpoint.safetensors"))
+            .map_err(|e| io_err(&self.dir, e))?;
+        let info = serde_json::to_string(&CheckpointInfo { step })
+            .map_err(|e| EngineError::Train(e.to_string()))?;
+        let path = self.dir.join("checkpoint.json");
+        std::fs::write(&path, info).map_err(|e| io_err(&path, e))
+    }
+
+    /// Loads the variables of the last checkpoint, if any, and returns its completed steps.
+    /// (Optimizer moments are not saved: a resumed run restarts Adam's statistics.)
+    pub fn load(&self, vs: &mut VarStore) -> Result<Option<usize>, EngineError> {
+        let info = self.dir.join("checkpoint.json");
+        if !info.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&info).map_err(|e| io_err(&info, e))?;
+        let ci: CheckpointInfo = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Train(format!("{}: {e}", info.display())))?;
+        vs.load(self.dir.join("checkpoint.safetensors"))?;
+        Ok(Some(ci.step))
+    }
+}
+
+/// The emoji data set as tensors (u8, NHWC, on the CPU) with its metadata.
+#[derive(Debug)]
+pub struct EmojiTensors {
+    /// `[N, 64, 64, 3]`.
+    pub images64: Tensor,
+    /// `[N, 32, 32, 3]`.
+    pub images32: Tensor,
+    /// `[N, 16, 16, 3]`.
+    pub images16: Tensor,
+    /// Labels, captions and splits.
+    pub meta: Meta,
+}
+
+impl EmojiTensors {
+    /// Loads a directory written by `mulo data emoji`.
+    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        let meta = Meta::load(dir).map_err(|e: DataError| EngineError::Train(e.to_string()))?;
+        let path = dir.join("emoji.safetensors");
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(&path)
+                .map_err(|e| EngineError::Train(format!("{}: {e}", path.display())))?
+                .into_iter()
+                .collect();
+        let mut take = |name: &str| {
+            tensors.remove(name).ok_or_else(|| {
+                EngineError::Train(format!("{}: no tensor '{name}'", path.display()))
+            })
+        };
+        Ok(Self {
+            images64: take("images64")?,
+            images32: take("images32")?,
+            images16: take("images16")?,
+            meta,
+        })
+    }
+
+    /// Row indices of one split.
+    pub fn indices(&self, split: Split) -> Vec<i64> {
+        self.meta
+            .items
+            .iter()
+            .filter(|i| i.split == split)
+            .map(|i| i.index as i64)
+            .collect()
+    }
+
+    /// Images of `size` px at `rows`, as float NCHW in [-1, 1] on `device`.
+    pub fn batch(&self, size: usize, rows: &[i64], device: Device) -> Tensor {
+        let src = match size {
+            64 => &self.images64,
+            32 => &self.images32,
+            _ => &self.images16,
+        };
+        let idx = Tensor::from_slice(rows);
+        src.index_select(0, &idx)
+            .to_device(device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            .g_div_scalar(127.5)
+            .g_sub_scalar(1.0)
+    }
+}
+
+/// Mean per-image PSNR (dB) between images in [-1, 1], both rounded to 8 bits first.
+pub fn psnr_u8(a: &Tensor, b: &Tensor) -> f64 {
+    let q = |t: &Tensor| {
+        t.clamp(-1.0, 1.0)
+            .g_add_scalar(1.0)
+            .g_mul_scalar(127.5)
+            .round()
+    };
+    let mse = (q(a) - q(b))
+        .pow_tensor_scalar(2)
+        .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+        .clamp_min(1e-10);
+    let psnr = (mse.reciprocal() * (255.0f64 * 255.0)).log10() * 10.0;
+    f64::try_from(psnr.mean(Kind::Float)).unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let s = Schedule {
+            peak_lr: 1.0,
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+        };
+        assert!((s.lr(0) - 0.1).abs() < 1e-12);
+        assert!((s.lr(9) - 1.0).abs() < 1e-12);
+        assert!((s.lr(10) - 1.0).abs() < 1e-12);
+        assert!((s.lr(60) - 0.55).abs() < 1e-12);
+        assert!((s.lr(110) - 0.1).abs() < 1e-12);
+        assert!((s.lr(500) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn psnr_of_identical_and_offset_images() {
+        let a = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        assert!(psnr_u8(&a, &a) > 90.0);
+        // An offset of 10 levels: 20·log10(255/10) = 28.13 dB.
+        let b = &a + 10.0 / 127.5;
+        assert!((psnr_u8(&a, &b) - 28.13).abs() < 0.01);
+    }
+}

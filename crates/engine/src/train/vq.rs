@@ -1,0 +1,205 @@
+//! Training the VQ tokenizer on the emoji data (64 and 32 px, alternating).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mulo_model::{DType, VqConfig, VqModel};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use super::{psnr_u8, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use crate::data::emoji::Split;
+use crate::error::EngineError;
+
+/// Settings of a VQ training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VqTrainOptions {
+    /// Data directory written by `mulo data emoji`.
+    pub data: PathBuf,
+    /// Model directory to write.
+    pub out: PathBuf,
+    /// Checkpoints and the loss log.
+    pub work: PathBuf,
+    /// Optimizer steps (even steps train on 64 px, odd steps on 32 px).
+    pub steps: usize,
+    /// Images per 64 px step (32 px steps use twice as many).
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Seed of the weights and of the batch order.
+    pub seed: u64,
+    /// Continue from the last checkpoint in `work`.
+    pub resume: bool,
+    /// Architecture.
+    pub config: VqConfig,
+    /// Storage dtype of the written model.
+    pub dtype: DType,
+}
+
+/// What a VQ training run measured on the held-out split.
+#[derive(Debug, Clone, Serialize)]
+pub struct VqReport {
+    /// Steps run (in total, resumed ones included).
+    pub steps: usize,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Mean per-image PSNR of held-out reconstructions at 64 px (8-bit).
+    pub psnr64: f64,
+    /// The same at 32 px.
+    pub psnr32: f64,
+    /// Fraction of codes used when encoding the held-out images at 64 and 32 px.
+    pub codebook_usage: f64,
+    /// Held-out images.
+    pub heldout_images: usize,
+}
+
+fn sample(rng: &mut ChaCha8Rng, pool: &[i64], n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|_| pool[rng.random_range(0..pool.len())])
+        .collect()
+}
+
+/// Held-out PSNR at `size` px and the codes used, in batches of 64 images.
+fn evaluate(
+    vq: &VqModel,
+    data: &EmojiTensors,
+    size: usize,
+    used: &Tensor,
+    device: Device,
+) -> Result<f64, EngineError> {
+    let rows = data.indices(Split::Heldout);
+    let mut total = 0.0;
+    for chunk in rows.chunks(64) {
+        let x = data.batch(size, chunk, device);
+        let t = vq.encode(&x)?;
+        let flat = t.reshape([-1]);
+        let ones = Tensor::ones([flat.size()[0]], (Kind::Float, device));
+        let mut used = used.shallow_clone();
+        let _ = used.index_add_(0, &flat, &ones);
+        let y = vq.decode(&t)?;
+        total += psnr_u8(&y, &x) * chunk.len() as f64;
+    }
+    Ok(total / rows.len().max(1) as f64)
+}
+
+/// Trains a VQ tokenizer; `progress(step, total, loss)` is called after every step.
+pub fn train_vq(
+    opts: &VqTrainOptions,
+    device: Device,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<VqReport, EngineError> {
+    let data = EmojiTensors::load(&opts.data)?;
+    let train = data.indices(Split::Train);
+    if train.is_empty() {
+        return Err(EngineError::Train(
+            "the data set has no training images".into(),
+        ));
+    }
+    let mut vq = VqModel::random(opts.config.clone(), device, DType::Fp32, opts.seed as i64)?;
+    let ckpt = Checkpoints::new(&opts.work);
+    let start_step = if opts.resume {
+        ckpt.load(vq.var_store_mut())?.unwrap_or(0)
+    } else {
+        0
+    };
+    std::fs::create_dir_all(&opts.work).map_err(|e| super::io_err(&opts.work, e))?;
+    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
+    let mut opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.99,
+        wd: 0.0,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(vq.var_store(), opts.lr)?;
+    let sched = Schedule {
+        peak_lr: opts.lr,
+        warmup: (opts.steps / 50).max(1),
+        total: opts.steps,
+        min_ratio: 0.05,
+    };
+    let v = opts.config.codebook_size;
+    let mut counts = Tensor::zeros([v], (Kind::Float, device));
+    let restart_every = 200;
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    for step in start_step..opts.steps {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let (size, n) = if step % 2 == 0 {
+            (64, opts.batch)
+        } else {
+            (32, opts.batch * 2)
+        };
+        let x = data.batch(size, &sample(&mut rng, &train, n), device);
+        let (recon, codebook_loss, commit_loss, idx) = vq.forward_train(&x);
+        let diff = &recon - &x;
+        let rec = diff.abs().mean(Kind::Float) + diff.pow_tensor_scalar(2).mean(Kind::Float);
+        let loss = &rec + &codebook_loss + &commit_loss * 0.25;
+        opt.set_lr(sched.lr(step));
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step();
+        last_loss = f64::try_from(&loss)?;
+        tch::no_grad(|| {
+            let flat = idx.reshape([-1]);
+            let ones = Tensor::ones([flat.size()[0]], (Kind::Float, device));
+            let _ = counts.index_add_(0, &flat, &ones);
+        });
+        // Re-seed codes unused over the last window with latents of the current batch.
+        if (step + 1) % restart_every == 0 && step < opts.steps * 4 / 5 {
+            let dead = counts.eq(0.0).nonzero().view([-1]);
+            let n_dead = dead.size()[0];
+            if n_dead > 0 {
+                let lat = vq.latents(&x);
+                let pick: Vec<i64> = (0..n_dead)
+                    .map(|_| rng.random_range(0..lat.size()[0]))
+                    .collect();
+                let vals = lat.index_select(0, &Tensor::from_slice(&pick).to_device(device));
+                vq.set_codes(&dead, &vals);
+            }
+            let usage = 1.0 - n_dead as f64 / v as f64;
+            log.write(&serde_json::json!({"step": step + 1, "event": "restart", "window_usage": usage, "restarted": n_dead}))?;
+            counts = counts.zeros_like();
+        }
+        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
+            log.write(&serde_json::json!({
+                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
+                "rec": f64::try_from(&rec)?, "codebook": f64::try_from(&codebook_loss)?,
+                "commit": f64::try_from(&commit_loss)?, "seconds": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if (step + 1) % 500 == 0 {
+            ckpt.save(vq.var_store(), step + 1)?;
+        }
+        progress(step + 1, opts.steps, last_loss);
+    }
+    ckpt.save(vq.var_store(), opts.steps)?;
+    // Evaluate the model as written (stored dtype included), not the in-memory one.
+    vq.save(&opts.out, opts.dtype)?;
+    let (saved, _) = VqModel::load(&opts.out, device, Some(DType::Fp32))?;
+    let used = Tensor::zeros([v], (Kind::Float, device));
+    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+        Ok((
+            evaluate(&saved, &data, 64, &used, device)?,
+            evaluate(&saved, &data, 32, &used, device)?,
+        ))
+    })?;
+    let codebook_usage = f64::try_from(used.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))?;
+    let report = VqReport {
+        steps: opts.steps,
+        seconds: started.elapsed().as_secs_f64(),
+        final_loss: last_loss,
+        psnr64,
+        psnr32,
+        codebook_usage,
+        heldout_images: data.indices(Split::Heldout).len(),
+    };
+    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    Ok(report)
+}
