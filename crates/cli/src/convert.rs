@@ -249,6 +249,7 @@ fn gpt_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<GptConfig> {
         grid,
         position_embedding,
         dtype: a.dtype,
+        caption_vocab: None,
         sampling: Some(sampling),
         vq: a.vq.clone(),
     };

@@ -157,6 +157,7 @@ pub fn run(cmd: InitCommand) -> Result<()> {
                     PositionEmbedding::Rope2d
                 },
                 dtype: a.dtype,
+                caption_vocab: None,
                 sampling: Some(SamplingParams::default()),
                 vq: a.vq.clone(),
             };

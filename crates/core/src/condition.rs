@@ -19,6 +19,14 @@ pub enum Condition {
         /// `mask[i]` false hides caption row `i` from every other position (LlamaGen's `emb_masks`).
         mask: Option<Vec<bool>>,
     },
+    /// Word ids of a caption for models that carry their own word embeddings (the emoji
+    /// family): `ids.len()` = the model's condition length, left-padded, `mask[i]` false on padding.
+    CaptionTokens {
+        /// Word ids.
+        ids: Vec<u32>,
+        /// Validity of each id.
+        mask: Vec<bool>,
+    },
     /// A free-text prompt, for models that carry their own caption tokenizer.
     Prompt(String),
 }
@@ -34,6 +42,15 @@ impl Condition {
                 } else {
                     Ok(())
                 }
+            }
+            Condition::CaptionTokens { ids, mask } => {
+                if ids.is_empty() || ids.len() != mask.len() {
+                    return Err(ParamError::new(
+                        "caption_tokens",
+                        format!("{} ids with {} mask entries", ids.len(), mask.len()),
+                    ));
+                }
+                Ok(())
             }
             Condition::CaptionFeatures {
                 features,

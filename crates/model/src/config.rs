@@ -131,6 +131,11 @@ pub struct GptConfig {
     /// dtype the weights are stored and run in by default.
     #[serde(default)]
     pub dtype: DType,
+    /// Size of the word vocabulary of a caption model that embeds its own caption words
+    /// (`cls_embedding.word_embeddings.weight` `[caption_vocab, caption_dim]`; the emoji family).
+    /// `None` for LlamaGen models, whose caption features come from T5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_vocab: Option<i64>,
     /// Sampling defaults for this model (LlamaGen's c2i defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingParams>,

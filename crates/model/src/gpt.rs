@@ -39,6 +39,7 @@ enum CondEmbed {
         fc1: Tensor,
         fc2: Tensor,
         uncond: Tensor,
+        words: Option<Tensor>,
     },
 }
 
@@ -123,6 +124,13 @@ impl Gpt {
                         &[cfg.cls_token_num, caption_dim],
                         lin(init_std.map(|_| 1.0 / (caption_dim as f64).sqrt())),
                     ),
+                    words: cfg.caption_vocab.map(|v| {
+                        (&p / "word_embeddings").var(
+                            "weight",
+                            &[v, caption_dim],
+                            lin(init_std.map(|_| 1.0 / (caption_dim as f64).sqrt())),
+                        )
+                    }),
                 }
             }
         };
@@ -285,7 +293,7 @@ impl Gpt {
                 })
             }
             (
-                CondEmbed::Caption { fc1, fc2, uncond },
+                CondEmbed::Caption { uncond, .. },
                 Condition::CaptionFeatures {
                     features,
                     len,
@@ -304,16 +312,33 @@ impl Gpt {
                     .view([1, *len as i64, *dim as i64])
                     .to_device(self.device)
                     .to_kind(self.kind());
-                let x = if cfg {
-                    Tensor::cat(&[x, uncond.unsqueeze(0)], 0)
-                } else {
-                    x
+                Ok(self.caption_conditioning(x, mask.as_deref(), cfg))
+            }
+            (CondEmbed::Caption { words, .. }, Condition::CaptionTokens { ids, mask }) => {
+                let Some(words) = words else {
+                    return Err(ModelError::InvalidInput(
+                        "this model has no word embeddings: give precomputed caption features"
+                            .into(),
+                    ));
                 };
-                let embeddings = linear(&linear(&x, fc1).gelu("tanh"), fc2);
-                let mask = mask
-                    .as_ref()
-                    .map(|m| Tensor::from_slice(m).to_device(self.device));
-                Ok(Conditioning { embeddings, mask })
+                let v = words.size()[0];
+                if ids.len() as i64 != self.cfg.cls_token_num {
+                    return Err(ModelError::InvalidInput(format!(
+                        "caption must have {} word ids, got {}",
+                        self.cfg.cls_token_num,
+                        ids.len()
+                    )));
+                }
+                if let Some(bad) = ids.iter().find(|&&i| i64::from(i) >= v) {
+                    return Err(ModelError::InvalidInput(format!(
+                        "caption word id {bad} is outside the word vocabulary [0, {v})"
+                    )));
+                }
+                let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                let x = words
+                    .index_select(0, &Tensor::from_slice(&ids).to_device(self.device))
+                    .unsqueeze(0);
+                Ok(self.caption_conditioning(x, Some(mask), cfg))
             }
             (CondEmbed::Class { .. }, _) => Err(ModelError::InvalidInput(
                 "this model is class-conditional: give a class id".into(),
@@ -325,6 +350,58 @@ impl Gpt {
                 "this model is text-conditional: give caption features, not a class id".into(),
             )),
         }
+    }
+
+    /// Projects caption features `[1, T, caption_dim]` (plus the null caption when `cfg`).
+    fn caption_conditioning(&self, x: Tensor, mask: Option<&[bool]>, cfg: bool) -> Conditioning {
+        let x = match (&self.cond, cfg) {
+            (CondEmbed::Caption { uncond, .. }, true) => Tensor::cat(&[x, uncond.unsqueeze(0)], 0),
+            _ => x,
+        };
+        Conditioning {
+            embeddings: self.project_caption(&x),
+            mask: mask.map(|m| Tensor::from_slice(m).to_device(self.device)),
+        }
+    }
+
+    fn project_caption(&self, x: &Tensor) -> Tensor {
+        match &self.cond {
+            CondEmbed::Caption { fc1, fc2, .. } => linear(&linear(x, fc1).gelu("tanh"), fc2),
+            CondEmbed::Class { .. } => x.shallow_clone(),
+        }
+    }
+
+    /// Training condition embeddings `[B, cls_token_num, dim]`: class ids `[B]` (c2i) or caption word
+    /// ids `[B, T]` (t2i with word embeddings); rows where `drop` `[B]` is true get the null
+    /// condition (classifier-free guidance training).
+    pub fn condition_train(&self, ids: &Tensor, drop: &Tensor) -> Result<Tensor> {
+        match &self.cond {
+            CondEmbed::Class { table, num_classes } => {
+                let ids = ids.where_self(&drop.logical_not(), &ids.full_like(*num_classes));
+                Ok(table.index_select(0, &ids).unsqueeze(1))
+            }
+            CondEmbed::Caption {
+                words: Some(words),
+                uncond,
+                ..
+            } => {
+                let s = ids.size();
+                let feats = words
+                    .index_select(0, &ids.reshape([-1]))
+                    .view([s[0], s[1], -1]);
+                let null = uncond.unsqueeze(0).expand_as(&feats);
+                let feats = null.where_self(&drop.view([-1, 1, 1]), &feats);
+                Ok(self.project_caption(&feats))
+            }
+            CondEmbed::Caption { words: None, .. } => Err(ModelError::InvalidInput(
+                "training needs a caption model with word embeddings (caption_vocab)".into(),
+            )),
+        }
+    }
+
+    /// The variables, mutably (to unfreeze or load a checkpoint for training).
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
     }
 
     /// Writes the condition into `cache` at positions `0..cls_token_num` and returns the fp32 logits
@@ -410,16 +487,21 @@ impl Gpt {
 
     /// One full causal forward of `x` `[B, S, dim]` at positions `0..S`, without a cache (the reference
     /// the cached paths are tested against, and the training forward). `cond_mask` `[cls_token_num]`
-    /// hides caption rows as in [`Gpt::forward`].
+    /// or per sequence `[B, cls_token_num]` hides caption rows as in [`Gpt::forward`].
     pub fn forward_full(&self, x: &Tensor, cond_mask: Option<&Tensor>) -> Result<Tensor> {
         let s = x.size()[1];
         let positions: Vec<i64> = (0..s).collect();
         self.check_rope_range(&positions)?;
         let pos_t = Tensor::from_slice(&positions).to_device(self.device);
         let visible = cond_mask.map(|m| {
-            let n = m.size()[0];
-            let rest = Tensor::ones([(s - n).max(0)], (Kind::Bool, self.device));
-            Tensor::cat(&[m.to_kind(Kind::Bool), rest], 0).narrow(0, 0, s)
+            let m = if m.dim() == 1 {
+                m.unsqueeze(0)
+            } else {
+                m.shallow_clone()
+            };
+            let (b, n) = (m.size()[0], m.size()[1]);
+            let rest = Tensor::ones([b, (s - n).max(0)], (Kind::Bool, self.device));
+            Tensor::cat(&[m.to_kind(Kind::Bool), rest], 1).narrow(1, 0, s)
         });
         let attn_mask = build_mask(&pos_t, &pos_t, None, visible.as_ref());
         Ok(self.run_layers(x, &pos_t, &attn_mask, None))
@@ -545,9 +627,18 @@ fn build_mask(
     let mut m = match explicit {
         Some(m) => m.to_device(pos_t.device()).to_kind(Kind::Bool),
         None => j.le_tensor(&p),
-    };
-    if let Some(v) = visible {
-        m = m.logical_and(&v.unsqueeze(0));
     }
-    m.logical_or(&j.eq_tensor(&p)).view([1, 1, s, w])
+    .unsqueeze(0);
+    if let Some(v) = visible {
+        // [W] for every sequence, or [B, W] per sequence.
+        let v = if v.dim() == 1 {
+            v.unsqueeze(0)
+        } else {
+            v.shallow_clone()
+        };
+        m = m.logical_and(&v.unsqueeze(1));
+    }
+    let b = m.size()[0];
+    m.logical_or(&j.eq_tensor(&p).unsqueeze(0))
+        .view([b, 1, s, w])
 }

@@ -30,6 +30,7 @@ fn config(caption: bool, n_kv_head: Option<i64>, pos: PositionEmbedding) -> GptC
         grid: GridSize { rows: 4, cols: 5 },
         position_embedding: pos,
         dtype: DType::Fp32,
+        caption_vocab: None,
         sampling: None,
         vq: None,
     }
@@ -374,4 +375,60 @@ fn checkpoint_errors_name_the_tensor() {
         e.contains("missing tensor 'layers.1.attention.wo.weight'"),
         "{e}"
     );
+}
+
+#[test]
+fn training_conditions_and_per_sequence_masks_match_inference() {
+    let mut cfg = config(true, None, PositionEmbedding::Rope2d);
+    cfg.caption_vocab = Some(20);
+    let m = Gpt::random(cfg, Device::Cpu, DType::Fp32, 9, 0.2).unwrap();
+    let ids = [[0i64, 0, 3, 4, 5, 6], [0, 7, 8, 9, 10, 11]];
+    let masks = [
+        [false, false, true, true, true, true],
+        [false, true, true, true, true, true],
+    ];
+    tch::no_grad(|| {
+        let ids_t = Tensor::from_slice2(&ids);
+        let drop = Tensor::from_slice(&[false, true]);
+        let train = m.condition_train(&ids_t, &drop).unwrap();
+        let cond = Condition::CaptionTokens {
+            ids: ids[0].iter().map(|&i| i as u32).collect(),
+            mask: masks[0].to_vec(),
+        };
+        let inf = m.condition(&cond, true).unwrap();
+        assert!(
+            max_abs(&train.get(0), &inf.embeddings.get(0)) < 1e-6,
+            "conditional row"
+        );
+        assert!(
+            max_abs(&train.get(1), &inf.embeddings.get(1)) < 1e-6,
+            "dropped row = null caption"
+        );
+
+        // A batch with per-sequence caption masks equals each sequence alone.
+        let toks = tokens(20);
+        let x_tok = m.embed_tokens(&toks[..19], 2).unwrap();
+        let x = Tensor::cat(&[train.shallow_clone(), x_tok], 1);
+        let mask_t = Tensor::from_slice2(&masks);
+        let batch = m.forward_full(&x, Some(&mask_t)).unwrap();
+        for i in 0..2 {
+            let one = m
+                .forward_full(&x.narrow(0, i, 1), Some(&mask_t.get(i)))
+                .unwrap();
+            assert!(max_abs(&batch.narrow(0, i, 1), &one) < 1e-5, "sequence {i}");
+        }
+        // The masks matter: the second sequence differs when its first caption row is hidden.
+        let all_visible = m.forward_full(&x, None).unwrap();
+        assert!(max_abs(&all_visible.get(1), &batch.get(1)) > 1e-4);
+    });
+    let e = m
+        .condition(
+            &Condition::CaptionTokens {
+                ids: vec![25; 6],
+                mask: vec![true; 6],
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("word vocabulary"), "{e}");
 }
