@@ -108,6 +108,27 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Ok(State { gpt, vq })
     })?;
 
+    // A text prompt goes through the model's own caption tokenizer, when it has one.
+    let cond = match mulo_engine::prompt::load_tokenizer(&args.model)? {
+        Some(tok) => {
+            let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(&tok, cond);
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
+                    unknown.len(),
+                    unknown.join(", ")
+                );
+            }
+            if truncated > 0 {
+                eprintln!(
+                    "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped)",
+                    tok.max_len
+                );
+            }
+            cond
+        }
+        None => cond,
+    };
     let params = worker.run({
         let sampling = args.sampling.clone();
         move |s: &mut State| sampling.resolve(s.gpt.config().default_sampling())

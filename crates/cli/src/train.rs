@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
 use mulo_engine::train::vq::{train_vq, VqTrainOptions};
 use mulo_engine::TorchWorker;
 use mulo_model::{DType, VqConfig};
@@ -16,6 +17,71 @@ use crate::common::RuntimeArgs;
 pub enum TrainCommand {
     /// The VQ tokenizer (4x down-sampling: 64 px -> 16x16 tokens, 32 px -> 8x8).
     Vq(TrainVqArgs),
+    /// The target GPT: 64 px, 16x16 tokens, caption-conditioned.
+    Target(TrainGptArgs),
+    /// The drafter GPT: 32 px, 8x8 tokens (r = 2), the target's architecture.
+    Drafter(TrainGptArgs),
+    /// The small high-resolution draft model for the SD and LANTERN baselines (64 px, 1 layer).
+    DraftSmall(TrainGptArgs),
+}
+
+/// Arguments of `mulo train target|drafter|draft-small` (unset architecture flags take the role's
+/// defaults).
+#[derive(Debug, Args)]
+pub struct TrainGptArgs {
+    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// The trained VQ model directory.
+    #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
+    pub vq: PathBuf,
+    /// Model directory to write (default models/emoji/<role>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Checkpoints and loss log (default ~/.cache/mulo/train/<role>).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Hidden width.
+    #[arg(long, default_value_t = 256)]
+    pub dim: i64,
+    /// Transformer blocks (default 6; 1 for draft-small).
+    #[arg(long)]
+    pub n_layer: Option<i64>,
+    /// Attention heads.
+    #[arg(long, default_value_t = 8)]
+    pub n_head: i64,
+    /// Caption word positions.
+    #[arg(long, default_value_t = 16)]
+    pub caption_len: usize,
+    /// Width of the caption word embeddings.
+    #[arg(long, default_value_t = 64)]
+    pub caption_dim: i64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Probability of the null caption per training sequence (CFG).
+    #[arg(long, default_value_t = 0.1)]
+    pub cond_drop: f64,
+    /// Seed of the weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the last checkpoint in --work.
+    #[arg(long)]
+    pub resume: bool,
+    /// Storage dtype of the written model.
+    #[arg(long, default_value = "fp16")]
+    pub store_dtype: DType,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 fn home_cache(rel: &str) -> PathBuf {
@@ -80,7 +146,83 @@ pub struct TrainVqArgs {
 
 /// Runs `mulo train`.
 pub fn run(cmd: TrainCommand) -> Result<()> {
-    let TrainCommand::Vq(a) = cmd;
+    match cmd {
+        TrainCommand::Vq(a) => run_vq(a),
+        TrainCommand::Target(a) => run_gpt("target", 64, 6, a),
+        TrainCommand::Drafter(a) => run_gpt("drafter", 32, 6, a),
+        TrainCommand::DraftSmall(a) => run_gpt("draft-small", 64, 1, a),
+    }
+}
+
+fn progress_bar(steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps  loss {msg}  {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Result<()> {
+    let opts = GptTrainOptions {
+        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        vq: a.vq.clone(),
+        out: a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("models/emoji/{role}"))),
+        work: a
+            .work
+            .clone()
+            .unwrap_or_else(|| home_cache(&format!("train/{role}"))),
+        image_size,
+        dim: a.dim,
+        n_layer: a.n_layer.unwrap_or(layers),
+        n_head: a.n_head,
+        caption_len: a.caption_len,
+        caption_dim: a.caption_dim,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        cond_drop: a.cond_drop,
+        seed: a.seed,
+        resume: a.resume,
+        dtype: a.store_dtype,
+        vq_link: Some("../vq".into()),
+    };
+    let runtime = a.runtime.clone();
+    let worker = TorchWorker::spawn("torch", move || -> Result<tch::Device> { runtime.setup() })?;
+    let bar = progress_bar(opts.steps);
+    let pb = bar.clone();
+    let o = opts.clone();
+    let report = worker.run(move |device: &mut tch::Device| {
+        let mut progress = |step: usize, _total: usize, loss: f64| {
+            pb.set_position(step as u64);
+            pb.set_message(format!("{loss:.4}"));
+        };
+        train_gpt(&o, *device, &mut progress)
+    })??;
+    bar.finish_and_clear();
+    let path = opts.out.join("train_report.json");
+    let text =
+        serde_json::to_string_pretty(&serde_json::json!({"options": opts, "report": report}))?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    println!(
+        "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats; wrote {}",
+        report.seconds,
+        report.steps,
+        report.parameters as f64 / 1e6,
+        report.final_loss,
+        report.heldout_nll,
+        opts.out.display()
+    );
+    Ok(())
+}
+
+fn run_vq(a: TrainVqArgs) -> Result<()> {
     let opts = VqTrainOptions {
         data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
         out: a.out.clone(),

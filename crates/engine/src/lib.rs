@@ -4,6 +4,7 @@
 pub mod ar;
 pub mod data;
 pub mod error;
+pub mod prompt;
 pub mod score;
 pub mod train;
 pub mod worker;

@@ -1,0 +1,292 @@
+//! Training the emoji family's GPTs (target at 64 px / 16×16 tokens, drafter at 32 px / 8×8, the
+//! small high-resolution draft model) on VQ tokens with caption conditions.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mulo_core::caption::CaptionTokenizer;
+use mulo_core::{GridSize, SamplingParams};
+use mulo_model::config::{ConditionConfig, PositionEmbedding};
+use mulo_model::{DType, Gpt, GptConfig, VqModel};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use super::{io_err, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use crate::data::emoji::Split;
+use crate::error::EngineError;
+
+/// File name of a caption model's tokenizer, next to its `config.json`.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Settings of a GPT training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GptTrainOptions {
+    /// Data directory written by `mulo data emoji`.
+    pub data: PathBuf,
+    /// VQ model that tokenises the images.
+    pub vq: PathBuf,
+    /// Model directory to write.
+    pub out: PathBuf,
+    /// Checkpoints and the loss log.
+    pub work: PathBuf,
+    /// Image side in pixels (64 → 16×16 tokens with the 4× VQ, 32 → 8×8).
+    pub image_size: usize,
+    /// Hidden width.
+    pub dim: i64,
+    /// Transformer blocks.
+    pub n_layer: i64,
+    /// Attention heads.
+    pub n_head: i64,
+    /// Caption word positions (the condition length).
+    pub caption_len: usize,
+    /// Width of the caption word embeddings.
+    pub caption_dim: i64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Probability of training a sequence on the null caption (for CFG).
+    pub cond_drop: f64,
+    /// Seed of the weights and the batch order.
+    pub seed: u64,
+    /// Continue from the last checkpoint in `work`.
+    pub resume: bool,
+    /// Storage dtype of the written model.
+    pub dtype: DType,
+    /// Relative path of the VQ directory recorded in the written config.
+    pub vq_link: Option<String>,
+}
+
+/// What a GPT training run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct GptReport {
+    /// Steps run.
+    pub steps: usize,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Mean token cross-entropy (nats) on the held-out split, conditioned on the captions.
+    pub heldout_nll: f64,
+    /// Parameters of the model.
+    pub parameters: i64,
+    /// Words in the caption vocabulary.
+    pub caption_vocab: usize,
+}
+
+/// Encodes every image of the data set at `size` px: `[N, tokens]` int64 on the CPU.
+pub fn tokenize_images(
+    vq: &VqModel,
+    data: &EmojiTensors,
+    size: usize,
+    device: Device,
+) -> Result<Tensor, EngineError> {
+    let n = data.meta.items.len() as i64;
+    let mut out = Vec::new();
+    let rows: Vec<i64> = (0..n).collect();
+    for chunk in rows.chunks(128) {
+        let x = data.batch(size, chunk, device);
+        let t = vq.encode(&x)?;
+        out.push(t.reshape([chunk.len() as i64, -1]).to_device(Device::Cpu));
+    }
+    Ok(Tensor::cat(&out, 0))
+}
+
+/// Caption word ids `[N, T]` and masks `[N, T]` of every item.
+fn encode_captions(tok: &CaptionTokenizer, data: &EmojiTensors) -> (Tensor, Tensor) {
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for it in &data.meta.items {
+        let e = tok.encode(&it.caption);
+        ids.extend(e.ids.iter().map(|&i| i64::from(i)));
+        mask.extend(e.mask);
+    }
+    let t = tok.max_len as i64;
+    (
+        Tensor::from_slice(&ids).view([-1, t]),
+        Tensor::from_slice(&mask).view([-1, t]),
+    )
+}
+
+/// Teacher-forced loss of a batch: mean token cross-entropy.
+fn batch_loss(
+    gpt: &Gpt,
+    tokens: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    drop: &Tensor,
+) -> Result<Tensor, EngineError> {
+    let t = gpt.config().cls_token_num;
+    let n = tokens.size()[1];
+    let cond = gpt.condition_train(ids, drop)?;
+    let x = Tensor::cat(
+        &[cond, gpt.embed_token_tensor(&tokens.narrow(1, 0, n - 1))],
+        1,
+    );
+    let h = gpt.forward_full(&x, Some(mask))?;
+    let logits = gpt.head(&h.narrow(1, t - 1, n));
+    let v = logits.size()[2];
+    Ok(logits
+        .view([-1, v])
+        .cross_entropy_for_logits(&tokens.reshape([-1])))
+}
+
+/// Trains a caption-conditioned GPT; `progress(step, total, loss)` after every step.
+pub fn train_gpt(
+    opts: &GptTrainOptions,
+    device: Device,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<GptReport, EngineError> {
+    let data = EmojiTensors::load(&opts.data)?;
+    let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
+    let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
+    let side = opts.image_size as i64 / vq.config().downsample_factor();
+    let train: Vec<i64> = data.indices(Split::Train);
+    let heldout: Vec<i64> = data.indices(Split::Heldout);
+    if train.is_empty() {
+        return Err(EngineError::Train(
+            "the data set has no training images".into(),
+        ));
+    }
+    let tokenizer = CaptionTokenizer::build(
+        train
+            .iter()
+            .map(|&i| data.meta.items[i as usize].caption.as_str()),
+        1,
+        opts.caption_len,
+    );
+    let (cap_ids, cap_mask) = encode_captions(&tokenizer, &data);
+    let cfg = GptConfig {
+        name: Some(format!("emoji-gpt-{}px", opts.image_size)),
+        dim: opts.dim,
+        n_layer: opts.n_layer,
+        n_head: opts.n_head,
+        n_kv_head: None,
+        multiple_of: 32,
+        ffn_dim_multiplier: None,
+        ffn_hidden: None,
+        norm_eps: 1e-5,
+        rope_base: 10000.0,
+        vocab_size: vq.config().codebook_size,
+        condition: ConditionConfig::Caption {
+            caption_dim: opts.caption_dim,
+        },
+        cls_token_num: opts.caption_len as i64,
+        grid: GridSize::square(side as usize),
+        position_embedding: PositionEmbedding::Rope2d,
+        dtype: opts.dtype,
+        caption_vocab: Some(tokenizer.len() as i64),
+        sampling: Some(SamplingParams {
+            cfg_scale: 3.0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }),
+        vq: opts.vq_link.clone(),
+    };
+    let mut gpt = Gpt::random(cfg, device, DType::Fp32, opts.seed as i64, 0.02)?;
+    let ckpt = Checkpoints::new(&opts.work);
+    let start_step = if opts.resume {
+        ckpt.load(gpt.var_store_mut())?.unwrap_or(0)
+    } else {
+        0
+    };
+    std::fs::create_dir_all(&opts.work).map_err(|e| io_err(&opts.work, e))?;
+    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
+    let mut opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        wd: opts.weight_decay,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(gpt.var_store(), opts.lr)?;
+    let sched = Schedule {
+        peak_lr: opts.lr,
+        warmup: (opts.steps / 20).max(1),
+        total: opts.steps,
+        min_ratio: 0.1,
+    };
+    let to_dev = |t: Tensor| t.to_device(device);
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    for step in start_step..opts.steps {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let rows: Vec<i64> = (0..opts.batch)
+            .map(|_| train[rng.random_range(0..train.len())])
+            .collect();
+        let drops: Vec<bool> = (0..opts.batch)
+            .map(|_| rng.random::<f64>() < opts.cond_drop)
+            .collect();
+        let r = Tensor::from_slice(&rows);
+        let loss = batch_loss(
+            &gpt,
+            &to_dev(tokens.index_select(0, &r)),
+            &to_dev(cap_ids.index_select(0, &r)),
+            &to_dev(cap_mask.index_select(0, &r)),
+            &to_dev(Tensor::from_slice(&drops)),
+        )?;
+        opt.set_lr(sched.lr(step));
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step();
+        last_loss = f64::try_from(&loss)?;
+        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
+            log.write(&serde_json::json!({
+                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if (step + 1) % 250 == 0 {
+            ckpt.save(gpt.var_store(), step + 1)?;
+        }
+        progress(step + 1, opts.steps, last_loss);
+    }
+    ckpt.save(gpt.var_store(), opts.steps)?;
+    gpt.save(&opts.out, opts.dtype)?;
+    let tok_path = opts.out.join(TOKENIZER_FILE);
+    let text = serde_json::to_string(&tokenizer).map_err(|e| EngineError::Train(e.to_string()))?;
+    std::fs::write(&tok_path, text + "\n").map_err(|e| io_err(&tok_path, e))?;
+    // Held-out NLL of the model as written.
+    let (saved, _) = Gpt::load(&opts.out, device, Some(DType::Fp32))?;
+    let heldout_nll = tch::no_grad(|| -> Result<f64, EngineError> {
+        let mut total = 0.0;
+        for chunk in heldout.chunks(64) {
+            let r = Tensor::from_slice(chunk);
+            let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
+            let l = batch_loss(
+                &saved,
+                &to_dev(tokens.index_select(0, &r)),
+                &to_dev(cap_ids.index_select(0, &r)),
+                &to_dev(cap_mask.index_select(0, &r)),
+                &none,
+            )?;
+            total += f64::try_from(&l)? * chunk.len() as f64;
+        }
+        Ok(total / heldout.len().max(1) as f64)
+    })?;
+    let parameters = saved
+        .var_store()
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let report = GptReport {
+        steps: opts.steps,
+        seconds: started.elapsed().as_secs_f64(),
+        final_loss: last_loss,
+        heldout_nll,
+        parameters,
+        caption_vocab: tokenizer.len(),
+    };
+    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    Ok(report)
+}
