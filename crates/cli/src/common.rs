@@ -247,3 +247,26 @@ pub fn warn_unused(what: &Path, unused: &[String]) {
         );
     }
 }
+
+/// `~/.cache/mulo`: fetched packages, data sets and training runs (never in the repository).
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".cache/mulo")
+}
+
+/// Starts the torch worker with the VQ model of `dir` loaded (warning about unused tensors).
+pub fn vq_worker(
+    dir: &Path,
+    runtime: &RuntimeArgs,
+) -> Result<mulo_engine::TorchWorker<mulo_model::VqModel>> {
+    let dir = dir.to_path_buf();
+    let runtime = runtime.clone();
+    mulo_engine::TorchWorker::spawn("torch", move || -> Result<mulo_model::VqModel> {
+        let device = runtime.setup()?;
+        let (vq, unused) = mulo_model::VqModel::load(&dir, device, runtime.dtype)?;
+        warn_unused(&dir, &unused);
+        Ok(vq)
+    })
+}

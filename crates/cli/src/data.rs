@@ -6,18 +6,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use mulo_engine::data::emoji;
 
+use crate::common::cache_root;
+
 /// Data sets `mulo data` builds.
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Noto (google) and Twemoji (twitter) emoji at 64, 32 and 16 px with captions and labels.
     Emoji(EmojiArgs),
-}
-
-fn cache_root() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".cache/mulo")
 }
 
 /// Arguments of `mulo data emoji`.

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mulo_core::GridSize;
-use mulo_engine::TorchWorker;
 use mulo_model::{image_io, VqModel};
 use tch::Tensor;
 
-use crate::common::{parse_grid, read_tokens, warn_unused, RuntimeArgs};
+use crate::common::{parse_grid, read_tokens, vq_worker, RuntimeArgs};
 
 /// Arguments of `mulo decode`.
 #[derive(Debug, Args)]
@@ -54,14 +53,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
             tokens.len()
         );
     }
-    let vq_dir = args.vq.clone();
-    let runtime = args.runtime.clone();
-    let worker = TorchWorker::spawn("torch", move || -> Result<VqModel> {
-        let device = runtime.setup()?;
-        let (vq, unused) = VqModel::load(&vq_dir, device, runtime.dtype)?;
-        warn_unused(&vq_dir, &unused);
-        Ok(vq)
-    })?;
+    let worker = vq_worker(&args.vq, &args.runtime)?;
     let png = worker.run(move |vq: &mut VqModel| -> Result<Vec<u8>> {
         let device = vq.var_store().device();
         let t = Tensor::from_slice(&tokens)

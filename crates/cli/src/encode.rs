@@ -4,10 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use mulo_engine::TorchWorker;
 use mulo_model::{image_io, VqModel};
 
-use crate::common::{warn_unused, write_tokens, RuntimeArgs};
+use crate::common::{vq_worker, write_tokens, RuntimeArgs};
 
 /// Arguments of `mulo encode`.
 #[derive(Debug, Args)]
@@ -28,14 +27,7 @@ pub struct EncodeArgs {
 
 /// Runs `mulo encode`.
 pub fn run(args: EncodeArgs) -> Result<()> {
-    let vq_dir = args.vq.clone();
-    let runtime = args.runtime.clone();
-    let worker = TorchWorker::spawn("torch", move || -> Result<VqModel> {
-        let device = runtime.setup()?;
-        let (vq, unused) = VqModel::load(&vq_dir, device, runtime.dtype)?;
-        warn_unused(&vq_dir, &unused);
-        Ok(vq)
-    })?;
+    let worker = vq_worker(&args.vq, &args.runtime)?;
     let image = args.image.clone();
     let (tokens, rows, cols) = worker.run(move |vq: &mut VqModel| -> Result<_> {
         let device = vq.var_store().device();

@@ -1,14 +1,15 @@
 //! `mulo train`: train the models of the emoji family.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
 use mulo_engine::train::vq::{train_vq, VqTrainOptions};
-use mulo_engine::TorchWorker;
+use mulo_engine::{EngineError, TorchWorker};
 use mulo_model::{DType, VqConfig};
+use serde::Serialize;
 
 use crate::common::RuntimeArgs;
 
@@ -85,11 +86,7 @@ pub struct TrainGptArgs {
 }
 
 fn home_cache(rel: &str) -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".cache/mulo")
-        .join(rel)
+    crate::common::cache_root().join(rel)
 }
 
 /// Arguments of `mulo train vq`.
@@ -154,6 +151,42 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     }
 }
 
+/// Runs `train` on a torch worker with a progress bar, then writes `<out>/train_report.json`
+/// with the options and the report.
+fn run_training<O, R, F>(
+    opts: &O,
+    steps: usize,
+    out: &Path,
+    runtime: &RuntimeArgs,
+    train: F,
+) -> Result<R>
+where
+    O: Serialize + Clone + Send + 'static,
+    R: Serialize + Send + 'static,
+    F: FnOnce(&O, tch::Device, &mut dyn FnMut(usize, usize, f64)) -> Result<R, EngineError>
+        + Send
+        + 'static,
+{
+    let runtime = runtime.clone();
+    let worker = TorchWorker::spawn("torch", move || -> Result<tch::Device> { runtime.setup() })?;
+    let bar = progress_bar(steps);
+    let pb = bar.clone();
+    let o = opts.clone();
+    let report = worker.run(move |device: &mut tch::Device| {
+        let mut progress = |step: usize, _total: usize, loss: f64| {
+            pb.set_position(step as u64);
+            pb.set_message(format!("{loss:.4}"));
+        };
+        train(&o, *device, &mut progress)
+    })??;
+    bar.finish_and_clear();
+    let path = out.join("train_report.json");
+    let text =
+        serde_json::to_string_pretty(&serde_json::json!({"options": opts, "report": &report}))?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    Ok(report)
+}
+
 fn progress_bar(steps: usize) -> ProgressBar {
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
@@ -193,23 +226,7 @@ fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Resul
         dtype: a.store_dtype,
         vq_link: Some("../vq".into()),
     };
-    let runtime = a.runtime.clone();
-    let worker = TorchWorker::spawn("torch", move || -> Result<tch::Device> { runtime.setup() })?;
-    let bar = progress_bar(opts.steps);
-    let pb = bar.clone();
-    let o = opts.clone();
-    let report = worker.run(move |device: &mut tch::Device| {
-        let mut progress = |step: usize, _total: usize, loss: f64| {
-            pb.set_position(step as u64);
-            pb.set_message(format!("{loss:.4}"));
-        };
-        train_gpt(&o, *device, &mut progress)
-    })??;
-    bar.finish_and_clear();
-    let path = opts.out.join("train_report.json");
-    let text =
-        serde_json::to_string_pretty(&serde_json::json!({"options": opts, "report": report}))?;
-    std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    let report = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_gpt)?;
     println!(
         "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats; wrote {}",
         report.seconds,
@@ -247,29 +264,7 @@ fn run_vq(a: TrainVqArgs) -> Result<()> {
         dtype: a.store_dtype,
     };
     opts.config.validate()?;
-    let runtime = a.runtime.clone();
-    let worker = TorchWorker::spawn("torch", move || -> Result<tch::Device> { runtime.setup() })?;
-    let bar = ProgressBar::new(opts.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} steps  loss {msg}  {elapsed_precise} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let pb = bar.clone();
-    let o = opts.clone();
-    let report = worker.run(move |device: &mut tch::Device| {
-        let mut progress = |step: usize, _total: usize, loss: f64| {
-            pb.set_position(step as u64);
-            pb.set_message(format!("{loss:.4}"));
-        };
-        train_vq(&o, *device, &mut progress)
-    })??;
-    bar.finish_and_clear();
-    let path = opts.out.join("train_report.json");
-    let text =
-        serde_json::to_string_pretty(&serde_json::json!({"options": opts, "report": report}))?;
-    std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    let report = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_vq)?;
     println!(
         "trained the VQ in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px, {:.2} dB at 32 px, codebook usage {:.1}% ({} held-out images); wrote {}",
         report.seconds,
