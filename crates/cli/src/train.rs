@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
 use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
 use mulo_engine::train::vq::{train_vq, VqTrainOptions};
 use mulo_engine::{EngineError, TorchWorker};
@@ -24,6 +25,48 @@ pub enum TrainCommand {
     Drafter(TrainGptArgs),
     /// The small high-resolution draft model for the SD and LANTERN baselines (64 px, 1 layer).
     DraftSmall(TrainGptArgs),
+    /// The evaluator CNN (category and subcategory classifier; its features serve FID-emoji).
+    Evaluator(TrainEvaluatorArgs),
+}
+
+/// Arguments of `mulo train evaluator`.
+#[derive(Debug, Args)]
+pub struct TrainEvaluatorArgs {
+    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Model directory to write.
+    #[arg(long, default_value = "models/emoji/evaluator", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Checkpoints and loss log (default ~/.cache/mulo/train/evaluator).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 2500)]
+    pub steps: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Share of steps that show the images at 32 px (resized back to 64).
+    #[arg(long, default_value_t = 0.3)]
+    pub low_res_share: f64,
+    /// Channels of the four stages.
+    #[arg(long, default_value = "32,64,128,256", value_delimiter = ',')]
+    pub channels: Vec<i64>,
+    /// Seed of the weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the last checkpoint in --work.
+    #[arg(long)]
+    pub resume: bool,
+    /// Storage dtype of the written model.
+    #[arg(long, default_value = "fp16")]
+    pub store_dtype: DType,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Arguments of `mulo train target|drafter|draft-small` (unset architecture flags take the role's
@@ -148,7 +191,41 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         TrainCommand::Target(a) => run_gpt("target", 64, 6, a),
         TrainCommand::Drafter(a) => run_gpt("drafter", 32, 6, a),
         TrainCommand::DraftSmall(a) => run_gpt("draft-small", 64, 1, a),
+        TrainCommand::Evaluator(a) => run_evaluator(a),
     }
+}
+
+fn run_evaluator(a: TrainEvaluatorArgs) -> Result<()> {
+    let opts = EvaluatorTrainOptions {
+        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        out: a.out.clone(),
+        work: a
+            .work
+            .clone()
+            .unwrap_or_else(|| home_cache("train/evaluator")),
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        low_res_share: a.low_res_share,
+        channels: a.channels.clone(),
+        seed: a.seed,
+        resume: a.resume,
+        dtype: a.store_dtype,
+    };
+    let r = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_evaluator)?;
+    println!(
+        "trained the evaluator in {:.0} s ({} steps, final loss {:.4}): held-out accuracy at 64 px: category {:.1}%, subcategory {:.1}%; at 32 px: category {:.1}%, subcategory {:.1}% ({} held-out images); wrote {}",
+        r.seconds,
+        r.steps,
+        r.final_loss,
+        r.category_accuracy * 100.0,
+        r.subcategory_accuracy * 100.0,
+        r.category_accuracy_32 * 100.0,
+        r.subcategory_accuracy_32 * 100.0,
+        r.heldout_images,
+        opts.out.display()
+    );
+    Ok(())
 }
 
 /// Runs `train` on a torch worker with a progress bar, then writes `<out>/train_report.json`

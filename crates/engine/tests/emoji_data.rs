@@ -335,3 +335,56 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
     assert_eq!(g.tokens.len(), 64);
     assert!(g.tokens.iter().all(|&t| (0..16).contains(&t)));
 }
+
+#[test]
+fn evaluator_training_reports_accuracies_and_reloads() {
+    use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
+    use mulo_model::evaluator::Evaluator;
+    use mulo_model::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+        ],
+    );
+    let data = d.join("data");
+    emoji::build(&[("google".into(), google)], &data).unwrap();
+    let opts = EvaluatorTrainOptions {
+        data,
+        out: d.join("ev"),
+        work: d.join("work"),
+        steps: 3,
+        batch: 4,
+        lr: 1e-3,
+        low_res_share: 0.5,
+        channels: vec![8, 16],
+        seed: 0,
+        resume: false,
+        dtype: DType::Fp16,
+    };
+    let r = train_evaluator(&opts, tch::Device::Cpu, &mut |_, _, _| {}).unwrap();
+    for acc in [
+        r.category_accuracy,
+        r.subcategory_accuracy,
+        r.category_accuracy_32,
+    ] {
+        assert!((0.0..=1.0).contains(&acc), "{r:?}");
+    }
+    assert_eq!(r.heldout_images, 2, "the two waving hands are held out");
+    let ev = Evaluator::load(&opts.out, tch::Device::Cpu).unwrap();
+    assert_eq!(
+        ev.config().category_names,
+        vec!["People & Body", "Smileys & Emotion"]
+    );
+    let out = ev.forward(&tch::Tensor::zeros(
+        [2, 3, 32, 32],
+        (tch::Kind::Float, tch::Device::Cpu),
+    ));
+    assert_eq!(out.features.size(), vec![2, 16]);
+    assert_eq!(out.category.size(), vec![2, 2]);
+}

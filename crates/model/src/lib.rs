@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod evaluator;
 pub mod gpt;
 pub mod image_io;
 pub mod kv;

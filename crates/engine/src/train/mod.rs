@@ -1,6 +1,7 @@
 //! Training in Rust with tch, with the same model code as inference: learning-rate schedule,
 //! loss logs, checkpoints and resume, and the emoji data in tensors.
 
+pub mod evaluator;
 pub mod gpt;
 pub mod vq;
 

@@ -1,0 +1,199 @@
+//! Training the evaluator CNN (category and subcategory of real emoji images).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mulo_model::evaluator::{Evaluator, EvaluatorConfig};
+use mulo_model::DType;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use super::{io_err, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use crate::data::emoji::Split;
+use crate::error::EngineError;
+
+/// Settings of an evaluator training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluatorTrainOptions {
+    /// Data directory written by `mulo data emoji`.
+    pub data: PathBuf,
+    /// Model directory to write.
+    pub out: PathBuf,
+    /// Checkpoints and the loss log.
+    pub work: PathBuf,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Share of training steps shown at 32 px (resized back), so 32 px samples can be judged.
+    /// Half of the steps also mirror the images left to right.
+    pub low_res_share: f64,
+    /// Channels of the four stages.
+    pub channels: Vec<i64>,
+    /// Seed of the weights and the batch order.
+    pub seed: u64,
+    /// Continue from the last checkpoint in `work`.
+    pub resume: bool,
+    /// Storage dtype.
+    pub dtype: DType,
+}
+
+/// Held-out accuracies of the written evaluator.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluatorReport {
+    /// Steps run.
+    pub steps: usize,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Category accuracy on held-out real images at 64 px.
+    pub category_accuracy: f64,
+    /// Subcategory accuracy on held-out real images at 64 px.
+    pub subcategory_accuracy: f64,
+    /// Category accuracy on held-out real images at 32 px.
+    pub category_accuracy_32: f64,
+    /// Subcategory accuracy on held-out real images at 32 px.
+    pub subcategory_accuracy_32: f64,
+    /// Held-out images.
+    pub heldout_images: usize,
+}
+
+fn labels(data: &EmojiTensors, rows: &[i64], device: Device) -> (Tensor, Tensor) {
+    let cat: Vec<i64> = rows
+        .iter()
+        .map(|&r| data.meta.items[r as usize].category_id as i64)
+        .collect();
+    let sub: Vec<i64> = rows
+        .iter()
+        .map(|&r| data.meta.items[r as usize].subcategory_id as i64)
+        .collect();
+    (
+        Tensor::from_slice(&cat).to_device(device),
+        Tensor::from_slice(&sub).to_device(device),
+    )
+}
+
+/// Held-out (category, subcategory) accuracy at `size` px.
+fn accuracy(
+    ev: &Evaluator,
+    data: &EmojiTensors,
+    size: usize,
+    device: Device,
+) -> Result<(f64, f64), EngineError> {
+    let rows = data.indices(Split::Heldout);
+    let (mut c_ok, mut s_ok) = (0i64, 0i64);
+    tch::no_grad(|| -> Result<(), EngineError> {
+        for chunk in rows.chunks(128) {
+            let out = ev.forward(&data.batch(size, chunk, device));
+            let (c, s) = labels(data, chunk, device);
+            c_ok += i64::try_from(out.category.argmax(1, false).eq_tensor(&c).sum(Kind::Int64))?;
+            s_ok += i64::try_from(
+                out.subcategory
+                    .argmax(1, false)
+                    .eq_tensor(&s)
+                    .sum(Kind::Int64),
+            )?;
+        }
+        Ok(())
+    })?;
+    let n = rows.len().max(1) as f64;
+    Ok((c_ok as f64 / n, s_ok as f64 / n))
+}
+
+/// Trains the evaluator; `progress(step, total, loss)` after every step.
+pub fn train_evaluator(
+    opts: &EvaluatorTrainOptions,
+    device: Device,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<EvaluatorReport, EngineError> {
+    let data = EmojiTensors::load(&opts.data)?;
+    let train = data.indices(Split::Train);
+    if train.is_empty() {
+        return Err(EngineError::Train(
+            "the data set has no training images".into(),
+        ));
+    }
+    let cfg = EvaluatorConfig {
+        channels: opts.channels.clone(),
+        categories: data.meta.categories.len() as i64,
+        subcategories: data.meta.subcategories.len() as i64,
+        category_names: data.meta.categories.clone(),
+        subcategory_names: data.meta.subcategories.clone(),
+        dtype: opts.dtype,
+    };
+    let mut ev = Evaluator::random(cfg, device, opts.seed as i64)?;
+    let ckpt = Checkpoints::new(&opts.work);
+    let start_step = if opts.resume {
+        ckpt.load(ev.var_store_mut())?.unwrap_or(0)
+    } else {
+        0
+    };
+    std::fs::create_dir_all(&opts.work).map_err(|e| io_err(&opts.work, e))?;
+    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
+    let mut opt = nn::AdamW::default().build(ev.var_store(), opts.lr)?;
+    let sched = Schedule {
+        peak_lr: opts.lr,
+        warmup: (opts.steps / 20).max(1),
+        total: opts.steps,
+        min_ratio: 0.02,
+    };
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    for step in start_step..opts.steps {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let rows: Vec<i64> = (0..opts.batch)
+            .map(|_| train[rng.random_range(0..train.len())])
+            .collect();
+        let size = if rng.random::<f64>() < opts.low_res_share {
+            32
+        } else {
+            64
+        };
+        let x = data.batch(size, &rows, device);
+        // Mirror half of the batches: a category does not change with left and right.
+        let x = if rng.random::<bool>() { x.flip([3]) } else { x };
+        let (c, s) = labels(&data, &rows, device);
+        let out = ev.forward(&x);
+        let loss = out.category.cross_entropy_for_logits(&c)
+            + out.subcategory.cross_entropy_for_logits(&s);
+        opt.set_lr(sched.lr(step));
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step();
+        last_loss = f64::try_from(&loss)?;
+        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
+            log.write(&serde_json::json!({
+                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if (step + 1) % 250 == 0 {
+            ckpt.save(ev.var_store(), step + 1)?;
+        }
+        progress(step + 1, opts.steps, last_loss);
+    }
+    ckpt.save(ev.var_store(), opts.steps)?;
+    ev.save(&opts.out, opts.dtype)?;
+    let saved = Evaluator::load(&opts.out, device)?;
+    let (category_accuracy, subcategory_accuracy) = accuracy(&saved, &data, 64, device)?;
+    let (category_accuracy_32, subcategory_accuracy_32) = accuracy(&saved, &data, 32, device)?;
+    let report = EvaluatorReport {
+        steps: opts.steps,
+        seconds: started.elapsed().as_secs_f64(),
+        final_loss: last_loss,
+        category_accuracy,
+        subcategory_accuracy,
+        category_accuracy_32,
+        subcategory_accuracy_32,
+        heldout_images: data.indices(Split::Heldout).len(),
+    };
+    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    Ok(report)
+}
