@@ -1,16 +1,15 @@
 //! Training the evaluator CNN (category and subcategory of real emoji images).
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use mulo_model::evaluator::{Evaluator, EvaluatorConfig};
 use mulo_model::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-use super::{io_err, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use super::{EmojiTensors, Schedule, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -127,24 +126,22 @@ pub fn train_evaluator(
         dtype: opts.dtype,
     };
     let mut ev = Evaluator::random(cfg, device, opts.seed as i64)?;
-    let ckpt = Checkpoints::new(&opts.work);
-    let start_step = if opts.resume {
-        ckpt.load(ev.var_store_mut())?.unwrap_or(0)
-    } else {
-        0
-    };
-    std::fs::create_dir_all(&opts.work).map_err(|e| io_err(&opts.work, e))?;
-    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
-    let mut opt = nn::AdamW::default().build(ev.var_store(), opts.lr)?;
     let sched = Schedule {
         peak_lr: opts.lr,
         warmup: (opts.steps / 20).max(1),
         total: opts.steps,
         min_ratio: 0.02,
     };
-    let started = Instant::now();
+    let mut trainer = Trainer::open(
+        ev.var_store_mut(),
+        nn::AdamW::default(),
+        sched,
+        &opts.work,
+        opts.resume,
+        250,
+    )?;
     let mut last_loss = f64::NAN;
-    for step in start_step..opts.steps {
+    for step in trainer.start..opts.steps {
         let mut rng =
             ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let rows: Vec<i64> = (0..opts.batch)
@@ -162,31 +159,23 @@ pub fn train_evaluator(
         let out = ev.forward(&x);
         let loss = out.category.cross_entropy_for_logits(&c)
             + out.subcategory.cross_entropy_for_logits(&s);
-        opt.set_lr(sched.lr(step));
-        opt.zero_grad();
-        loss.backward();
-        opt.clip_grad_norm(1.0);
-        opt.step();
-        last_loss = f64::try_from(&loss)?;
-        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
-            log.write(&serde_json::json!({
-                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
-                "seconds": started.elapsed().as_secs_f64(),
-            }))?;
-        }
-        if (step + 1) % 250 == 0 {
-            ckpt.save(ev.var_store(), step + 1)?;
-        }
-        progress(step + 1, opts.steps, last_loss);
+        last_loss = trainer.step(step, &loss)?;
+        trainer.end_step(
+            ev.var_store(),
+            step,
+            last_loss,
+            || Ok(serde_json::Value::Null),
+            progress,
+        )?;
     }
-    ckpt.save(ev.var_store(), opts.steps)?;
+    trainer.finish(ev.var_store())?;
     ev.save(&opts.out, opts.dtype)?;
     let saved = Evaluator::load(&opts.out, device)?;
     let (category_accuracy, subcategory_accuracy) = accuracy(&saved, &data, 64, device)?;
     let (category_accuracy_32, subcategory_accuracy_32) = accuracy(&saved, &data, 32, device)?;
     let report = EvaluatorReport {
         steps: opts.steps,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: trainer.seconds(),
         final_loss: last_loss,
         category_accuracy,
         subcategory_accuracy,
@@ -194,6 +183,6 @@ pub fn train_evaluator(
         subcategory_accuracy_32,
         heldout_images: data.indices(Split::Heldout).len(),
     };
-    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
 }

@@ -2,7 +2,6 @@
 //! small high-resolution draft model) on VQ tokens with caption conditions.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use mulo_core::caption::CaptionTokenizer;
 use mulo_core::{GridSize, SamplingParams};
@@ -11,9 +10,9 @@ use mulo_model::{DType, Gpt, GptConfig, VqModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-use super::{io_err, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use super::{io_err, EmojiTensors, Schedule, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -191,32 +190,30 @@ pub fn train_gpt(
         vq: opts.vq_link.clone(),
     };
     let mut gpt = Gpt::random(cfg, device, DType::Fp32, opts.seed as i64, 0.02)?;
-    let ckpt = Checkpoints::new(&opts.work);
-    let start_step = if opts.resume {
-        ckpt.load(gpt.var_store_mut())?.unwrap_or(0)
-    } else {
-        0
-    };
-    std::fs::create_dir_all(&opts.work).map_err(|e| io_err(&opts.work, e))?;
-    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
-    let mut opt = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        wd: opts.weight_decay,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(gpt.var_store(), opts.lr)?;
     let sched = Schedule {
         peak_lr: opts.lr,
         warmup: (opts.steps / 20).max(1),
         total: opts.steps,
         min_ratio: 0.1,
     };
+    let adamw = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        wd: opts.weight_decay,
+        eps: 1e-8,
+        amsgrad: false,
+    };
+    let mut trainer = Trainer::open(
+        gpt.var_store_mut(),
+        adamw,
+        sched,
+        &opts.work,
+        opts.resume,
+        250,
+    )?;
     let to_dev = |t: Tensor| t.to_device(device);
-    let started = Instant::now();
     let mut last_loss = f64::NAN;
-    for step in start_step..opts.steps {
+    for step in trainer.start..opts.steps {
         let mut rng =
             ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let rows: Vec<i64> = (0..opts.batch)
@@ -233,24 +230,16 @@ pub fn train_gpt(
             &to_dev(cap_mask.index_select(0, &r)),
             &to_dev(Tensor::from_slice(&drops)),
         )?;
-        opt.set_lr(sched.lr(step));
-        opt.zero_grad();
-        loss.backward();
-        opt.clip_grad_norm(1.0);
-        opt.step();
-        last_loss = f64::try_from(&loss)?;
-        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
-            log.write(&serde_json::json!({
-                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
-                "seconds": started.elapsed().as_secs_f64(),
-            }))?;
-        }
-        if (step + 1) % 250 == 0 {
-            ckpt.save(gpt.var_store(), step + 1)?;
-        }
-        progress(step + 1, opts.steps, last_loss);
+        last_loss = trainer.step(step, &loss)?;
+        trainer.end_step(
+            gpt.var_store(),
+            step,
+            last_loss,
+            || Ok(serde_json::Value::Null),
+            progress,
+        )?;
     }
-    ckpt.save(gpt.var_store(), opts.steps)?;
+    trainer.finish(gpt.var_store())?;
     gpt.save(&opts.out, opts.dtype)?;
     let tok_path = opts.out.join(TOKENIZER_FILE);
     let text = serde_json::to_string(&tokenizer).map_err(|e| EngineError::Train(e.to_string()))?;
@@ -281,12 +270,12 @@ pub fn train_gpt(
         .sum();
     let report = GptReport {
         steps: opts.steps,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: trainer.seconds(),
         final_loss: last_loss,
         heldout_nll,
         parameters,
         caption_vocab: tokenizer.len(),
     };
-    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
 }

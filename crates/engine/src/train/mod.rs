@@ -7,9 +7,11 @@ pub mod vq;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::nn::{self, OptimizerConfig, VarStore};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::emoji::{DataError, Meta, Split};
 use crate::error::EngineError;
@@ -117,6 +119,103 @@ impl Checkpoints {
             .map_err(|e| EngineError::Train(format!("{}: {e}", info.display())))?;
         vs.load(self.dir.join("checkpoint.safetensors"))?;
         Ok(Some(ci.step))
+    }
+}
+
+/// The optimiser step, loss log, checkpoints and progress shared by every training loop.
+pub(crate) struct Trainer {
+    opt: nn::Optimizer,
+    sched: Schedule,
+    log: TrainLog,
+    ckpt: Checkpoints,
+    started: Instant,
+    ckpt_every: usize,
+    /// First step to run (after a resumed checkpoint).
+    pub start: usize,
+}
+
+impl Trainer {
+    /// Loads the last checkpoint of `work` into `vs` when `resume`, opens the loss log (appended
+    /// on resume) and builds the optimiser.
+    pub fn open(
+        vs: &mut VarStore,
+        adamw: nn::AdamW,
+        sched: Schedule,
+        work: &Path,
+        resume: bool,
+        ckpt_every: usize,
+    ) -> Result<Self, EngineError> {
+        let ckpt = Checkpoints::new(work);
+        let start = if resume {
+            ckpt.load(vs)?.unwrap_or(0)
+        } else {
+            0
+        };
+        std::fs::create_dir_all(work).map_err(|e| io_err(work, e))?;
+        let log = TrainLog::open(&work.join("loss.jsonl"), resume)?;
+        let opt = adamw.build(vs, sched.peak_lr)?;
+        Ok(Self {
+            opt,
+            sched,
+            log,
+            ckpt,
+            started: Instant::now(),
+            ckpt_every,
+            start,
+        })
+    }
+
+    /// One optimiser step on `loss` (lr from the schedule, gradient norm clipped at 1); returns
+    /// the loss value.
+    pub fn step(&mut self, step: usize, loss: &Tensor) -> Result<f64, EngineError> {
+        self.opt.set_lr(self.sched.lr(step));
+        self.opt.zero_grad();
+        loss.backward();
+        self.opt.clip_grad_norm(1.0);
+        self.opt.step();
+        Ok(f64::try_from(loss)?)
+    }
+
+    /// Closes a step: the log record every 25 steps (with `extra` fields), a checkpoint every
+    /// `ckpt_every` steps, and `progress`.
+    pub fn end_step(
+        &mut self,
+        vs: &VarStore,
+        step: usize,
+        loss: f64,
+        extra: impl FnOnce() -> Result<serde_json::Value, EngineError>,
+        progress: &mut dyn FnMut(usize, usize, f64),
+    ) -> Result<(), EngineError> {
+        let done = step + 1;
+        if done.is_multiple_of(25) || done == self.sched.total {
+            let mut rec = serde_json::json!({
+                "step": done, "lr": self.sched.lr(step), "loss": loss, "seconds": self.seconds(),
+            });
+            if let (Some(r), serde_json::Value::Object(more)) = (rec.as_object_mut(), extra()?) {
+                r.extend(more);
+            }
+            self.log.write(&rec)?;
+        }
+        if done.is_multiple_of(self.ckpt_every) {
+            self.ckpt.save(vs, done)?;
+        }
+        progress(done, self.sched.total, loss);
+        Ok(())
+    }
+
+    /// Writes an event record to the loss log.
+    pub fn event(&mut self, record: &serde_json::Value) -> Result<(), EngineError> {
+        self.log.write(record)
+    }
+
+    /// Saves the final checkpoint.
+    pub fn finish(&self, vs: &VarStore) -> Result<(), EngineError> {
+        self.ckpt.save(vs, self.sched.total)
+    }
+
+    /// Seconds since the run started.
+    pub fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
     }
 }
 

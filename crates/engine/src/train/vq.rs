@@ -1,15 +1,14 @@
 //! Training the VQ tokenizer on the emoji data (64 and 32 px, alternating).
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use mulo_model::{DType, VqConfig, VqModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-use super::{psnr_u8, Checkpoints, EmojiTensors, Schedule, TrainLog};
+use super::{psnr_u8, EmojiTensors, Schedule, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -100,34 +99,32 @@ pub fn train_vq(
         ));
     }
     let mut vq = VqModel::random(opts.config.clone(), device, DType::Fp32, opts.seed as i64)?;
-    let ckpt = Checkpoints::new(&opts.work);
-    let start_step = if opts.resume {
-        ckpt.load(vq.var_store_mut())?.unwrap_or(0)
-    } else {
-        0
-    };
-    std::fs::create_dir_all(&opts.work).map_err(|e| super::io_err(&opts.work, e))?;
-    let mut log = TrainLog::open(&opts.work.join("loss.jsonl"), opts.resume)?;
-    let mut opt = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.99,
-        wd: 0.0,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(vq.var_store(), opts.lr)?;
     let sched = Schedule {
         peak_lr: opts.lr,
         warmup: (opts.steps / 50).max(1),
         total: opts.steps,
         min_ratio: 0.05,
     };
+    let adamw = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.99,
+        wd: 0.0,
+        eps: 1e-8,
+        amsgrad: false,
+    };
+    let mut trainer = Trainer::open(
+        vq.var_store_mut(),
+        adamw,
+        sched,
+        &opts.work,
+        opts.resume,
+        500,
+    )?;
     let v = opts.config.codebook_size;
     let mut counts = Tensor::zeros([v], (Kind::Float, device));
     let restart_every = 200;
-    let started = Instant::now();
     let mut last_loss = f64::NAN;
-    for step in start_step..opts.steps {
+    for step in trainer.start..opts.steps {
         let mut rng =
             ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let (size, n) = if step % 2 == 0 {
@@ -140,12 +137,7 @@ pub fn train_vq(
         let diff = &recon - &x;
         let rec = diff.abs().mean(Kind::Float) + diff.pow_tensor_scalar(2).mean(Kind::Float);
         let loss = &rec + &codebook_loss + &commit_loss * 0.25;
-        opt.set_lr(sched.lr(step));
-        opt.zero_grad();
-        loss.backward();
-        opt.clip_grad_norm(1.0);
-        opt.step();
-        last_loss = f64::try_from(&loss)?;
+        last_loss = trainer.step(step, &loss)?;
         tch::no_grad(|| {
             let flat = idx.reshape([-1]);
             let ones = Tensor::ones([flat.size()[0]], (Kind::Float, device));
@@ -164,22 +156,19 @@ pub fn train_vq(
                 vq.set_codes(&dead, &vals);
             }
             let usage = 1.0 - n_dead as f64 / v as f64;
-            log.write(&serde_json::json!({"step": step + 1, "event": "restart", "window_usage": usage, "restarted": n_dead}))?;
+            trainer.event(&serde_json::json!({"step": step + 1, "event": "restart", "window_usage": usage, "restarted": n_dead}))?;
             counts = counts.zeros_like();
         }
-        if (step + 1) % 25 == 0 || step + 1 == opts.steps {
-            log.write(&serde_json::json!({
-                "step": step + 1, "lr": sched.lr(step), "loss": last_loss,
-                "rec": f64::try_from(&rec)?, "codebook": f64::try_from(&codebook_loss)?,
-                "commit": f64::try_from(&commit_loss)?, "seconds": started.elapsed().as_secs_f64(),
-            }))?;
-        }
-        if (step + 1) % 500 == 0 {
-            ckpt.save(vq.var_store(), step + 1)?;
-        }
-        progress(step + 1, opts.steps, last_loss);
+        let extra = || {
+            Ok(serde_json::json!({
+                "rec": f64::try_from(&rec)?,
+                "codebook": f64::try_from(&codebook_loss)?,
+                "commit": f64::try_from(&commit_loss)?,
+            }))
+        };
+        trainer.end_step(vq.var_store(), step, last_loss, extra, progress)?;
     }
-    ckpt.save(vq.var_store(), opts.steps)?;
+    trainer.finish(vq.var_store())?;
     // Evaluate the model as written (stored dtype included), not the in-memory one.
     vq.save(&opts.out, opts.dtype)?;
     let (saved, _) = VqModel::load(&opts.out, device, Some(DType::Fp32))?;
@@ -193,13 +182,13 @@ pub fn train_vq(
     let codebook_usage = f64::try_from(used.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))?;
     let report = VqReport {
         steps: opts.steps,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: trainer.seconds(),
         final_loss: last_loss,
         psnr64,
         psnr32,
         codebook_usage,
         heldout_images: data.indices(Split::Heldout).len(),
     };
-    log.write(&serde_json::json!({"event": "eval", "report": &report}))?;
+    trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
 }
