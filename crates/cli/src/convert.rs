@@ -391,6 +391,7 @@ fn convert(a: &LlamagenArgs, py: &Path) -> Result<String> {
             c.encoder_ch_mult,
             c.downsample_factor()
         ),
+        other => format!("converted {}", other.kind_name()),
     };
     let dropped = if unused.is_empty() {
         String::new()

@@ -130,6 +130,39 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
             println!("  scale       {}x down-sampling", c.downsample_factor());
         }
+        ModelConfig::Upsampler(c) => {
+            println!(
+                "  type        up-sampler{} (row-causal, x{})",
+                c.name
+                    .as_ref()
+                    .map(|n| format!(" '{n}'"))
+                    .unwrap_or_default(),
+                c.scale
+            );
+            println!(
+                "  layers      {} low-res + {} high-res blocks, {} channels",
+                c.low_blocks, c.high_blocks, c.channels
+            );
+            println!(
+                "  codebook    {} x {}",
+                c.codebook_size, c.codebook_embed_dim
+            );
+            if let Some(vq) = &c.vq {
+                println!("  vq          {vq}");
+            }
+        }
+        ModelConfig::Evaluator(c) => {
+            println!("  type        evaluator CNN (FID-emoji features, adherence)");
+            println!(
+                "  channels    {:?}, {} features",
+                c.channels,
+                c.channels.last().copied().unwrap_or(0)
+            );
+            println!(
+                "  classes     {} categories, {} subcategories",
+                c.categories, c.subcategories
+            );
+        }
     }
     let dt: Vec<String> = dtypes.iter().map(|(k, v)| format!("{k} x{v}")).collect();
     println!(

@@ -144,9 +144,12 @@ pub struct TrainVqArgs {
     /// Checkpoints and loss log (default ~/.cache/mulo/train/vq).
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// Optimizer steps (even steps 64 px, odd steps 32 px).
+    /// Optimizer steps.
     #[arg(long, default_value_t = 3000)]
     pub steps: usize,
+    /// Share of the steps that train on 32 px images (spread evenly; the others use 64 px).
+    #[arg(long, default_value_t = 0.5)]
+    pub low_res_share: f64,
     /// Images per 64 px step (32 px steps use twice as many).
     #[arg(long, default_value_t = 24)]
     pub batch: usize,
@@ -322,6 +325,7 @@ fn run_vq(a: TrainVqArgs) -> Result<()> {
         out: a.out.clone(),
         work: a.work.clone().unwrap_or_else(|| home_cache("train/vq")),
         steps: a.steps,
+        low_res_share: a.low_res_share,
         batch: a.batch,
         lr: a.lr,
         seed: a.seed,

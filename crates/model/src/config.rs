@@ -324,6 +324,10 @@ pub enum ModelConfig {
     Gpt(GptConfig),
     /// A VQ image tokenizer.
     Vq(VqConfig),
+    /// A learned up-sampler of token grids (`U_r`).
+    Upsampler(crate::upsampler::UpsamplerConfig),
+    /// The evaluator CNN of the emoji family.
+    Evaluator(crate::evaluator::EvaluatorConfig),
 }
 
 impl ModelConfig {
@@ -338,6 +342,8 @@ impl ModelConfig {
         match &cfg {
             ModelConfig::Gpt(c) => c.validate(),
             ModelConfig::Vq(c) => c.validate(),
+            ModelConfig::Upsampler(c) => c.validate(),
+            ModelConfig::Evaluator(c) => c.validate(),
         }
         .map_err(|e| ModelError::Json {
             path,
@@ -346,14 +352,29 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// What this config describes, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ModelConfig::Gpt(_) => "a GPT",
+            ModelConfig::Vq(_) => "a VQ model",
+            ModelConfig::Upsampler(_) => "an up-sampler",
+            ModelConfig::Evaluator(_) => "an evaluator",
+        }
+    }
+
+    fn wrong_kind(dir: &Path, found: &ModelConfig, want: &str) -> ModelError {
+        ModelError::Config(format!(
+            "{} is {}, not {want}",
+            dir.display(),
+            found.kind_name()
+        ))
+    }
+
     /// Reads `<dir>/config.json`, which must describe a GPT.
     pub fn load_gpt(dir: &Path) -> Result<GptConfig> {
         match Self::load(dir)? {
             ModelConfig::Gpt(c) => Ok(c),
-            ModelConfig::Vq(_) => Err(ModelError::Config(format!(
-                "{} is a VQ model, not a GPT",
-                dir.display()
-            ))),
+            other => Err(Self::wrong_kind(dir, &other, "a GPT")),
         }
     }
 
@@ -361,10 +382,23 @@ impl ModelConfig {
     pub fn load_vq(dir: &Path) -> Result<VqConfig> {
         match Self::load(dir)? {
             ModelConfig::Vq(c) => Ok(c),
-            ModelConfig::Gpt(_) => Err(ModelError::Config(format!(
-                "{} is a GPT, not a VQ model",
-                dir.display()
-            ))),
+            other => Err(Self::wrong_kind(dir, &other, "a VQ model")),
+        }
+    }
+
+    /// Reads `<dir>/config.json`, which must describe an up-sampler.
+    pub fn load_upsampler(dir: &Path) -> Result<crate::upsampler::UpsamplerConfig> {
+        match Self::load(dir)? {
+            ModelConfig::Upsampler(c) => Ok(c),
+            other => Err(Self::wrong_kind(dir, &other, "an up-sampler")),
+        }
+    }
+
+    /// Reads `<dir>/config.json`, which must describe an evaluator.
+    pub fn load_evaluator(dir: &Path) -> Result<crate::evaluator::EvaluatorConfig> {
+        match Self::load(dir)? {
+            ModelConfig::Evaluator(c) => Ok(c),
+            other => Err(Self::wrong_kind(dir, &other, "an evaluator")),
         }
     }
 

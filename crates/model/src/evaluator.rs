@@ -9,7 +9,7 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
-use crate::config::DType;
+use crate::config::{DType, ModelConfig};
 use crate::error::{ModelError, Result};
 
 /// Architecture of the evaluator.
@@ -59,16 +59,29 @@ pub struct Evaluator {
     subcategory: nn::Linear,
 }
 
-const CONFIG: &str = "evaluator.json";
-
-impl Evaluator {
-    /// A randomly initialised evaluator; global seed `seed`.
-    pub fn random(cfg: EvaluatorConfig, device: Device, seed: i64) -> Result<Self> {
-        if cfg.channels.is_empty() || cfg.channels.iter().any(|&c| c <= 0 || c % 8 != 0) {
+impl EvaluatorConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        if self.channels.is_empty() || self.channels.iter().any(|&c| c <= 0 || c % 8 != 0) {
             return Err(ModelError::Config(
                 "evaluator channels must be positive multiples of 8".into(),
             ));
         }
+        if self.categories as usize != self.category_names.len()
+            || self.subcategories as usize != self.subcategory_names.len()
+        {
+            return Err(ModelError::Config(
+                "evaluator class counts do not match the label lists".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Evaluator {
+    /// A randomly initialised evaluator; global seed `seed`.
+    pub fn random(cfg: EvaluatorConfig, device: Device, seed: i64) -> Result<Self> {
+        cfg.validate()?;
         tch::manual_seed(seed);
         let vs = VarStore::new(device);
         let root = vs.root();
@@ -114,14 +127,9 @@ impl Evaluator {
         })
     }
 
-    /// Loads `<dir>/evaluator.json` and `<dir>/model.safetensors`.
+    /// Loads `<dir>/config.json` (model_type `evaluator`) and `<dir>/model.safetensors`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let path = dir.join(CONFIG);
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let cfg: EvaluatorConfig = serde_json::from_str(&text).map_err(|e| ModelError::Json {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let cfg = ModelConfig::load_evaluator(dir)?;
         let mut m = Self::random(cfg, device, 0)?;
         let unused = checkpoint::load_dir_weights(&mut m.vs, dir, DType::Fp32)?;
         if let Some(name) = unused.first() {
@@ -133,18 +141,11 @@ impl Evaluator {
         Ok(m)
     }
 
-    /// Writes `<dir>/evaluator.json` and `<dir>/model.safetensors` in `dtype`.
+    /// Writes `<dir>/config.json` and `<dir>/model.safetensors` in `dtype`.
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let mut cfg = self.cfg.clone();
         cfg.dtype = dtype;
-        let path = dir.join(CONFIG);
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| ModelError::Json {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        std::fs::write(&path, text + "\n").map_err(|e| ModelError::io(&path, e))?;
-        checkpoint::save(&self.vs, &crate::config::weights_path(dir), dtype.kind())
+        checkpoint::save_dir(ModelConfig::Evaluator(cfg), &self.vs, dir, dtype)
     }
 
     /// The configuration.

@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod kv;
 pub mod rope;
 pub mod sampling;
+pub mod upsampler;
 pub mod vq;
 
 pub use config::{DType, GptConfig, ModelConfig, VqConfig};
@@ -19,4 +20,5 @@ pub use device::parse_device;
 pub use error::{ModelError, Result};
 pub use gpt::Gpt;
 pub use kv::KvCache;
+pub use upsampler::{Upsampler, UpsamplerConfig};
 pub use vq::VqModel;

@@ -515,6 +515,24 @@ impl VqModel {
                 .to_kind(Kind::Float)
         }))
     }
+
+    /// The default down-sampler `D_r` (DESIGN §2.2 step 7): decodes token ids `[B, h, w]`, averages
+    /// `r×r` pixel blocks (area down-sampling) and encodes the result: `[B, h/r, w/r]`.
+    pub fn downsample_tokens(&self, tokens: &Tensor, r: i64) -> Result<Tensor> {
+        let s = tokens.size();
+        if r < 1 || s.len() != 3 || s[1] % r != 0 || s[2] % r != 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "down-sampling by {r} needs tokens [B, h, w] with h and w multiples of {r}, got {s:?}"
+            )));
+        }
+        let pixels = self.decode(tokens)?;
+        let small = tch::no_grad(|| {
+            pixels
+                .avg_pool2d([r, r], [r, r], [0, 0], false, true, None::<i64>)
+                .clamp(-1.0, 1.0)
+        });
+        self.encode(&small)
+    }
 }
 
 /// `x / max(‖x‖₂, 1e-12)` along the last dimension (torch's `F.normalize`).

@@ -71,3 +71,19 @@ fn save_and_load_round_trip() {
     let e = mulo_model::Gpt::load(dir.path(), Device::Cpu, None).unwrap_err();
     assert!(e.to_string().contains("not a GPT"), "{e}");
 }
+
+#[test]
+fn downsampler_is_decode_area_pool_encode() {
+    let vq = VqModel::random(cfg(), Device::Cpu, DType::Fp32, 0).unwrap();
+    let t = Tensor::randint(64, [2, 4, 6], (Kind::Int64, Device::Cpu));
+    let d = vq.downsample_tokens(&t, 2).unwrap();
+    assert_eq!(d.size(), vec![2, 2, 3]);
+    // The same thing computed by hand: mean of each 2x2 pixel block of the decoded image.
+    let px = vq.decode(&t).unwrap();
+    let blocks = px
+        .view([2, 3, 8, 2, 12, 2])
+        .mean_dim([3i64, 5].as_slice(), false, Kind::Float);
+    assert!(d.equal(&vq.encode(&blocks.clamp(-1.0, 1.0)).unwrap()));
+    let e = vq.downsample_tokens(&t, 4).unwrap_err();
+    assert!(e.to_string().contains("multiples of 4"), "{e}");
+}

@@ -21,8 +21,10 @@ pub struct VqTrainOptions {
     pub out: PathBuf,
     /// Checkpoints and the loss log.
     pub work: PathBuf,
-    /// Optimizer steps (even steps train on 64 px, odd steps on 32 px).
+    /// Optimizer steps.
     pub steps: usize,
+    /// Share of the steps that train on 32 px images (interleaved evenly; the rest use 64 px).
+    pub low_res_share: f64,
     /// Images per 64 px step (32 px steps use twice as many).
     pub batch: usize,
     /// Peak learning rate.
@@ -54,6 +56,12 @@ pub struct VqReport {
     pub codebook_usage: f64,
     /// Held-out images.
     pub heldout_images: usize,
+}
+
+/// Whether step `step` trains on 32 px images: spreads `share` of the steps evenly.
+fn is_low_res_step(step: usize, share: f64) -> bool {
+    let share = share.clamp(0.0, 1.0);
+    ((step + 1) as f64 * share).floor() > (step as f64 * share).floor()
 }
 
 fn sample(rng: &mut ChaCha8Rng, pool: &[i64], n: usize) -> Vec<i64> {
@@ -127,10 +135,10 @@ pub fn train_vq(
     for step in trainer.start..opts.steps {
         let mut rng =
             ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let (size, n) = if step % 2 == 0 {
-            (64, opts.batch)
-        } else {
+        let (size, n) = if is_low_res_step(step, opts.low_res_share) {
             (32, opts.batch * 2)
+        } else {
+            (64, opts.batch)
         };
         let x = data.batch(size, &sample(&mut rng, &train, n), device);
         let (recon, codebook_loss, commit_loss, idx) = vq.forward_train(&x);
@@ -191,4 +199,19 @@ pub fn train_vq(
     };
     trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_low_res_step;
+
+    #[test]
+    fn low_res_steps_follow_the_share() {
+        for (share, want) in [(0.0, 0), (0.5, 50), (2.0 / 3.0, 66), (1.0, 100)] {
+            let n = (0..100).filter(|&s| is_low_res_step(s, share)).count();
+            assert_eq!(n, want, "share {share}");
+        }
+        // Half: alternating, starting with 64 px.
+        assert!(!is_low_res_step(0, 0.5) && is_low_res_step(1, 0.5));
+    }
 }
