@@ -13,6 +13,24 @@ use crate::common::cache_root;
 pub enum DataCommand {
     /// Noto (google) and Twemoji (twitter) emoji at 64, 32 and 16 px with captions and labels.
     Emoji(EmojiArgs),
+    /// Write the evaluation prompt list (TSV: prompt, category, subcategory) from a built data
+    /// set: every held-out emoji and as many training emoji, by name.
+    Prompts(PromptsArgs),
+}
+
+/// Arguments of `mulo data prompts`.
+#[derive(Debug, Args)]
+pub struct PromptsArgs {
+    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// TSV file to write.
+    #[arg(
+        long,
+        default_value = "prompts/emoji-eval.tsv",
+        value_name = "FILE.tsv"
+    )]
+    pub out: PathBuf,
 }
 
 /// Arguments of `mulo data emoji`.
@@ -34,7 +52,10 @@ pub struct EmojiArgs {
 
 /// Runs `mulo data`.
 pub fn run(cmd: DataCommand) -> Result<()> {
-    let DataCommand::Emoji(a) = cmd;
+    let a = match cmd {
+        DataCommand::Emoji(a) => a,
+        DataCommand::Prompts(p) => return run_prompts(p),
+    };
     let cache = a.cache.clone().unwrap_or_else(|| cache_root().join("npm"));
     let out = a
         .out
@@ -64,5 +85,22 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         s.subcategories,
         out.display()
     );
+    Ok(())
+}
+
+fn run_prompts(a: PromptsArgs) -> Result<()> {
+    let dir = a.data.unwrap_or_else(|| cache_root().join("data/emoji"));
+    let meta = emoji::Meta::load(&dir)?;
+    let rows = emoji::eval_prompts(&meta)?;
+    let mut text = String::from(mulo_engine::eval::PROMPT_HEADER);
+    text.push('\n');
+    for (p, c, s) in &rows {
+        text.push_str(&format!("{p}\t{c}\t{s}\n"));
+    }
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
+    }
+    std::fs::write(&a.out, text).with_context(|| format!("{}", a.out.display()))?;
+    println!("wrote {} prompts to {}", rows.len(), a.out.display());
     Ok(())
 }

@@ -6,6 +6,7 @@ mod convert;
 mod data;
 mod decode;
 mod encode;
+mod eval;
 mod generate;
 mod info;
 mod init;
@@ -50,6 +51,8 @@ enum Command {
     /// Train a model of the emoji family.
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// FID-emoji and adherence of generation methods over a prompt list (JSON report).
+    Eval(eval::EvalArgs),
     /// Show what a model directory holds.
     Info(info::InfoArgs),
     /// Write a randomly initialised model (for demos and tests).
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Data(c) => data::run(c),
         Command::Train(c) => train::run(c),
         Command::Init(c) => init::run(c),

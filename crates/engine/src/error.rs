@@ -18,6 +18,12 @@ pub enum EngineError {
     /// A training or evaluation run failed (the message names the file or setting).
     #[error("training: {0}")]
     Train(String),
+    /// A model family is missing or malformed (the message names the file or member).
+    #[error("family: {0}")]
+    Family(String),
+    /// An evaluation run failed (the message names the file or setting).
+    #[error("evaluation: {0}")]
+    Eval(String),
     /// The torch worker thread is gone (it panicked or was shut down).
     #[error("the torch worker thread has stopped")]
     WorkerGone,

@@ -4,6 +4,8 @@
 pub mod ar;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod family;
 pub mod prompt;
 pub mod score;
 pub mod train;
@@ -11,5 +13,6 @@ pub mod worker;
 
 pub use ar::{generate_ar, Generation, GenerationStats};
 pub use error::EngineError;
+pub use family::{default_family_dir, Family, Member};
 pub use score::{score_tokens, Scores};
 pub use worker::TorchWorker;

@@ -78,6 +78,9 @@ pub struct Item {
     pub unified: String,
     /// Code points of the base emoji (shared by its variations; decides the split).
     pub base: String,
+    /// The emoji's name as in `emoji.json` (absent in data sets built before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Caption: lower-case words of the name, short names, subcategory and skin tone.
     pub caption: String,
     /// Category label as in `emoji.json`.
@@ -201,6 +204,42 @@ pub fn caption(
         }
     }
     out.join(" ")
+}
+
+/// Evaluation prompts: one `(prompt, category, subcategory)` per held-out base emoji plus as many
+/// training base emoji (every k-th in data set order), the prompt being the emoji's lower-case
+/// name; skin-tone variations are left out. The list is ordered by a stable hash of the prompt so
+/// that any prefix mixes categories and splits.
+pub fn eval_prompts(meta: &Meta) -> Result<Vec<(String, String, String)>, DataError> {
+    let mut seen = BTreeSet::new();
+    let mut held = Vec::new();
+    let mut train = Vec::new();
+    for it in meta.items.iter().filter(|i| i.skin_tone.is_none()) {
+        if !seen.insert(it.base.clone()) {
+            continue;
+        }
+        let name = it.name.as_deref().ok_or_else(|| DataError::Corrupt {
+            file: "meta.json".into(),
+            message: "items carry no names: rebuild the data set with `mulo data emoji`".into(),
+        })?;
+        let row = (
+            name.to_lowercase(),
+            it.category.clone(),
+            it.subcategory.clone(),
+        );
+        match it.split {
+            Split::Heldout => held.push(row),
+            Split::Train => train.push(row),
+        }
+    }
+    let every = (train.len() / held.len().max(1)).max(1);
+    let mut out: Vec<_> = held
+        .into_iter()
+        .chain(train.into_iter().step_by(every))
+        .collect();
+    out.sort_by_key(|r| (fnv1a(&r.0), r.0.clone()));
+    out.dedup_by(|a, b| a.0 == b.0);
+    Ok(out)
 }
 
 /// 64-bit FNV-1a: a stable hash for the split.
@@ -367,6 +406,7 @@ pub fn build(sources: &[(String, PathBuf)], out: &Path) -> Result<Summary, DataE
         vendor: String,
         unified: String,
         base: String,
+        name: String,
         caption: String,
         category: String,
         subcategory: String,
@@ -415,6 +455,7 @@ pub fn build(sources: &[(String, PathBuf)], out: &Path) -> Result<Summary, DataE
                     vendor: vendor.clone(),
                     unified,
                     base: e.unified.clone(),
+                    name: name.clone(),
                     caption: caption(&name, &e.short_names, &e.subcategory, tone.as_deref()),
                     category: e.category.clone(),
                     subcategory: e.subcategory.clone(),
@@ -450,6 +491,7 @@ pub fn build(sources: &[(String, PathBuf)], out: &Path) -> Result<Summary, DataE
             vendor: p.vendor,
             unified: p.unified,
             base: p.base,
+            name: Some(p.name),
             caption: p.caption,
             category: p.category,
             subcategory: p.subcategory,

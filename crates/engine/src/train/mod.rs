@@ -3,6 +3,7 @@
 
 pub mod evaluator;
 pub mod gpt;
+pub mod upsampler;
 pub mod vq;
 
 use std::io::Write;

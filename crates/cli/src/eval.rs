@@ -1,0 +1,326 @@
+//! `mulo eval`: FID-emoji and adherence of a generation method over a prompt list.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mulo_engine::eval::{
+    agreement, frechet_distance, label_ids, median, read_prompts, score_images, EvalReport,
+    MethodResult, PromptRow,
+};
+use mulo_engine::train::EmojiTensors;
+use mulo_engine::{default_family_dir, generate_ar, Family, Member, TorchWorker};
+use mulo_model::evaluator::Evaluator;
+use mulo_model::{image_io, Gpt, VqModel};
+use tch::{Device, Tensor};
+
+use crate::common::{cache_root, RuntimeArgs, SamplingArgs};
+
+/// What `mulo eval` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalMethod {
+    /// The target GPT, one pass per token (the exact reference), at the target resolution.
+    Ar,
+    /// The drafter GPT alone, one pass per token, at the drafter resolution.
+    DrafterAr,
+}
+
+impl EvalMethod {
+    fn name(self) -> &'static str {
+        match self {
+            EvalMethod::Ar => "ar",
+            EvalMethod::DrafterAr => "drafter-ar",
+        }
+    }
+
+    fn member(self) -> Member {
+        match self {
+            EvalMethod::Ar => Member::Target,
+            EvalMethod::DrafterAr => Member::Drafter,
+        }
+    }
+}
+
+/// Arguments of `mulo eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model family directory with family.json (default: the bundled emoji family).
+    #[arg(long, env = "MULO_FAMILY", value_name = "DIR")]
+    pub family: Option<PathBuf>,
+    /// Methods to evaluate, comma-separated, in one run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ar")]
+    pub method: Vec<EvalMethod>,
+    /// Prompt list: TSV with the header prompt<TAB>category<TAB>subcategory (default: the
+    /// committed prompts/emoji-eval.tsv).
+    #[arg(long, value_name = "FILE.tsv")]
+    pub prompts: Option<PathBuf>,
+    /// Images per method (prompts are used in order, wrapping around).
+    #[arg(long, default_value_t = 256)]
+    pub n: usize,
+    /// Report to write.
+    #[arg(long, default_value = "eval.json", value_name = "OUT.json")]
+    pub json: PathBuf,
+    /// Seed of image i is seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Data directory from `mulo data emoji`: all its images (at the method's resolution) are the
+    /// real set of FID-emoji (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Also write a PNG grid: generated images (odd rows) above real images of the same prompts.
+    #[arg(long, value_name = "FILE.png")]
+    pub grid: Option<PathBuf>,
+    /// Columns of the grid (it shows 2 x columns prompts of the first method).
+    #[arg(long, default_value_t = 8)]
+    pub grid_columns: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn default_prompts() -> PathBuf {
+    let local = PathBuf::from("prompts/emoji-eval.tsv");
+    if local.is_file() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts/emoji-eval.tsv")
+}
+
+struct State {
+    device: Device,
+    family: Family,
+    evaluator: Evaluator,
+    vq: VqModel,
+    data: EmojiTensors,
+}
+
+/// Runs `mulo eval`.
+pub fn run(a: EvalArgs) -> Result<()> {
+    a.sampling.check()?;
+    if a.n < 2 {
+        bail!(
+            "invalid --n: FID-emoji needs at least 2 images, got {}",
+            a.n
+        );
+    }
+    if a.grid_columns == 0 {
+        bail!("invalid --grid-columns: must be at least 1");
+    }
+    let family_dir = a.family.clone().unwrap_or_else(default_family_dir);
+    let family = Family::load(&family_dir)?;
+    let prompts_path = a.prompts.clone().unwrap_or_else(default_prompts);
+    let rows = read_prompts(&prompts_path)?;
+    let data_dir = a
+        .data
+        .clone()
+        .unwrap_or_else(|| cache_root().join("data/emoji"));
+    let runtime = a.runtime.clone();
+    let fam = family.clone();
+    let worker = TorchWorker::spawn("torch", move || -> Result<State> {
+        let device = runtime.setup()?;
+        let evaluator = Evaluator::load(&fam.path(Member::Evaluator)?, device)?;
+        let (vq, _) = VqModel::load(&fam.path(Member::Vq)?, device, runtime.dtype)?;
+        let data = EmojiTensors::load(&data_dir).with_context(|| {
+            format!(
+                "loading the real images (build them with `mulo data emoji`): {}",
+                data_dir.display()
+            )
+        })?;
+        Ok(State {
+            device,
+            family: fam,
+            evaluator,
+            vq,
+            data,
+        })
+    })?;
+    let labels = {
+        let rows = rows.clone();
+        worker.run(move |s: &mut State| label_ids(&s.evaluator, &rows))??
+    };
+    let mut report = EvalReport::default();
+    let mut grid_images: Option<Tensor> = None;
+    for &method in &a.method {
+        let (result, images) = eval_method(&worker, &a, method, &rows, &labels)?;
+        println!(
+            "{}: {} images at {} px, FID-emoji {:.2}, adherence category {:.1}%, subcategory {:.1}% ({:.1} s, median {:.2} s/image)",
+            result.method,
+            result.n,
+            result.image_size,
+            result.fid_emoji,
+            result.adherence_category * 100.0,
+            result.adherence_subcategory * 100.0,
+            result.seconds,
+            result.median_image_seconds
+        );
+        report.methods.push(result);
+        if grid_images.is_none() {
+            grid_images = Some(images);
+        }
+    }
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&a.json, text + "\n").with_context(|| format!("{}", a.json.display()))?;
+    if let (Some(path), Some(images)) = (&a.grid, grid_images) {
+        let rows = rows.clone();
+        let cols = a.grid_columns;
+        let png = worker.run(move |s: &mut State| grid_png(s, &images, &rows, cols))??;
+        std::fs::write(path, png).with_context(|| format!("{}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    println!("wrote {}", a.json.display());
+    Ok(())
+}
+
+/// Generates `a.n` images with `method`, scores them and returns the result and the images.
+fn eval_method(
+    worker: &TorchWorker<State>,
+    a: &EvalArgs,
+    method: EvalMethod,
+    rows: &[PromptRow],
+    labels: &[(i64, i64)],
+) -> Result<(MethodResult, Tensor)> {
+    let member = method.member();
+    let runtime = a.runtime.clone();
+    let (dir, params, size, tokens_per_image) = {
+        let sampling = a.sampling.clone();
+        worker.run(move |s: &mut State| -> Result<_> {
+            let dir = s.family.path(member)?;
+            let cfg = mulo_model::ModelConfig::load_gpt(&dir)?;
+            let params = sampling.resolve(cfg.default_sampling())?;
+            let f = s.vq.config().downsample_factor() as usize;
+            Ok((dir, params, cfg.grid.rows * f, cfg.grid.len()))
+        })??
+    };
+    let tokenizer = mulo_engine::prompt::load_tokenizer(&dir)?.with_context(|| {
+        format!(
+            "{} has no caption tokenizer (tokenizer.json): it cannot take prompts",
+            dir.display()
+        )
+    })?;
+    let bar = ProgressBar::new(a.n as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{} {{bar:40}} {{pos}}/{{len}} images  eta {{eta}}",
+            method.name()
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let n = a.n;
+    let seed = a.seed;
+    let pb = bar.clone();
+    let mut unknown = std::collections::BTreeSet::new();
+    let conds: Vec<_> = (0..n)
+        .map(|i| {
+            let p = mulo_core::Condition::Prompt(rows[i % rows.len()].prompt.clone());
+            let (cond, unk, _) = mulo_engine::prompt::tokenize_prompt(&tokenizer, p);
+            unknown.extend(unk);
+            cond
+        })
+        .collect();
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} distinct prompt word(s) are not in the {} caption vocabulary (mapped to <unk>)",
+            unknown.len(),
+            method.name()
+        );
+    }
+    let started = Instant::now();
+    let (images, times) = worker.run(move |s: &mut State| -> Result<(Tensor, Vec<f64>)> {
+        let (gpt, _) = Gpt::load(&dir, s.device, runtime.dtype)?;
+        let g = gpt.config().grid;
+        let mut images = Vec::with_capacity(n);
+        let mut times = Vec::with_capacity(n);
+        for (i, cond) in conds.iter().enumerate() {
+            let t0 = Instant::now();
+            let gen = generate_ar(&gpt, cond, &params, seed + i as u64, &mut |_, _| {})?;
+            let t = Tensor::from_slice(&gen.tokens)
+                .view([1, g.rows as i64, g.cols as i64])
+                .to_device(s.device);
+            images.push(s.vq.decode(&t)?.clamp(-1.0, 1.0));
+            times.push(t0.elapsed().as_secs_f64());
+            pb.set_position(i as u64 + 1);
+        }
+        Ok((Tensor::cat(&images, 0), times))
+    })??;
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let (fid, cat, sub, real) = worker.run({
+        let images = images.shallow_clone();
+        move |s: &mut State| -> Result<(f64, Vec<i64>, Vec<i64>, usize)> {
+            let gen = score_images(&s.evaluator, &images)?;
+            let all: Vec<i64> = (0..s.data.meta.items.len() as i64).collect();
+            let real = s.data.batch(size, &all, s.device);
+            let real_scores = score_images(&s.evaluator, &real)?;
+            let fid = frechet_distance(&gen.features, &real_scores.features)?;
+            Ok((fid, gen.category, gen.subcategory, all.len()))
+        }
+    })??;
+    let want_cat: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].0).collect();
+    let want_sub: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].1).collect();
+    let result = MethodResult {
+        method: method.name().into(),
+        params: serde_json::json!({
+            "cfg": params.cfg_scale, "temperature": params.temperature, "top_k": params.top_k,
+            "top_p": params.top_p, "seed": a.seed, "tokens_per_image": tokens_per_image,
+        }),
+        n,
+        fid_emoji: fid,
+        adherence_category: agreement(&cat, &want_cat),
+        adherence_subcategory: agreement(&sub, &want_sub),
+        image_size: size,
+        real_images: real,
+        seconds,
+        median_image_seconds: median(&times),
+    };
+    Ok((result, images))
+}
+
+/// A grid PNG: rows of generated images, each followed by a row of real images of the same
+/// prompts (the image whose name matches the prompt, else one of the same subcategory).
+fn grid_png(s: &mut State, images: &Tensor, rows: &[PromptRow], cols: usize) -> Result<Vec<u8>> {
+    let n = (images.size()[0] as usize).min(2 * cols);
+    let find_real = |row: &PromptRow| -> Option<i64> {
+        let items = &s.data.meta.items;
+        let named = items.iter().find(|it| {
+            it.skin_tone.is_none()
+                && it.name.as_deref().map(str::to_lowercase).as_deref() == Some(row.prompt.as_str())
+        });
+        named
+            .or_else(|| items.iter().find(|it| it.subcategory == row.subcategory))
+            .map(|it| it.index as i64)
+    };
+    let blank = Tensor::ones([3, 64, 64], (tch::Kind::Float, s.device));
+    let to64 = |t: Tensor| -> Tensor {
+        if t.size()[2] == 64 {
+            t
+        } else {
+            t.unsqueeze(0)
+                .upsample_nearest2d([64, 64], None, None)
+                .squeeze_dim(0)
+        }
+    };
+    let mut grid_rows = Vec::new();
+    for start in (0..n).step_by(cols) {
+        let mut gen_row = Vec::new();
+        let mut real_row = Vec::new();
+        for i in start..start + cols {
+            if i < n {
+                gen_row.push(to64(images.get(i as i64)));
+                let real = match find_real(&rows[i % rows.len()]) {
+                    Some(r) => to64(s.data.batch(64, &[r], s.device).get(0)),
+                    None => blank.shallow_clone(),
+                };
+                real_row.push(real);
+            } else {
+                gen_row.push(blank.shallow_clone());
+                real_row.push(blank.shallow_clone());
+            }
+        }
+        grid_rows.push(Tensor::cat(&gen_row, 2));
+        grid_rows.push(Tensor::cat(&real_row, 2));
+    }
+    Ok(image_io::png_bytes(&Tensor::cat(&grid_rows, 1))?)
+}

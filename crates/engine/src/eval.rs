@@ -1,0 +1,291 @@
+//! Quality measures on the emoji family (DESIGN §6): FID-emoji (Fréchet distance between
+//! Gaussians fitted to the evaluator's penultimate features of generated and real images) and
+//! adherence (how often the evaluator's predicted category / subcategory equals the prompt's).
+
+use std::path::Path;
+
+use mulo_model::evaluator::Evaluator;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::EngineError;
+
+/// Header line of a prompt file.
+pub const PROMPT_HEADER: &str = "prompt\tcategory\tsubcategory";
+
+/// One line of a prompt file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptRow {
+    /// Free-text prompt.
+    pub prompt: String,
+    /// Expected category (as in `emoji.json`).
+    pub category: String,
+    /// Expected subcategory (as in `emoji.json`).
+    pub subcategory: String,
+}
+
+/// Reads a prompt file: TSV with the header `prompt<TAB>category<TAB>subcategory`, one prompt per
+/// line; blank lines are skipped. Errors name the file and line.
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Eval(format!("{}: {e}", path.display())))?;
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, h)) if h.trim_end_matches('\r') == PROMPT_HEADER => {}
+        _ => {
+            return Err(EngineError::Eval(format!(
+                "{}:1: the first line must be the header 'prompt<TAB>category<TAB>subcategory'",
+                path.display()
+            )))
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 3 || f.iter().any(|s| s.trim().is_empty()) {
+            return Err(EngineError::Eval(format!(
+                "{}:{}: expected 3 non-empty tab-separated fields, got {}",
+                path.display(),
+                i + 1,
+                f.len()
+            )));
+        }
+        rows.push(PromptRow {
+            prompt: f[0].trim().to_string(),
+            category: f[1].trim().to_string(),
+            subcategory: f[2].trim().to_string(),
+        });
+    }
+    if rows.is_empty() {
+        return Err(EngineError::Eval(format!(
+            "{}: no prompts after the header",
+            path.display()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Category and subcategory ids of each prompt row, in the evaluator's label order.
+pub fn label_ids(ev: &Evaluator, rows: &[PromptRow]) -> Result<Vec<(i64, i64)>, EngineError> {
+    let cfg = ev.config();
+    let find = |names: &[String], want: &str, what: &str, prompt: &str| {
+        names
+            .iter()
+            .position(|n| n == want)
+            .map(|i| i as i64)
+            .ok_or_else(|| {
+                EngineError::Eval(format!(
+                    "prompt '{prompt}': {what} '{want}' is not one the evaluator knows"
+                ))
+            })
+    };
+    rows.iter()
+        .map(|r| {
+            Ok((
+                find(&cfg.category_names, &r.category, "category", &r.prompt)?,
+                find(
+                    &cfg.subcategory_names,
+                    &r.subcategory,
+                    "subcategory",
+                    &r.prompt,
+                )?,
+            ))
+        })
+        .collect()
+}
+
+/// Evaluator outputs of a set of images.
+#[derive(Debug)]
+pub struct ImageScores {
+    /// Penultimate features `[N, D]` (fp32, CPU).
+    pub features: Tensor,
+    /// Predicted category per image.
+    pub category: Vec<i64>,
+    /// Predicted subcategory per image.
+    pub subcategory: Vec<i64>,
+}
+
+/// Runs the evaluator over images `[N, 3, H, W]` in [-1, 1] in batches of 128.
+pub fn score_images(ev: &Evaluator, images: &Tensor) -> Result<ImageScores, EngineError> {
+    let n = images.size()[0];
+    let mut feats = Vec::new();
+    let mut cat = Vec::new();
+    let mut sub = Vec::new();
+    tch::no_grad(|| -> Result<(), EngineError> {
+        let mut start = 0;
+        while start < n {
+            let len = (n - start).min(128);
+            let out = ev.forward(&images.narrow(0, start, len));
+            feats.push(out.features.to_device(Device::Cpu));
+            cat.extend(Vec::<i64>::try_from(out.category.argmax(1, false))?);
+            sub.extend(Vec::<i64>::try_from(out.subcategory.argmax(1, false))?);
+            start += len;
+        }
+        Ok(())
+    })?;
+    Ok(ImageScores {
+        features: Tensor::cat(&feats, 0),
+        category: cat,
+        subcategory: sub,
+    })
+}
+
+/// Fraction of `predicted` equal to `expected` (0 when empty).
+pub fn agreement(predicted: &[i64], expected: &[i64]) -> f64 {
+    if predicted.is_empty() {
+        return 0.0;
+    }
+    let hits = predicted
+        .iter()
+        .zip(expected)
+        .filter(|(a, b)| a == b)
+        .count();
+    hits as f64 / predicted.len() as f64
+}
+
+fn mean_cov(x: &Tensor) -> (Tensor, Tensor) {
+    let x = x.to_kind(Kind::Double).to_device(Device::Cpu);
+    let n = x.size()[0];
+    let mu = x.mean_dim(0, false, Kind::Double);
+    let xc = &x - &mu;
+    let cov = xc.tr().matmul(&xc) / ((n - 1).max(1) as f64);
+    (mu, cov)
+}
+
+/// Square root of a symmetric positive semi-definite matrix (negative eigenvalues from rounding
+/// are clamped to 0).
+fn sqrtm_psd(a: &Tensor) -> Tensor {
+    let sym = (a + a.tr()) / 2.0;
+    let (w, v) = sym.linalg_eigh("L");
+    (&v * w.clamp_min(0.0).sqrt()).matmul(&v.tr())
+}
+
+/// Fréchet distance between Gaussians fitted to the rows of `a` `[N, D]` and `b` `[M, D]`:
+/// `‖μa − μb‖² + tr(Σa) + tr(Σb) − 2·tr((Σa^½ Σb Σa^½)^½)`, in float64.
+pub fn frechet_distance(a: &Tensor, b: &Tensor) -> Result<f64, EngineError> {
+    let (sa, sb) = (a.size(), b.size());
+    if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[1] || sa[0] < 2 || sb[0] < 2 {
+        return Err(EngineError::Eval(format!(
+            "Fréchet distance needs two [N>=2, D] feature sets of equal D, got {sa:?} and {sb:?}"
+        )));
+    }
+    let (ma, ca) = mean_cov(a);
+    let (mb, cb) = mean_cov(b);
+    let ra = sqrtm_psd(&ca);
+    let m = ra.matmul(&cb).matmul(&ra);
+    let cross = m
+        .linalg_eigvalsh("L")
+        .clamp_min(0.0)
+        .sqrt()
+        .sum(Kind::Double);
+    let d = (ma - mb).pow_tensor_scalar(2).sum(Kind::Double);
+    let fid = d + ca.trace() + cb.trace() - cross * 2.0;
+    Ok(f64::try_from(fid)?.max(0.0))
+}
+
+/// One method's line of an evaluation or benchmark report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    /// Method name (`ar`, `drafter-ar`, ...).
+    pub method: String,
+    /// Parameters of the method and of sampling.
+    pub params: serde_json::Value,
+    /// Images generated.
+    pub n: usize,
+    /// FID-emoji against the real images.
+    pub fid_emoji: f64,
+    /// Fraction of images whose predicted category is the prompt's.
+    pub adherence_category: f64,
+    /// Fraction of images whose predicted subcategory is the prompt's.
+    pub adherence_subcategory: f64,
+    /// Image side in pixels.
+    pub image_size: usize,
+    /// Real images FID-emoji compares against.
+    pub real_images: usize,
+    /// Wall-clock seconds of generation (decoding to pixels included).
+    pub seconds: f64,
+    /// Median seconds per image.
+    pub median_image_seconds: f64,
+}
+
+/// An evaluation report: `{"methods": [...]}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// One entry per method.
+    pub methods: Vec<MethodResult>,
+}
+
+/// Median of `v` (0 when empty).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len().is_multiple_of(2) {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frechet_distance_of_known_gaussians() {
+        tch::manual_seed(1);
+        let a = Tensor::randn([4000, 3], (Kind::Double, Device::Cpu));
+        assert!(frechet_distance(&a, &a).unwrap() < 1e-6);
+        // Shifting the mean by d adds |d|^2.
+        let shift = Tensor::from_slice(&[1.0f64, 2.0, 0.0]);
+        let b = &a + &shift;
+        let f = frechet_distance(&a, &b).unwrap();
+        assert!((f - 5.0).abs() < 1e-6, "{f}");
+        // Scaling one coordinate by 3 (same mean): (3σ − σ)² = 4σ² for that coordinate.
+        let c = &a * Tensor::from_slice(&[3.0f64, 1.0, 1.0]);
+        let f = frechet_distance(&a, &c).unwrap();
+        let var = f64::try_from(a.select(1, 0).var(true)).unwrap();
+        assert!((f - 4.0 * var).abs() < 0.02, "{f} vs {}", 4.0 * var);
+        assert!((f - frechet_distance(&c, &a).unwrap()).abs() < 1e-6);
+        assert!(frechet_distance(&a, &a.narrow(1, 0, 2)).is_err());
+    }
+
+    #[test]
+    fn prompt_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.tsv");
+        std::fs::write(
+            &p,
+            "prompt\tcategory\tsubcategory\nred apple\tFood & Drink\tfood-fruit\n\n",
+        )
+        .unwrap();
+        let rows = read_prompts(&p).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].subcategory, "food-fruit");
+        std::fs::write(&p, "prompt,category\nx\n").unwrap();
+        assert!(read_prompts(&p).unwrap_err().to_string().contains(":1:"));
+        std::fs::write(&p, "prompt\tcategory\tsubcategory\na\tb\n").unwrap();
+        let e = read_prompts(&p).unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("3 non-empty"), "{e}");
+        std::fs::write(&p, "prompt\tcategory\tsubcategory\n").unwrap();
+        assert!(read_prompts(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts"));
+    }
+
+    #[test]
+    fn medians_and_agreement() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(agreement(&[1, 2, 3, 4], &[1, 0, 3, 0]), 0.5);
+    }
+}
