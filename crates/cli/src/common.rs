@@ -270,3 +270,28 @@ pub fn vq_worker(
         Ok(vq)
     })
 }
+
+/// This process's command line as a shell-like string (`mulo` and its arguments; arguments with
+/// spaces are quoted).
+pub fn command_line() -> String {
+    let mut parts = vec!["mulo".to_string()];
+    for a in std::env::args().skip(1) {
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+            parts.push(format!("'{}'", a.replace('\'', "'\\''")));
+        } else {
+            parts.push(a);
+        }
+    }
+    parts.join(" ")
+}
+
+/// A short description of where a run happens: device and torch threads.
+pub fn machine_line(device: &str) -> String {
+    format!(
+        "device {device}, {} torch threads, {} logical CPUs",
+        tch::get_num_threads(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}

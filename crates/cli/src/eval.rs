@@ -141,7 +141,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let rows = rows.clone();
         worker.run(move |s: &mut State| label_ids(&s.evaluator, &rows))??
     };
-    let mut report = EvalReport::default();
+    let mut report = EvalReport {
+        command: Some(crate::common::command_line()),
+        ..Default::default()
+    };
     let mut grid_images: Option<Tensor> = None;
     for &method in &a.method {
         let (result, images) = eval_method(&worker, &a, method, &rows, &labels)?;

@@ -21,9 +21,19 @@ pub enum Method {
 /// Arguments of `mulo generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json + model.safetensors of a GPT).
+    /// Model directory (config.json + model.safetensors of a GPT). Default: the target of
+    /// --family.
     #[arg(long, env = "MULO_MODEL", value_name = "DIR")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// Model family (family.json) whose target generates when --model is not given. Default: the
+    /// bundled emoji family (models/emoji).
+    #[arg(
+        long,
+        env = "MULO_FAMILY",
+        value_name = "DIR",
+        conflicts_with = "model"
+    )]
+    pub family: Option<PathBuf>,
     #[command(flatten)]
     pub condition: ConditionArgs,
     /// Decoding method.
@@ -75,7 +85,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(_)) => None,
         (None, None) => Some(PathBuf::from("image.png")),
     };
-    let model_dir = args.model.clone();
+    let model_dir = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = args
+                .family
+                .clone()
+                .unwrap_or_else(mulo_engine::default_family_dir);
+            mulo_engine::Family::load(&dir)?.path(mulo_engine::Member::Target)?
+        }
+    };
+    let tokenizer_dir = model_dir.clone();
     let vq_flag = args.vq.clone();
     let runtime = args.runtime.clone();
     let want_png = out.is_some();
@@ -109,7 +129,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     })?;
 
     // A text prompt goes through the model's own caption tokenizer, when it has one.
-    let cond = match mulo_engine::prompt::load_tokenizer(&args.model)? {
+    let cond = match mulo_engine::prompt::load_tokenizer(&tokenizer_dir)? {
         Some(tok) => {
             let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(&tok, cond);
             if !unknown.is_empty() {

@@ -1,6 +1,7 @@
 //! `mulo`: generate images with LlamaGen-style autoregressive models, score token grids, decode
 //! them, convert LlamaGen checkpoints and inspect model directories.
 
+mod card;
 mod common;
 mod convert;
 mod data;

@@ -8,11 +8,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
 use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
 use mulo_engine::train::upsampler::{train_upsampler, UpsamplerTrainOptions};
-use mulo_engine::train::vq::{train_vq, VqTrainOptions};
+use mulo_engine::train::vq::{train_vq, train_vq_decoder, VqDecoderOptions, VqTrainOptions};
 use mulo_engine::{EngineError, TorchWorker};
 use mulo_model::{DType, VqConfig};
 use serde::Serialize;
 
+use crate::card::{write_card, TRAIN_REPORT};
 use crate::common::RuntimeArgs;
 
 /// What to train.
@@ -20,6 +21,9 @@ use crate::common::RuntimeArgs;
 pub enum TrainCommand {
     /// The VQ tokenizer (4x down-sampling: 64 px -> 16x16 tokens, 32 px -> 8x8).
     Vq(TrainVqArgs),
+    /// Retrain only the decoder of a trained VQ on its own frozen tokens (every token stays the
+    /// same, so GPTs trained on them stay valid).
+    VqDecoder(TrainVqDecoderArgs),
     /// The target GPT: 64 px, 16x16 tokens, caption-conditioned.
     Target(TrainGptArgs),
     /// The drafter GPT: 32 px, 8x8 tokens (r = 2), the target's architecture.
@@ -30,6 +34,259 @@ pub enum TrainCommand {
     Upsampler(TrainUpsamplerArgs),
     /// The evaluator CNN (category and subcategory classifier; its features serve FID-emoji).
     Evaluator(TrainEvaluatorArgs),
+    /// The whole family from scratch: data (when missing), vq, evaluator, target, drafter,
+    /// draft-small, upsampler, then `mulo eval` of the target and the drafter, model cards and
+    /// family.json.
+    All(TrainAllArgs),
+}
+
+/// A stage of `mulo train all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// The VQ tokenizer.
+    Vq,
+    /// The evaluator CNN.
+    Evaluator,
+    /// The target GPT.
+    Target,
+    /// The drafter GPT.
+    Drafter,
+    /// The small high-resolution draft model.
+    DraftSmall,
+    /// The up-sampler.
+    Upsampler,
+    /// `mulo eval` of the target (with the sample grid) and of the drafter.
+    Eval,
+    /// Re-render every MODEL_CARD.md from the reports on disk.
+    Cards,
+}
+
+const STAGES: [Stage; 8] = [
+    Stage::Vq,
+    Stage::Evaluator,
+    Stage::Target,
+    Stage::Drafter,
+    Stage::DraftSmall,
+    Stage::Upsampler,
+    Stage::Eval,
+    Stage::Cards,
+];
+
+/// Arguments of `mulo train all`.
+#[derive(Debug, Args)]
+pub struct TrainAllArgs {
+    /// Family directory to write: one subdirectory per model, family.json, samples.png.
+    #[arg(long, default_value = "models/emoji", value_name = "DIR")]
+    pub family: PathBuf,
+    /// Data directory (built with `mulo data emoji` first when it holds no meta.json; default
+    /// ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Run only these stages (comma-separated, in the fixed order); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Stage>,
+    /// Skip a model whose directory already holds a train_report.json (to continue an
+    /// interrupted run).
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// Images per method in the evaluation stage.
+    #[arg(long, default_value_t = 256)]
+    pub eval_n: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "MULO_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Torch intra-op threads (default: torch's choice, one per core).
+    #[arg(long, env = "MULO_THREADS")]
+    pub threads: Option<i32>,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "mulo")]
+struct StageCli {
+    #[command(subcommand)]
+    top: StageTop,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum StageTop {
+    #[command(subcommand)]
+    Train(TrainCommand),
+    Eval(crate::eval::EvalArgs),
+    #[command(subcommand)]
+    Data(crate::data::DataCommand),
+}
+
+/// Parses and runs `mulo <argv...>` as one stage, recording the command line.
+fn run_argv(argv: &[String]) -> Result<()> {
+    let line = std::iter::once("mulo".to_string())
+        .chain(argv.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!("==> {line}");
+    let cli = <StageCli as clap::Parser>::try_parse_from(
+        std::iter::once("mulo".to_string()).chain(argv.iter().cloned()),
+    )
+    .with_context(|| format!("internal stage command '{line}'"))?;
+    match cli.top {
+        StageTop::Train(c) => run_stage(c, &line),
+        StageTop::Eval(a) => crate::eval::run(a),
+        StageTop::Data(c) => crate::data::run(c),
+    }
+}
+
+fn run_all(a: TrainAllArgs) -> Result<()> {
+    let fam = a.family.clone();
+    let data = a.data.clone().unwrap_or_else(|| home_cache("data/emoji"));
+    let s = |p: &Path| p.display().to_string();
+    let mut runtime = vec!["--device".to_string(), a.device.clone()];
+    if let Some(t) = a.threads {
+        runtime.extend(["--threads".to_string(), t.to_string()]);
+    }
+    if !data.join("meta.json").is_file() {
+        run_argv(&["data".into(), "emoji".into(), "--out".into(), s(&data)])?;
+    }
+    std::fs::create_dir_all(&fam).with_context(|| s(&fam))?;
+    let family_file = mulo_engine::family::FamilyFile {
+        name: "emoji".into(),
+        scale: 2,
+        target: "target".into(),
+        drafter: "drafter".into(),
+        upsampler: "upsampler".into(),
+        downsampler: mulo_engine::family::Downsampler::VqArea,
+        vq: "vq".into(),
+        draft_small: "draft-small".into(),
+        evaluator: "evaluator".into(),
+    };
+    let path = fam.join(mulo_engine::family::FAMILY_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&family_file)? + "\n")
+        .with_context(|| s(&path))?;
+    let vq = fam.join("vq");
+    for stage in STAGES {
+        if !a.only.is_empty() && !a.only.contains(&stage) {
+            continue;
+        }
+        let (sub, dir) = match stage {
+            Stage::Vq => ("vq", vq.clone()),
+            Stage::Evaluator => ("evaluator", fam.join("evaluator")),
+            Stage::Target => ("target", fam.join("target")),
+            Stage::Drafter => ("drafter", fam.join("drafter")),
+            Stage::DraftSmall => ("draft-small", fam.join("draft-small")),
+            Stage::Upsampler => ("upsampler", fam.join("upsampler")),
+            Stage::Eval => {
+                run_eval_stage(&fam, &data, a.eval_n, &runtime)?;
+                continue;
+            }
+            Stage::Cards => {
+                for role in [
+                    "vq",
+                    "evaluator",
+                    "target",
+                    "drafter",
+                    "draft-small",
+                    "upsampler",
+                ] {
+                    let dir = fam.join(role);
+                    if dir.join(TRAIN_REPORT).is_file() {
+                        write_card(&dir, role)?;
+                        println!("==> wrote {}", dir.join("MODEL_CARD.md").display());
+                    }
+                }
+                continue;
+            }
+        };
+        if a.skip_existing && dir.join(TRAIN_REPORT).is_file() {
+            println!("==> keeping {} (it has {TRAIN_REPORT})", dir.display());
+            continue;
+        }
+        let mut argv = vec![
+            "train".to_string(),
+            sub.to_string(),
+            "--data".into(),
+            s(&data),
+            "--out".into(),
+            s(&dir),
+        ];
+        if matches!(
+            stage,
+            Stage::Target | Stage::Drafter | Stage::DraftSmall | Stage::Upsampler
+        ) {
+            argv.extend(["--vq".into(), s(&vq)]);
+        }
+        argv.extend(runtime.iter().cloned());
+        run_argv(&argv)?;
+    }
+    Ok(())
+}
+
+/// `mulo eval` of the target (writing the sample grid) and of the drafter; re-renders their cards.
+fn run_eval_stage(fam: &Path, data: &Path, n: usize, runtime: &[String]) -> Result<()> {
+    let s = |p: &Path| p.display().to_string();
+    for (method, role, grid) in [("ar", "target", true), ("drafter-ar", "drafter", false)] {
+        let dir = fam.join(role);
+        let mut argv = vec![
+            "eval".to_string(),
+            "--family".into(),
+            s(fam),
+            "--data".into(),
+            s(data),
+            "--method".into(),
+            method.into(),
+            "--n".into(),
+            n.to_string(),
+            "--json".into(),
+            s(&dir.join(crate::card::EVAL_REPORT)),
+        ];
+        if grid {
+            argv.extend(["--grid".into(), s(&fam.join("samples.png"))]);
+        }
+        argv.extend(runtime.iter().cloned());
+        run_argv(&argv)?;
+        write_card(&dir, role)?;
+    }
+    Ok(())
+}
+
+/// Arguments of `mulo train vq-decoder`.
+#[derive(Debug, Args)]
+pub struct TrainVqDecoderArgs {
+    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// The trained VQ model (its encoder and codebook are kept).
+    #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
+    pub vq: PathBuf,
+    /// Model directory to write (may be the same as --vq).
+    #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Checkpoints and loss log (default ~/.cache/mulo/train/vq-decoder).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Share of the steps on 32 px images (spread evenly; the others use 64 px).
+    #[arg(long, default_value_t = 0.667)]
+    pub low_res_share: f64,
+    /// Images per 64 px step (32 px steps use twice as many).
+    #[arg(long, default_value_t = 24)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    /// A new decoder width per level, trained from scratch (default: continue the decoder).
+    #[arg(long, value_delimiter = ',')]
+    pub decoder_ch_mult: Option<Vec<i64>>,
+    /// Seed of new weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the last checkpoint in --work.
+    #[arg(long)]
+    pub resume: bool,
+    /// Storage dtype of the written model.
+    #[arg(long, default_value = "fp16")]
+    pub store_dtype: DType,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Arguments of `mulo train upsampler`.
@@ -94,7 +351,7 @@ pub struct TrainEvaluatorArgs {
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 2500)]
+    #[arg(long, default_value_t = 3000)]
     pub steps: usize,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
@@ -108,6 +365,12 @@ pub struct TrainEvaluatorArgs {
     /// Channels of the four stages.
     #[arg(long, default_value = "32,64,128,256", value_delimiter = ',')]
     pub channels: Vec<i64>,
+    /// Largest random shift of a training batch, in pixels (white fills the border).
+    #[arg(long, default_value_t = 4)]
+    pub max_shift: i64,
+    /// Label smoothing of the cross-entropies.
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
     /// Seed of the weights and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -152,9 +415,10 @@ pub struct TrainGptArgs {
     /// Width of the caption word embeddings.
     #[arg(long, default_value_t = 64)]
     pub caption_dim: i64,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 2000)]
-    pub steps: usize,
+    /// Optimizer steps (default: 1250 for target, 3000 for drafter and draft-small, sized to
+    /// train in under an hour on 2 CPU cores).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Sequences per step.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -197,10 +461,10 @@ pub struct TrainVqArgs {
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 2500)]
     pub steps: usize,
     /// Share of the steps that train on 32 px images (spread evenly; the others use 64 px).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.667)]
     pub low_res_share: f64,
     /// Images per 64 px step (32 px steps use twice as many).
     #[arg(long, default_value_t = 24)]
@@ -215,16 +479,16 @@ pub struct TrainVqArgs {
     #[arg(long)]
     pub resume: bool,
     /// Number of codes.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     pub codebook_size: i64,
     /// Width of one code.
     #[arg(long, default_value_t = 8)]
     pub embed_dim: i64,
-    /// Base channels.
-    #[arg(long, default_value_t = 32)]
+    /// Base channels (a multiple of 32).
+    #[arg(long, default_value_t = 64)]
     pub ch: i64,
     /// Channel multipliers per level (3 levels = 4x down-sampling).
-    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    #[arg(long, default_value = "1,1,2", value_delimiter = ',')]
     pub ch_mult: Vec<i64>,
     /// Latent channels.
     #[arg(long, default_value_t = 64)]
@@ -241,17 +505,24 @@ pub struct TrainVqArgs {
 
 /// Runs `mulo train`.
 pub fn run(cmd: TrainCommand) -> Result<()> {
+    run_stage(cmd, &crate::common::command_line())
+}
+
+/// Runs one training command, recording `command` as the command line that produced it.
+fn run_stage(cmd: TrainCommand, command: &str) -> Result<()> {
     match cmd {
-        TrainCommand::Vq(a) => run_vq(a),
-        TrainCommand::Target(a) => run_gpt("target", 64, 6, a),
-        TrainCommand::Drafter(a) => run_gpt("drafter", 32, 6, a),
-        TrainCommand::DraftSmall(a) => run_gpt("draft-small", 64, 1, a),
-        TrainCommand::Upsampler(a) => run_upsampler(a),
-        TrainCommand::Evaluator(a) => run_evaluator(a),
+        TrainCommand::Vq(a) => run_vq(a, command),
+        TrainCommand::VqDecoder(a) => run_vq_decoder(a, command),
+        TrainCommand::Target(a) => run_gpt("target", 64, 6, a, command),
+        TrainCommand::Drafter(a) => run_gpt("drafter", 32, 6, a, command),
+        TrainCommand::DraftSmall(a) => run_gpt("draft-small", 64, 1, a, command),
+        TrainCommand::Upsampler(a) => run_upsampler(a, command),
+        TrainCommand::Evaluator(a) => run_evaluator(a, command),
+        TrainCommand::All(a) => run_all(a),
     }
 }
 
-fn run_upsampler(a: TrainUpsamplerArgs) -> Result<()> {
+fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
     let opts = UpsamplerTrainOptions {
         data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
         vq: a.vq.clone(),
@@ -272,7 +543,15 @@ fn run_upsampler(a: TrainUpsamplerArgs) -> Result<()> {
         dtype: a.store_dtype,
         vq_link: Some("../vq".into()),
     };
-    let r = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_upsampler)?;
+    let r = run_training(
+        "upsampler",
+        command,
+        &opts,
+        opts.steps,
+        &opts.out,
+        &a.runtime,
+        train_upsampler,
+    )?;
     println!(
         "trained the up-sampler in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token accuracy {:.1}% (repeating each low-res token: {:.1}%), NLL {:.4} nats; D_2(U_2(y)) = y for {:.1}% of low-res tokens (D_2 of the real 64 px tokens: {:.1}%) ({} held-out images); wrote {}",
         r.seconds,
@@ -290,7 +569,15 @@ fn run_upsampler(a: TrainUpsamplerArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_evaluator(a: TrainEvaluatorArgs) -> Result<()> {
+fn check_share(share: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&share) {
+        anyhow::bail!("invalid --low-res-share: must be in [0, 1], got {share}");
+    }
+    Ok(())
+}
+
+fn run_evaluator(a: TrainEvaluatorArgs, command: &str) -> Result<()> {
+    check_share(a.low_res_share)?;
     let opts = EvaluatorTrainOptions {
         data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
         out: a.out.clone(),
@@ -303,11 +590,21 @@ fn run_evaluator(a: TrainEvaluatorArgs) -> Result<()> {
         lr: a.lr,
         low_res_share: a.low_res_share,
         channels: a.channels.clone(),
+        max_shift: a.max_shift,
+        label_smoothing: a.label_smoothing,
         seed: a.seed,
         resume: a.resume,
         dtype: a.store_dtype,
     };
-    let r = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_evaluator)?;
+    let r = run_training(
+        "evaluator",
+        command,
+        &opts,
+        opts.steps,
+        &opts.out,
+        &a.runtime,
+        train_evaluator,
+    )?;
     println!(
         "trained the evaluator in {:.0} s ({} steps, final loss {:.4}): held-out accuracy at 64 px: category {:.1}%, subcategory {:.1}%; at 32 px: category {:.1}%, subcategory {:.1}% ({} held-out images); wrote {}",
         r.seconds,
@@ -326,6 +623,8 @@ fn run_evaluator(a: TrainEvaluatorArgs) -> Result<()> {
 /// Runs `train` on a torch worker with a progress bar, then writes `<out>/train_report.json`
 /// with the options and the report.
 fn run_training<O, R, F>(
+    role: &str,
+    command: &str,
     opts: &O,
     steps: usize,
     out: &Path,
@@ -340,22 +639,28 @@ where
         + 'static,
 {
     let runtime = runtime.clone();
-    let worker = TorchWorker::spawn("torch", move || -> Result<tch::Device> { runtime.setup() })?;
+    let worker = TorchWorker::spawn("torch", move || -> Result<(tch::Device, String)> {
+        let device = runtime.setup()?;
+        Ok((device, crate::common::machine_line(&runtime.device)))
+    })?;
+    let machine = worker.run(|s: &mut (tch::Device, String)| s.1.clone())?;
     let bar = progress_bar(steps);
     let pb = bar.clone();
     let o = opts.clone();
-    let report = worker.run(move |device: &mut tch::Device| {
+    let report = worker.run(move |s: &mut (tch::Device, String)| {
         let mut progress = |step: usize, _total: usize, loss: f64| {
             pb.set_position(step as u64);
             pb.set_message(format!("{loss:.4}"));
         };
-        train(&o, *device, &mut progress)
+        train(&o, s.0, &mut progress)
     })??;
     bar.finish_and_clear();
-    let path = out.join("train_report.json");
-    let text =
-        serde_json::to_string_pretty(&serde_json::json!({"options": opts, "report": &report}))?;
+    let path = out.join(TRAIN_REPORT);
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "command": command, "machine": machine, "options": opts, "report": &report,
+    }))?;
     std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    write_card(out, role)?;
     Ok(report)
 }
 
@@ -370,7 +675,14 @@ fn progress_bar(steps: usize) -> ProgressBar {
     bar
 }
 
-fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Result<()> {
+fn run_gpt(
+    role: &str,
+    image_size: usize,
+    layers: i64,
+    a: TrainGptArgs,
+    command: &str,
+) -> Result<()> {
+    let default_steps = if role == "target" { 1250 } else { 3000 };
     let opts = GptTrainOptions {
         data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
         vq: a.vq.clone(),
@@ -388,7 +700,7 @@ fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Resul
         n_head: a.n_head,
         caption_len: a.caption_len,
         caption_dim: a.caption_dim,
-        steps: a.steps,
+        steps: a.steps.unwrap_or(default_steps),
         batch: a.batch,
         lr: a.lr,
         weight_decay: a.weight_decay,
@@ -398,7 +710,9 @@ fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Resul
         dtype: a.store_dtype,
         vq_link: Some("../vq".into()),
     };
-    let report = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_gpt)?;
+    let report = run_training(
+        role, command, &opts, opts.steps, &opts.out, &a.runtime, train_gpt,
+    )?;
     println!(
         "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats; wrote {}",
         report.seconds,
@@ -411,7 +725,58 @@ fn run_gpt(role: &str, image_size: usize, layers: i64, a: TrainGptArgs) -> Resul
     Ok(())
 }
 
-fn run_vq(a: TrainVqArgs) -> Result<()> {
+fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
+    check_share(a.low_res_share)?;
+    let opts = VqDecoderOptions {
+        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        vq: a.vq.clone(),
+        out: a.out.clone(),
+        work: a
+            .work
+            .clone()
+            .unwrap_or_else(|| home_cache("train/vq-decoder")),
+        steps: a.steps,
+        low_res_share: a.low_res_share,
+        batch: a.batch,
+        lr: a.lr,
+        decoder_ch_mult: a.decoder_ch_mult.clone(),
+        seed: a.seed,
+        resume: a.resume,
+        dtype: a.store_dtype,
+    };
+    // The first report of the directory (the full VQ run) is kept beside the decoder's.
+    let first = opts.out.join(TRAIN_REPORT);
+    if first.is_file() && opts.out == opts.vq {
+        std::fs::copy(&first, opts.out.join("train_report.vq.json"))
+            .with_context(|| format!("{}", first.display()))?;
+    }
+    let r = run_training(
+        "vq",
+        command,
+        &opts,
+        opts.steps,
+        &opts.out,
+        &a.runtime,
+        train_vq_decoder,
+    )?;
+    println!(
+        "trained the VQ decoder in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px (was {:.2}), {:.2} dB at 32 px (was {:.2}), codebook usage {:.1}%, tokens unchanged {:.2}% ({} held-out images); wrote {}",
+        r.seconds,
+        r.steps,
+        r.final_loss,
+        r.psnr64,
+        r.psnr64_before,
+        r.psnr32,
+        r.psnr32_before,
+        r.codebook_usage * 100.0,
+        r.tokens_unchanged * 100.0,
+        r.heldout_images,
+        opts.out.display()
+    );
+    Ok(())
+}
+
+fn run_vq(a: TrainVqArgs, command: &str) -> Result<()> {
     let opts = VqTrainOptions {
         data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
         out: a.out.clone(),
@@ -437,7 +802,10 @@ fn run_vq(a: TrainVqArgs) -> Result<()> {
         dtype: a.store_dtype,
     };
     opts.config.validate()?;
-    let report = run_training(&opts, opts.steps, &opts.out, &a.runtime, train_vq)?;
+    check_share(a.low_res_share)?;
+    let report = run_training(
+        "vq", command, &opts, opts.steps, &opts.out, &a.runtime, train_vq,
+    )?;
     println!(
         "trained the VQ in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px, {:.2} dB at 32 px, codebook usage {:.1}% ({} held-out images); wrote {}",
         report.seconds,

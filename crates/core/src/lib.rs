@@ -7,6 +7,7 @@ pub mod caption;
 pub mod condition;
 pub mod grid;
 pub mod params;
+pub mod spec;
 
 pub use condition::Condition;
 pub use grid::{GridSize, TokenGrid};

@@ -215,6 +215,9 @@ pub struct MethodResult {
 /// An evaluation report: `{"methods": [...]}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EvalReport {
+    /// The command that produced the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// One entry per method.
     pub methods: Vec<MethodResult>,
 }

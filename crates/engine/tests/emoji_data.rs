@@ -1,59 +1,9 @@
 //! The emoji data set builder on small synthetic npm tarballs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
 use mulo_engine::data::emoji::{self, Meta};
 
-fn png(color: [u8; 4], size: u32) -> Vec<u8> {
-    let img = image::RgbaImage::from_fn(size, size, |x, _| {
-        if x < size / 2 {
-            image::Rgba(color)
-        } else {
-            image::Rgba([0, 0, 0, 0]) // transparent: white after compositing
-        }
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-const EMOJI_JSON: &str = r#"[
-  {"name": "GRINNING FACE", "unified": "1F600", "image": "1f600.png", "short_names": ["grinning"],
-   "category": "Smileys & Emotion", "subcategory": "face-smiling",
-   "has_img_google": true, "has_img_twitter": true},
-  {"name": "WAVING HAND SIGN", "unified": "1F44B", "image": "1f44b.png", "short_names": ["wave"],
-   "category": "People & Body", "subcategory": "hand-fingers-open",
-   "has_img_google": true, "has_img_twitter": false,
-   "skin_variations": {"1F3FF": {"unified": "1F44B-1F3FF", "image": "1f44b-1f3ff.png",
-                                 "has_img_google": true, "has_img_twitter": false}}},
-  {"name": "EMOJI MODIFIER FITZPATRICK TYPE-1-2", "unified": "1F3FB", "image": "1f3fb.png",
-   "short_names": ["skin-tone-2"], "category": "Component", "subcategory": "skin-tone",
-   "has_img_google": true, "has_img_twitter": true}
-]"#;
-
-fn tarball(dir: &Path, vendor: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
-    let path = dir.join(format!("{vendor}.tgz"));
-    let gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(&path).unwrap(),
-        flate2::Compression::fast(),
-    );
-    let mut tar = tar::Builder::new(gz);
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, name, data).unwrap();
-    };
-    add("package/emoji.json", EMOJI_JSON.as_bytes());
-    for (name, data) in files {
-        add(&format!("package/img/{vendor}/64/{name}"), data);
-    }
-    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
-    path
-}
+use mulo_engine::data::synthetic::{png, tarball};
 
 #[test]
 fn builds_images_captions_labels_and_split() {
@@ -209,6 +159,7 @@ fn vq_training_runs_checkpoints_resumes_and_reports() {
         out: d.join("vq"),
         work: d.join("work"),
         steps: 4,
+        low_res_share: 0.5,
         batch: 2,
         lr: 1e-3,
         seed: 1,
@@ -363,6 +314,8 @@ fn evaluator_training_reports_accuracies_and_reloads() {
         lr: 1e-3,
         low_res_share: 0.5,
         channels: vec![8, 16],
+        max_shift: 2,
+        label_smoothing: 0.1,
         seed: 0,
         resume: false,
         dtype: DType::Fp16,
@@ -387,4 +340,105 @@ fn evaluator_training_reports_accuracies_and_reloads() {
     ));
     assert_eq!(out.features.size(), vec![2, 16]);
     assert_eq!(out.category.size(), vec![2, 2]);
+}
+
+#[test]
+fn upsampler_training_reports_and_reloads() {
+    use mulo_engine::train::upsampler::{train_upsampler, UpsamplerTrainOptions};
+    use mulo_model::{DType, Upsampler, VqConfig, VqModel};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+        ],
+    );
+    let data = d.join("data");
+    emoji::build(&[("google".into(), google)], &data).unwrap();
+    let vq_cfg = VqConfig {
+        name: None,
+        codebook_size: 16,
+        codebook_embed_dim: 4,
+        codebook_l2_norm: true,
+        ch: 32,
+        encoder_ch_mult: vec![1, 1, 1],
+        decoder_ch_mult: vec![1, 1, 1],
+        z_channels: 32,
+        num_res_blocks: 1,
+        dtype: DType::Fp32,
+    };
+    VqModel::random(vq_cfg, tch::Device::Cpu, DType::Fp32, 0)
+        .unwrap()
+        .save(&d.join("vq"), DType::Fp32)
+        .unwrap();
+    let opts = UpsamplerTrainOptions {
+        data,
+        vq: d.join("vq"),
+        out: d.join("up"),
+        work: d.join("work"),
+        channels: 16,
+        low_blocks: 1,
+        high_blocks: 1,
+        steps: 3,
+        batch: 2,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        seed: 0,
+        resume: false,
+        dtype: DType::Fp16,
+        vq_link: Some("../vq".into()),
+    };
+    let mut steps = Vec::new();
+    let r = train_upsampler(&opts, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
+    assert_eq!(steps, vec![1, 2, 3]);
+    for f in [
+        r.heldout_token_accuracy,
+        r.repeat_token_accuracy,
+        r.roundtrip_agreement,
+        r.downsample_agreement,
+    ] {
+        assert!((0.0..=1.0).contains(&f), "{r:?}");
+    }
+    assert!(r.heldout_nll.is_finite() && r.heldout_nll > 0.0);
+    let up = Upsampler::load(&opts.out, tch::Device::Cpu).unwrap();
+    assert_eq!(up.config().vq.as_deref(), Some("../vq"));
+    // The frozen codebook is the VQ's (normalised) codes, stored with the up-sampler.
+    let (vq, _) = VqModel::load(&d.join("vq"), tch::Device::Cpu, Some(DType::Fp32)).unwrap();
+    let low = tch::Tensor::from_slice(&[3i64, 1, 4, 1]).view([1, 2, 2]);
+    assert_eq!(up.upsample(&low).unwrap().size(), vec![1, 4, 4]);
+    let named = up.var_store().variables();
+    let stored = &named["codebook"];
+    assert!(f64::try_from((stored - vq.codes()).abs().max()).unwrap() < 1e-2);
+}
+
+#[test]
+fn eval_prompts_name_heldout_and_training_emoji() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+        ],
+    );
+    let data = d.join("data");
+    emoji::build(&[("google".into(), google)], &data).unwrap();
+    let meta = Meta::load(&data).unwrap();
+    let rows = emoji::eval_prompts(&meta).unwrap();
+    let mut prompts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    prompts.sort_unstable();
+    // One per base emoji, skin tones left out, by name.
+    assert_eq!(prompts, vec!["grinning face", "waving hand sign"]);
+    let wave = rows.iter().find(|r| r.0 == "waving hand sign").unwrap();
+    assert_eq!(
+        (wave.1.as_str(), wave.2.as_str()),
+        ("People & Body", "hand-fingers-open")
+    );
 }

@@ -307,7 +307,7 @@ mod tests {
         assert_eq!(base.size(), [2, 32, 12, 10]);
         for row in 0..6 {
             let changed = low.copy();
-            let _ = changed
+            changed
                 .narrow(1, row, 1)
                 .copy_(&((low.narrow(1, row, 1) + 7).remainder(32)));
             let out = tch::no_grad(|| u.logits(&changed));

@@ -422,6 +422,40 @@ impl VqModel {
         )
     }
 
+    /// Training decode of token ids `[B, h, w]`: gradients reach `post_quant_conv` and the decoder
+    /// only (the codes are detached), so encoding, and with it every token, stays unchanged.
+    pub fn decode_train(&self, tokens: &Tensor) -> Tensor {
+        let s = tokens.size();
+        let q = self
+            .codes()
+            .detach()
+            .index_select(0, &tokens.reshape([-1]))
+            .view([s[0], s[1], s[2], self.cfg.codebook_embed_dim])
+            .permute([0, 3, 1, 2]);
+        self.decoder.forward(&self.post_quant_conv.forward(&q))
+    }
+
+    /// Copies every variable of `other` whose name and shape match one of this model's (decoder
+    /// variables only when `with_decoder`); returns how many were copied.
+    pub fn copy_weights_from(&mut self, other: &VqModel, with_decoder: bool) -> usize {
+        let src = other.vs.variables();
+        let mut n = 0;
+        tch::no_grad(|| {
+            for (name, mut dst) in self.vs.variables() {
+                if !with_decoder && name.starts_with("decoder.") {
+                    continue;
+                }
+                if let Some(t) = src.get(&name) {
+                    if t.size() == dst.size() {
+                        dst.copy_(&t.to_kind(dst.kind()));
+                        n += 1;
+                    }
+                }
+            }
+        });
+        n
+    }
+
     /// Latents `[N, embed_dim]` as the quantiser sees them (normalised when configured), for
     /// re-seeding unused codes during training.
     pub fn latents(&self, images: &Tensor) -> Tensor {

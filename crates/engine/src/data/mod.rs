@@ -1,3 +1,5 @@
 //! Training and evaluation data sets.
 
 pub mod emoji;
+#[doc(hidden)]
+pub mod synthetic;

@@ -33,6 +33,10 @@ pub struct EvaluatorTrainOptions {
     pub low_res_share: f64,
     /// Channels of the four stages.
     pub channels: Vec<i64>,
+    /// Largest random shift of a batch, in pixels of its resolution (white fills the border).
+    pub max_shift: i64,
+    /// Label smoothing of both cross-entropies.
+    pub label_smoothing: f64,
     /// Seed of the weights and the batch order.
     pub seed: u64,
     /// Continue from the last checkpoint in `work`.
@@ -75,6 +79,19 @@ fn labels(data: &EmojiTensors, rows: &[i64], device: Device) -> (Tensor, Tensor)
         Tensor::from_slice(&cat).to_device(device),
         Tensor::from_slice(&sub).to_device(device),
     )
+}
+
+/// Shifts a batch `[B, 3, H, W]` by a random offset of at most `max` pixels in each direction,
+/// filling the uncovered border with white.
+fn shift(x: &Tensor, max: i64, rng: &mut ChaCha8Rng) -> Tensor {
+    if max <= 0 {
+        return x.shallow_clone();
+    }
+    let s = x.size();
+    let (dy, dx) = (rng.random_range(0..=2 * max), rng.random_range(0..=2 * max));
+    x.pad([max, max, max, max], "constant", Some(1.0))
+        .narrow(2, dy, s[2])
+        .narrow(3, dx, s[3])
 }
 
 /// Held-out (category, subcategory) accuracy at `size` px.
@@ -155,10 +172,21 @@ pub fn train_evaluator(
         let x = data.batch(size, &rows, device);
         // Mirror half of the batches: a category does not change with left and right.
         let x = if rng.random::<bool>() { x.flip([3]) } else { x };
+        let x = shift(&x, opts.max_shift, &mut rng);
         let (c, s) = labels(&data, &rows, device);
         let out = ev.forward(&x);
-        let loss = out.category.cross_entropy_for_logits(&c)
-            + out.subcategory.cross_entropy_for_logits(&s);
+        let ce = |logits: &Tensor, target: &Tensor| {
+            logits
+                .log_softmax(-1, Kind::Float)
+                .cross_entropy_loss::<Tensor>(
+                    target,
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    opts.label_smoothing,
+                )
+        };
+        let loss = ce(&out.category, &c) + ce(&out.subcategory, &s);
         last_loss = trainer.step(step, &loss)?;
         trainer.end_step(
             ev.var_store(),

@@ -201,6 +201,186 @@ pub fn train_vq(
     Ok(report)
 }
 
+/// Settings of a decoder-only VQ training run (the tokens stay exactly as they are).
+#[derive(Debug, Clone, Serialize)]
+pub struct VqDecoderOptions {
+    /// Data directory written by `mulo data emoji`.
+    pub data: PathBuf,
+    /// The trained VQ model whose encoder and codebook are kept.
+    pub vq: PathBuf,
+    /// Model directory to write.
+    pub out: PathBuf,
+    /// Checkpoints and the loss log.
+    pub work: PathBuf,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Share of the steps on 32 px images (spread evenly).
+    pub low_res_share: f64,
+    /// Images per 64 px step (32 px steps use twice as many).
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// A different decoder width per level (trained from scratch); `None` continues the decoder.
+    pub decoder_ch_mult: Option<Vec<i64>>,
+    /// Seed of new weights and of the batch order.
+    pub seed: u64,
+    /// Continue from the last checkpoint in `work`.
+    pub resume: bool,
+    /// Storage dtype of the written model.
+    pub dtype: DType,
+}
+
+/// What a decoder-only run measured on the held-out split.
+#[derive(Debug, Clone, Serialize)]
+pub struct VqDecoderReport {
+    /// Steps run.
+    pub steps: usize,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Whether the decoder continued from the input model (same architecture).
+    pub warm_start: bool,
+    /// Held-out PSNR of the input model at 64 px.
+    pub psnr64_before: f64,
+    /// The same at 32 px.
+    pub psnr32_before: f64,
+    /// Held-out PSNR of the written model at 64 px.
+    pub psnr64: f64,
+    /// The same at 32 px.
+    pub psnr32: f64,
+    /// Fraction of codes used on the held-out images at 64 and 32 px.
+    pub codebook_usage: f64,
+    /// Fraction of held-out tokens (64 and 32 px) the written model encodes as the input did.
+    pub tokens_unchanged: f64,
+    /// Held-out images.
+    pub heldout_images: usize,
+}
+
+/// Trains the decoder (and `post_quant_conv`) of a trained VQ on its own frozen tokens: the
+/// encoder, the codebook and therefore every token are unchanged, so models trained on the tokens
+/// stay valid. `progress(step, total, loss)` after every step.
+pub fn train_vq_decoder(
+    opts: &VqDecoderOptions,
+    device: Device,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<VqDecoderReport, EngineError> {
+    let data = EmojiTensors::load(&opts.data)?;
+    let train = data.indices(Split::Train);
+    let heldout = data.indices(Split::Heldout);
+    if train.is_empty() {
+        return Err(EngineError::Train(
+            "the data set has no training images".into(),
+        ));
+    }
+    let (old, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
+    let mut cfg = old.config().clone();
+    let warm_start = match &opts.decoder_ch_mult {
+        Some(m) if *m != cfg.decoder_ch_mult => {
+            cfg.decoder_ch_mult = m.clone();
+            false
+        }
+        _ => true,
+    };
+    let mut vq = VqModel::random(cfg, device, DType::Fp32, opts.seed as i64)?;
+    vq.copy_weights_from(&old, warm_start);
+    let v = vq.config().codebook_size;
+    let before = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+        let used = Tensor::zeros([v], (Kind::Float, device));
+        Ok((
+            evaluate(&old, &data, 64, &used, device)?,
+            evaluate(&old, &data, 32, &used, device)?,
+        ))
+    })?;
+    let f = old.config().downsample_factor();
+    let tok64 = super::gpt::tokenize_images(&old, &data, 64, device)?.view([-1, 64 / f, 64 / f]);
+    let tok32 = super::gpt::tokenize_images(&old, &data, 32, device)?.view([-1, 32 / f, 32 / f]);
+    let sched = Schedule {
+        peak_lr: opts.lr,
+        warmup: (opts.steps / 50).max(1),
+        total: opts.steps,
+        min_ratio: 0.05,
+    };
+    let adamw = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.99,
+        wd: 0.0,
+        eps: 1e-8,
+        amsgrad: false,
+    };
+    let mut trainer = Trainer::open(
+        vq.var_store_mut(),
+        adamw,
+        sched,
+        &opts.work,
+        opts.resume,
+        500,
+    )?;
+    let mut last_loss = f64::NAN;
+    for step in trainer.start..opts.steps {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let (size, n, tokens) = if is_low_res_step(step, opts.low_res_share) {
+            (32, opts.batch * 2, &tok32)
+        } else {
+            (64, opts.batch, &tok64)
+        };
+        let rows = sample(&mut rng, &train, n);
+        let x = data.batch(size, &rows, device);
+        let t = tokens
+            .index_select(0, &Tensor::from_slice(&rows))
+            .to_device(device);
+        let diff = vq.decode_train(&t) - &x;
+        let loss = diff.abs().mean(Kind::Float) + diff.pow_tensor_scalar(2).mean(Kind::Float);
+        last_loss = trainer.step(step, &loss)?;
+        trainer.end_step(
+            vq.var_store(),
+            step,
+            last_loss,
+            || Ok(serde_json::Value::Null),
+            progress,
+        )?;
+    }
+    trainer.finish(vq.var_store())?;
+    vq.save(&opts.out, opts.dtype)?;
+    let (saved, _) = VqModel::load(&opts.out, device, Some(DType::Fp32))?;
+    let used = Tensor::zeros([v], (Kind::Float, device));
+    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+        Ok((
+            evaluate(&saved, &data, 64, &used, device)?,
+            evaluate(&saved, &data, 32, &used, device)?,
+        ))
+    })?;
+    let codebook_usage = f64::try_from(used.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))?;
+    let (mut same, mut total) = (0i64, 0i64);
+    for (size, tokens) in [(64, &tok64), (32, &tok32)] {
+        for chunk in heldout.chunks(128) {
+            let now = saved
+                .encode(&data.batch(size, chunk, device))?
+                .to_device(Device::Cpu);
+            let r = Tensor::from_slice(chunk);
+            let was = tokens.index_select(0, &r);
+            same += i64::try_from(now.eq_tensor(&was).sum(Kind::Int64))?;
+            total += now.numel() as i64;
+        }
+    }
+    let report = VqDecoderReport {
+        steps: opts.steps,
+        seconds: trainer.seconds(),
+        final_loss: last_loss,
+        warm_start,
+        psnr64_before: before.0,
+        psnr32_before: before.1,
+        psnr64,
+        psnr32,
+        codebook_usage,
+        tokens_unchanged: same as f64 / total.max(1) as f64,
+        heldout_images: heldout.len(),
+    };
+    trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_low_res_step;

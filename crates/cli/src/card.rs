@@ -1,0 +1,126 @@
+//! MODEL_CARD.md of a trained model, rendered from what the commands wrote: `train_report.json`
+//! (the training command, its options and the measured report) and, for the GPTs, `eval.json`
+//! (from `mulo eval`). Nothing in a card is typed by hand.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// File with a model's training command, options and report.
+pub const TRAIN_REPORT: &str = "train_report.json";
+/// File with a model's evaluation report (GPTs).
+pub const EVAL_REPORT: &str = "eval.json";
+
+fn describe(role: &str) -> &'static str {
+    match role {
+        "vq" => "VQ tokenizer (LlamaGen architecture) with 4x down-sampling: 64 px images -> 16x16 tokens, 32 px -> 8x8; one codebook for both resolutions. Trained with L1 + MSE reconstruction, codebook and 0.25 x commitment losses, re-seeding unused codes; steps alternate between 64 px and 32 px batches (`low_res_share` of them at 32 px).",
+        "evaluator" => "Evaluator CNN: four stages of two 3x3 convolutions with GroupNorm and SiLU, global average pooling to the penultimate features used by FID-emoji, linear heads for category and subcategory. Inputs of other sizes are resized to 64 px. Trained with label-smoothed cross-entropy on both heads, random mirroring and shifts, part of the steps at 32 px.",
+        "target" => "Target GPT (LlamaGen t2i architecture, caption prefix + learned null caption for classifier-free guidance) at 64 px / 16x16 tokens, trained with teacher forcing on VQ tokens of the training images and their captions (condition dropout for CFG).",
+        "drafter" => "Drafter GPT: the target's architecture at 32 px / 8x8 tokens (r = 2), trained the same way on the 32 px images.",
+        "draft-small" => "Small high-resolution draft model (64 px / 16x16 tokens, few layers) for the SD and LANTERN baselines, trained like the target.",
+        "upsampler" => "Up-sampler U_2: 8x8 low-res token ids -> 16x16 high-res token logits. Tokens enter as their (frozen) VQ code vectors, pass row-causal residual convolutions (2x3 kernels over rows a-1 and a), a pixel shuffle x2, more row-causal convolutions and a classification head over the codebook: high-res rows 2a, 2a+1 depend only on low-res rows <= a. Trained with token cross-entropy on (32 px tokens, 64 px tokens) pairs of the same training images.",
+        _ => "",
+    }
+}
+
+fn fmt_value(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                if f.abs() >= 100.0 {
+                    format!("{f:.1}")
+                } else {
+                    format!("{f:.4}")
+                }
+            }
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders `<dir>/MODEL_CARD.md` for a model of `role` from the reports in `dir`.
+pub fn write_card(dir: &Path, role: &str) -> Result<()> {
+    let path = dir.join(TRAIN_REPORT);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let train: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# emoji {role}\n");
+    let _ = writeln!(md, "{}\n", describe(role));
+    if let Some(note) = train.get("note").and_then(Value::as_str) {
+        let _ = writeln!(md, "**Note:** {note}\n");
+    }
+    let _ = writeln!(
+        md,
+        "Data: `mulo data emoji` (emoji-datasource-google and -twitter 16.0.0, 64/32/16 px on white; split by emoji, held-out emoji never trained on; see docs/data.md).\n"
+    );
+    let _ = writeln!(md, "## How it was made\n");
+    if let Some(cmd) = train.get("command").and_then(Value::as_str) {
+        let _ = writeln!(md, "```\n{cmd}\n```\n");
+    }
+    if let Some(machine) = train.get("machine").and_then(Value::as_str) {
+        let _ = writeln!(md, "Machine: {machine}.\n");
+    }
+    let _ = writeln!(
+        md,
+        "Options as run (also in `{TRAIN_REPORT}`):\n\n```json\n{}\n```\n",
+        serde_json::to_string_pretty(train.get("options").unwrap_or(&Value::Null))?
+    );
+    let _ = writeln!(
+        md,
+        "## Measured (printed by the command; held-out numbers on the stored weights)\n"
+    );
+    let _ = writeln!(md, "| quantity | value |\n|---|---|");
+    if let Some(Value::Object(r)) = train.get("report") {
+        for (k, v) in r {
+            let _ = writeln!(md, "| {k} | {} |", fmt_value(v));
+        }
+    }
+    let eval_path = dir.join(EVAL_REPORT);
+    if eval_path.is_file() {
+        let text = std::fs::read_to_string(&eval_path)
+            .with_context(|| format!("{}", eval_path.display()))?;
+        let eval: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", eval_path.display()))?;
+        let _ = writeln!(md, "\n## Samples (`mulo eval`, also in `{EVAL_REPORT}`)\n");
+        if let Some(cmd) = eval.get("command").and_then(Value::as_str) {
+            let _ = writeln!(md, "```\n{cmd}\n```\n");
+        }
+        let _ = writeln!(
+            md,
+            "| method | n | px | FID-emoji | adherence category | adherence subcategory | params |\n|---|---|---|---|---|---|---|"
+        );
+        for m in eval
+            .get("methods")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let g = |k: &str| m.get(k).map(fmt_value).unwrap_or_default();
+            let pct = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_f64)
+                    .map(|f| format!("{:.1}%", f * 100.0))
+                    .unwrap_or_default()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | `{}` |",
+                g("method"),
+                g("n"),
+                g("image_size"),
+                g("fid_emoji"),
+                pct("adherence_category"),
+                pct("adherence_subcategory"),
+                m.get("params").map(Value::to_string).unwrap_or_default()
+            );
+        }
+    }
+    let out = dir.join("MODEL_CARD.md");
+    std::fs::write(&out, md).with_context(|| format!("{}", out.display()))?;
+    Ok(())
+}

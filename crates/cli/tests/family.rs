@@ -1,0 +1,262 @@
+//! The family pipeline of the `mulo` binary at toy size: data from synthetic npm packages, every
+//! training command, `mulo eval` (report, grid), model cards, and generation from a family.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+const MULO: &str = env!("CARGO_BIN_EXE_mulo");
+
+fn ok(args: &[&str]) -> String {
+    let o = Command::new(MULO).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "mulo {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = Command::new(MULO).args(args).output().unwrap();
+    assert!(!o.status.success(), "mulo {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn toy_family_trains_evaluates_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pk = mulo_engine::data::synthetic::packages(d);
+    let data = d.join("data");
+    let (fam, work) = (d.join("fam"), d.join("work"));
+    ok(&[
+        "data",
+        "emoji",
+        "--google",
+        s(&pk[0].1),
+        "--twitter",
+        s(&pk[1].1),
+        "--out",
+        s(&data),
+    ]);
+    let prompts = d.join("p.tsv");
+    let out = ok(&["data", "prompts", "--data", s(&data), "--out", s(&prompts)]);
+    assert!(out.contains("wrote 2 prompts"), "{out}");
+
+    let j = |a: &Path, b: &str| a.join(b).to_str().unwrap().to_string();
+    let common = |role: &str| -> Vec<String> {
+        vec![
+            "train".into(),
+            role.into(),
+            "--data".into(),
+            s(&data).into(),
+            "--out".into(),
+            j(&fam, role),
+            "--work".into(),
+            j(&work, role),
+            "--steps".into(),
+            "2".into(),
+            "--batch".into(),
+            "2".into(),
+        ]
+    };
+    let run = |mut args: Vec<String>, extra: &[&str]| {
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&refs)
+    };
+    let vq_out = run(
+        common("vq"),
+        &[
+            "--ch",
+            "32",
+            "--ch-mult",
+            "1,1,1",
+            "--z-channels",
+            "32",
+            "--codebook-size",
+            "16",
+            "--embed-dim",
+            "4",
+        ],
+    );
+    assert!(vq_out.contains("held-out PSNR"), "{vq_out}");
+    // Retraining the decoder (continued, or wider from scratch) keeps every token.
+    for extra in [&[][..], &["--decoder-ch-mult", "2,1,1"][..]] {
+        let mut args = vec![
+            "train",
+            "vq-decoder",
+            "--data",
+            s(&data),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+        ];
+        let (vq_in, out, w) = (j(&fam, "vq"), j(d, "vq2"), j(&work, "vq2"));
+        args.extend(["--vq", &vq_in, "--out", &out, "--work", &w]);
+        args.extend(extra);
+        let o = ok(&args);
+        assert!(o.contains("tokens unchanged 100.00%"), "{o}");
+    }
+    run(common("evaluator"), &["--channels", "8,16"]);
+    let vq = j(&fam, "vq");
+    let gpt = [
+        "--vq",
+        &vq,
+        "--dim",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--caption-len",
+        "6",
+        "--caption-dim",
+        "8",
+    ];
+    run(common("target"), &gpt);
+    run(common("drafter"), &gpt);
+    let up = run(
+        common("upsampler"),
+        &[
+            "--vq",
+            &vq,
+            "--channels",
+            "16",
+            "--low-blocks",
+            "1",
+            "--high-blocks",
+            "1",
+        ],
+    );
+    assert!(up.contains("D_2(U_2(y)) = y"), "{up}");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/emoji/family.json"),
+        fam.join("family.json"),
+    )
+    .unwrap();
+
+    // Cards are rendered from the reports, with the command line that made the model.
+    let card = std::fs::read_to_string(fam.join("vq/MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("mulo train vq --data") && card.contains("psnr64"),
+        "{card}"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(fam.join("vq/train_report.json")).unwrap())
+            .unwrap();
+    assert!(report["command"]
+        .as_str()
+        .unwrap()
+        .starts_with("mulo train vq"));
+
+    let json = d.join("eval.json");
+    let grid = d.join("grid.png");
+    let out = ok(&[
+        "eval",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--prompts",
+        s(&prompts),
+        "--method",
+        "ar,drafter-ar",
+        "--n",
+        "3",
+        "--json",
+        s(&json),
+        "--grid",
+        s(&grid),
+        "--grid-columns",
+        "2",
+    ]);
+    assert!(out.contains("FID-emoji"), "{out}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let methods = r["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 2);
+    for (m, name, px) in [(&methods[0], "ar", 64), (&methods[1], "drafter-ar", 32)] {
+        assert_eq!(m["method"], name);
+        assert_eq!(m["n"], 3);
+        assert_eq!(m["image_size"], px);
+        assert_eq!(m["real_images"], 4);
+        assert!(m["fid_emoji"].as_f64().unwrap() >= 0.0);
+        for k in ["adherence_category", "adherence_subcategory"] {
+            assert!((0.0..=1.0).contains(&m[k].as_f64().unwrap()), "{m}");
+        }
+        assert!(m["params"]["cfg"].is_number());
+    }
+    // 2 columns, 3 images: two generated rows, each above a real row.
+    let g = image::open(&grid).unwrap();
+    assert_eq!((g.width(), g.height()), (128, 256));
+
+    // Generation from the family (its target) with a prompt; unknown words are warned about.
+    let png = d.join("a.png");
+    let o = Command::new(MULO)
+        .args([
+            "generate",
+            "purple grinning face",
+            "--family",
+            s(&fam),
+            "--out",
+            s(&png),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("purple"));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    let info = ok(&["info", s(&fam.join("upsampler"))]);
+    assert!(info.contains("up-sampler") && info.contains("x2"), "{info}");
+    let info = ok(&["info", s(&fam.join("evaluator"))]);
+    assert!(info.contains("evaluator CNN"), "{info}");
+
+    // Bad input: a prompt label the evaluator does not know, a family without the member.
+    let bad = d.join("bad.tsv");
+    std::fs::write(
+        &bad,
+        "prompt\tcategory\tsubcategory\nred apple\tFood & Drink\tfood-fruit\n",
+    )
+    .unwrap();
+    let e = fails(&[
+        "eval",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--prompts",
+        s(&bad),
+        "--n",
+        "2",
+        "--json",
+        s(&json),
+    ]);
+    assert!(e.contains("Food & Drink") && e.contains("red apple"), "{e}");
+    std::fs::remove_dir_all(fam.join("drafter")).unwrap();
+    let e = fails(&[
+        "eval",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--prompts",
+        s(&prompts),
+        "--method",
+        "drafter-ar",
+        "--n",
+        "2",
+        "--json",
+        s(&json),
+    ]);
+    assert!(e.contains("Drafter") && e.contains("mulo train"), "{e}");
+}
