@@ -4,6 +4,47 @@
 use mulo_engine::data::emoji::{self, Meta};
 
 use mulo_engine::data::synthetic::{png, tarball};
+use mulo_model::{DType, VqConfig, VqModel};
+
+/// A data set of the google package only (one training emoji, one held-out with a variation).
+fn google_data(d: &std::path::Path) -> std::path::PathBuf {
+    let google = tarball(
+        d,
+        "google",
+        &[
+            ("1f600.png", png([200, 100, 0, 255], 64)),
+            ("1f44b.png", png([10, 20, 30, 255], 64)),
+            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
+        ],
+    );
+    let data = d.join("data");
+    emoji::build(&[("google".into(), google)], &data).unwrap();
+    data
+}
+
+/// A VQ of 16 codes x 4 at 4x down-sampling, as small as the architecture allows.
+fn tiny_vq_config() -> VqConfig {
+    VqConfig {
+        name: None,
+        codebook_size: 16,
+        codebook_embed_dim: 4,
+        codebook_l2_norm: true,
+        ch: 32,
+        encoder_ch_mult: vec![1, 1, 1],
+        decoder_ch_mult: vec![1, 1, 1],
+        z_channels: 32,
+        num_res_blocks: 1,
+        dtype: DType::Fp32,
+    }
+}
+
+/// Writes a random [`tiny_vq_config`] VQ to `dir`.
+fn save_random_vq(dir: &std::path::Path) {
+    VqModel::random(tiny_vq_config(), tch::Device::Cpu, DType::Fp32, 0)
+        .unwrap()
+        .save(dir, DType::Fp32)
+        .unwrap();
+}
 
 #[test]
 fn builds_images_captions_labels_and_split() {
@@ -135,7 +176,6 @@ fn downsample_is_an_area_average() {
 #[test]
 fn vq_training_runs_checkpoints_resumes_and_reports() {
     use mulo_engine::train::vq::{train_vq, VqTrainOptions};
-    use mulo_model::{DType, VqConfig, VqModel};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let google = tarball(
@@ -164,18 +204,7 @@ fn vq_training_runs_checkpoints_resumes_and_reports() {
         lr: 1e-3,
         seed: 1,
         resume: false,
-        config: VqConfig {
-            name: None,
-            codebook_size: 16,
-            codebook_embed_dim: 4,
-            codebook_l2_norm: true,
-            ch: 32,
-            encoder_ch_mult: vec![1, 1, 1],
-            decoder_ch_mult: vec![1, 1, 1],
-            z_channels: 32,
-            num_res_blocks: 1,
-            dtype: DType::Fp32,
-        },
+        config: tiny_vq_config(),
         dtype: DType::Fp16,
     };
     // 1F600 hashes to train and 1F44B to held-out: both splits are present.
@@ -208,36 +237,11 @@ fn vq_training_runs_checkpoints_resumes_and_reports() {
 fn gpt_training_writes_a_prompt_model_that_generates() {
     use mulo_engine::prompt::{load_tokenizer, tokenize_prompt};
     use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
-    use mulo_model::{DType, Gpt, VqConfig, VqModel};
+    use mulo_model::Gpt;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let google = tarball(
-        d,
-        "google",
-        &[
-            ("1f600.png", png([200, 100, 0, 255], 64)),
-            ("1f44b.png", png([10, 20, 30, 255], 64)),
-            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
-        ],
-    );
-    let data = d.join("data");
-    emoji::build(&[("google".into(), google)], &data).unwrap();
-    let vq_cfg = VqConfig {
-        name: None,
-        codebook_size: 16,
-        codebook_embed_dim: 4,
-        codebook_l2_norm: true,
-        ch: 32,
-        encoder_ch_mult: vec![1, 1, 1],
-        decoder_ch_mult: vec![1, 1, 1],
-        z_channels: 32,
-        num_res_blocks: 1,
-        dtype: DType::Fp32,
-    };
-    VqModel::random(vq_cfg, tch::Device::Cpu, DType::Fp32, 0)
-        .unwrap()
-        .save(&d.join("vq"), DType::Fp32)
-        .unwrap();
+    let data = google_data(d);
+    save_random_vq(&d.join("vq"));
     let opts = GptTrainOptions {
         data,
         vq: d.join("vq"),
@@ -291,20 +295,9 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
 fn evaluator_training_reports_accuracies_and_reloads() {
     use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
     use mulo_model::evaluator::Evaluator;
-    use mulo_model::DType;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let google = tarball(
-        d,
-        "google",
-        &[
-            ("1f600.png", png([200, 100, 0, 255], 64)),
-            ("1f44b.png", png([10, 20, 30, 255], 64)),
-            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
-        ],
-    );
-    let data = d.join("data");
-    emoji::build(&[("google".into(), google)], &data).unwrap();
+    let data = google_data(d);
     let opts = EvaluatorTrainOptions {
         data,
         out: d.join("ev"),
@@ -345,36 +338,11 @@ fn evaluator_training_reports_accuracies_and_reloads() {
 #[test]
 fn upsampler_training_reports_and_reloads() {
     use mulo_engine::train::upsampler::{train_upsampler, UpsamplerTrainOptions};
-    use mulo_model::{DType, Upsampler, VqConfig, VqModel};
+    use mulo_model::Upsampler;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let google = tarball(
-        d,
-        "google",
-        &[
-            ("1f600.png", png([200, 100, 0, 255], 64)),
-            ("1f44b.png", png([10, 20, 30, 255], 64)),
-            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
-        ],
-    );
-    let data = d.join("data");
-    emoji::build(&[("google".into(), google)], &data).unwrap();
-    let vq_cfg = VqConfig {
-        name: None,
-        codebook_size: 16,
-        codebook_embed_dim: 4,
-        codebook_l2_norm: true,
-        ch: 32,
-        encoder_ch_mult: vec![1, 1, 1],
-        decoder_ch_mult: vec![1, 1, 1],
-        z_channels: 32,
-        num_res_blocks: 1,
-        dtype: DType::Fp32,
-    };
-    VqModel::random(vq_cfg, tch::Device::Cpu, DType::Fp32, 0)
-        .unwrap()
-        .save(&d.join("vq"), DType::Fp32)
-        .unwrap();
+    let data = google_data(d);
+    save_random_vq(&d.join("vq"));
     let opts = UpsamplerTrainOptions {
         data,
         vq: d.join("vq"),
@@ -419,17 +387,7 @@ fn upsampler_training_reports_and_reloads() {
 fn eval_prompts_name_heldout_and_training_emoji() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let google = tarball(
-        d,
-        "google",
-        &[
-            ("1f600.png", png([200, 100, 0, 255], 64)),
-            ("1f44b.png", png([10, 20, 30, 255], 64)),
-            ("1f44b-1f3ff.png", png([90, 60, 30, 255], 64)),
-        ],
-    );
-    let data = d.join("data");
-    emoji::build(&[("google".into(), google)], &data).unwrap();
+    let data = google_data(d);
     let meta = Meta::load(&data).unwrap();
     let rows = emoji::eval_prompts(&meta).unwrap();
     let mut prompts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
