@@ -13,8 +13,9 @@ pub struct RuntimeArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "MULO_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight and activation dtype: fp32, bf16 or fp16 (norms and logits stay fp32). Default: the
-    /// dtype in the model's config.json.
+    /// Weight and activation dtype: fp32, bf16 or fp16 (norms and logits stay fp32). Default: fp32
+    /// on the CPU (half-precision matrix products are slow there), the dtype in the model's
+    /// config.json on CUDA.
     #[arg(long, env = "MULO_DTYPE")]
     pub dtype: Option<DType>,
     /// Torch intra-op threads (default: torch's choice, one per core).
@@ -32,6 +33,16 @@ impl RuntimeArgs {
             tch::set_num_threads(n);
         }
         Ok(parse_device(&self.device)?)
+    }
+
+    /// The dtype models run in on `device`: the flag, else fp32 on the CPU, else `None` (each
+    /// model's config.json).
+    pub fn dtype_for(&self, device: tch::Device) -> Option<DType> {
+        match (self.dtype, device) {
+            (Some(d), _) => Some(d),
+            (None, tch::Device::Cpu) => Some(DType::Fp32),
+            (None, _) => None,
+        }
     }
 }
 
@@ -265,7 +276,7 @@ pub fn vq_worker(
     let runtime = runtime.clone();
     mulo_engine::TorchWorker::spawn("torch", move || -> Result<mulo_model::VqModel> {
         let device = runtime.setup()?;
-        let (vq, unused) = mulo_model::VqModel::load(&dir, device, runtime.dtype)?;
+        let (vq, unused) = mulo_model::VqModel::load(&dir, device, runtime.dtype_for(device))?;
         warn_unused(&dir, &unused);
         Ok(vq)
     })

@@ -122,7 +122,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let worker = TorchWorker::spawn("torch", move || -> Result<State> {
         let device = runtime.setup()?;
         let evaluator = Evaluator::load(&fam.path(Member::Evaluator)?, device)?;
-        let (vq, _) = VqModel::load(&fam.path(Member::Vq)?, device, runtime.dtype)?;
+        let (vq, _) = VqModel::load(&fam.path(Member::Vq)?, device, runtime.dtype_for(device))?;
         let data = EmojiTensors::load(&data_dir).with_context(|| {
             format!(
                 "loading the real images (build them with `mulo data emoji`): {}",
@@ -232,7 +232,7 @@ fn eval_method(
     }
     let started = Instant::now();
     let (images, times) = worker.run(move |s: &mut State| -> Result<(Tensor, Vec<f64>)> {
-        let (gpt, _) = Gpt::load(&dir, s.device, runtime.dtype)?;
+        let (gpt, _) = Gpt::load(&dir, s.device, runtime.dtype_for(s.device))?;
         let g = gpt.config().grid;
         let mut images = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);

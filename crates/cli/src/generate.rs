@@ -101,7 +101,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let want_png = out.is_some();
     let worker = TorchWorker::spawn("torch", move || -> Result<State> {
         let device = runtime.setup()?;
-        let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype)?;
+        let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype_for(device))?;
         warn_unused(&model_dir, &unused);
         let vq = if want_png {
             let Some(dir) = resolve_vq(&model_dir, vq_flag.as_deref(), gpt.config().vq.as_deref())
@@ -111,7 +111,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     model_dir.display()
                 );
             };
-            let (vq, unused) = VqModel::load(&dir, device, runtime.dtype)
+            let (vq, unused) = VqModel::load(&dir, device, runtime.dtype_for(device))
                 .with_context(|| format!("loading the VQ model {}", dir.display()))?;
             warn_unused(&dir, &unused);
             if vq.config().codebook_size != gpt.config().vocab_size {

@@ -96,7 +96,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let runtime = args.runtime.clone();
     let worker = TorchWorker::spawn("torch", move || -> Result<Gpt> {
         let device = runtime.setup()?;
-        let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype)?;
+        let (gpt, unused) = Gpt::load(&model_dir, device, runtime.dtype_for(device))?;
         warn_unused(&model_dir, &unused);
         Ok(gpt)
     })?;

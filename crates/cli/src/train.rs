@@ -249,18 +249,12 @@ fn run_eval_stage(fam: &Path, data: &Path, n: usize, runtime: &[String]) -> Resu
 /// Arguments of `mulo train vq-decoder`.
 #[derive(Debug, Args)]
 pub struct TrainVqDecoderArgs {
-    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
-    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// The trained VQ model (its encoder and codebook are kept).
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub vq: PathBuf,
     /// Model directory to write (may be the same as --vq).
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub out: PathBuf,
-    /// Checkpoints and loss log (default ~/.cache/mulo/train/vq-decoder).
-    #[arg(long, value_name = "DIR")]
-    pub work: Option<PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
@@ -276,34 +270,19 @@ pub struct TrainVqDecoderArgs {
     /// A new decoder width per level, trained from scratch (default: continue the decoder).
     #[arg(long, value_delimiter = ',')]
     pub decoder_ch_mult: Option<Vec<i64>>,
-    /// Seed of new weights and the batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Continue from the last checkpoint in --work.
-    #[arg(long)]
-    pub resume: bool,
-    /// Storage dtype of the written model.
-    #[arg(long, default_value = "fp16")]
-    pub store_dtype: DType,
     #[command(flatten)]
-    pub runtime: RuntimeArgs,
+    pub common: TrainCommon,
 }
 
 /// Arguments of `mulo train upsampler`.
 #[derive(Debug, Args)]
 pub struct TrainUpsamplerArgs {
-    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
-    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// The trained VQ model directory.
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub vq: PathBuf,
     /// Model directory to write.
     #[arg(long, default_value = "models/emoji/upsampler", value_name = "DIR")]
     pub out: PathBuf,
-    /// Checkpoints and loss log (default ~/.cache/mulo/train/upsampler).
-    #[arg(long, value_name = "DIR")]
-    pub work: Option<PathBuf>,
     /// Hidden channels.
     #[arg(long, default_value_t = 128)]
     pub channels: i64,
@@ -325,31 +304,16 @@ pub struct TrainUpsamplerArgs {
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f64,
-    /// Seed of the weights and the batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Continue from the last checkpoint in --work.
-    #[arg(long)]
-    pub resume: bool,
-    /// Storage dtype of the written model.
-    #[arg(long, default_value = "fp16")]
-    pub store_dtype: DType,
     #[command(flatten)]
-    pub runtime: RuntimeArgs,
+    pub common: TrainCommon,
 }
 
 /// Arguments of `mulo train evaluator`.
 #[derive(Debug, Args)]
 pub struct TrainEvaluatorArgs {
-    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
-    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// Model directory to write.
     #[arg(long, default_value = "models/emoji/evaluator", value_name = "DIR")]
     pub out: PathBuf,
-    /// Checkpoints and loss log (default ~/.cache/mulo/train/evaluator).
-    #[arg(long, value_name = "DIR")]
-    pub work: Option<PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 3000)]
     pub steps: usize,
@@ -371,35 +335,20 @@ pub struct TrainEvaluatorArgs {
     /// Label smoothing of the cross-entropies.
     #[arg(long, default_value_t = 0.1)]
     pub label_smoothing: f64,
-    /// Seed of the weights and the batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Continue from the last checkpoint in --work.
-    #[arg(long)]
-    pub resume: bool,
-    /// Storage dtype of the written model.
-    #[arg(long, default_value = "fp16")]
-    pub store_dtype: DType,
     #[command(flatten)]
-    pub runtime: RuntimeArgs,
+    pub common: TrainCommon,
 }
 
 /// Arguments of `mulo train target|drafter|draft-small` (unset architecture flags take the role's
 /// defaults).
 #[derive(Debug, Args)]
 pub struct TrainGptArgs {
-    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
-    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// The trained VQ model directory.
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub vq: PathBuf,
     /// Model directory to write (default models/emoji/<role>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Checkpoints and loss log (default ~/.cache/mulo/train/<role>).
-    #[arg(long, value_name = "DIR")]
-    pub work: Option<PathBuf>,
     /// Hidden width.
     #[arg(long, default_value_t = 256)]
     pub dim: i64,
@@ -431,7 +380,31 @@ pub struct TrainGptArgs {
     /// Probability of the null caption per training sequence (CFG).
     #[arg(long, default_value_t = 0.1)]
     pub cond_drop: f64,
-    /// Seed of the weights and the batch order.
+    /// Share of training sequences captioned by the emoji's name alone (the rest get the full
+    /// caption: name, short names, subcategory words).
+    #[arg(long, default_value_t = 0.5)]
+    pub name_share: f64,
+    /// Probability of replacing each caption word by <unk> in training (prompts meet words the
+    /// vocabulary lacks).
+    #[arg(long, default_value_t = 0.1)]
+    pub unk_drop: f64,
+    /// Training dropout of the input embeddings and the residual branches.
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    #[command(flatten)]
+    pub common: TrainCommon,
+}
+
+/// Flags every `mulo train <model>` takes.
+#[derive(Debug, Args)]
+pub struct TrainCommon {
+    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
+    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Checkpoints and loss log (default ~/.cache/mulo/train/<model>).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Seed of the new weights and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue from the last checkpoint in --work.
@@ -444,6 +417,22 @@ pub struct TrainGptArgs {
     pub runtime: RuntimeArgs,
 }
 
+impl TrainCommon {
+    /// The data directory (default ~/.cache/mulo/data/emoji).
+    fn data_dir(&self) -> PathBuf {
+        self.data
+            .clone()
+            .unwrap_or_else(|| home_cache("data/emoji"))
+    }
+
+    /// The work directory (default ~/.cache/mulo/train/<model>).
+    fn work_dir(&self, model: &str) -> PathBuf {
+        self.work
+            .clone()
+            .unwrap_or_else(|| home_cache(&format!("train/{model}")))
+    }
+}
+
 fn home_cache(rel: &str) -> PathBuf {
     crate::common::cache_root().join(rel)
 }
@@ -451,15 +440,9 @@ fn home_cache(rel: &str) -> PathBuf {
 /// Arguments of `mulo train vq`.
 #[derive(Debug, Args)]
 pub struct TrainVqArgs {
-    /// Data directory from `mulo data emoji` (default ~/.cache/mulo/data/emoji).
-    #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
-    pub data: Option<PathBuf>,
     /// Model directory to write.
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub out: PathBuf,
-    /// Checkpoints and loss log (default ~/.cache/mulo/train/vq).
-    #[arg(long, value_name = "DIR")]
-    pub work: Option<PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 2500)]
     pub steps: usize,
@@ -472,12 +455,6 @@ pub struct TrainVqArgs {
     /// Peak learning rate (warm-up, then cosine decay).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Seed of the weights and the batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Continue from the last checkpoint in --work.
-    #[arg(long)]
-    pub resume: bool,
     /// Number of codes.
     #[arg(long, default_value_t = 2048)]
     pub codebook_size: i64,
@@ -496,11 +473,8 @@ pub struct TrainVqArgs {
     /// Residual blocks per encoder level (the decoder has one more).
     #[arg(long, default_value_t = 1)]
     pub num_res_blocks: i64,
-    /// Storage dtype of the written model.
-    #[arg(long, default_value = "fp16")]
-    pub store_dtype: DType,
     #[command(flatten)]
-    pub runtime: RuntimeArgs,
+    pub common: TrainCommon,
 }
 
 /// Runs `mulo train`.
@@ -524,13 +498,10 @@ fn run_stage(cmd: TrainCommand, command: &str) -> Result<()> {
 
 fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
     let opts = UpsamplerTrainOptions {
-        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        data: a.common.data_dir(),
         vq: a.vq.clone(),
         out: a.out.clone(),
-        work: a
-            .work
-            .clone()
-            .unwrap_or_else(|| home_cache("train/upsampler")),
+        work: a.common.work_dir("upsampler"),
         channels: a.channels,
         low_blocks: a.low_blocks,
         high_blocks: a.high_blocks,
@@ -538,9 +509,9 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         batch: a.batch,
         lr: a.lr,
         weight_decay: a.weight_decay,
-        seed: a.seed,
-        resume: a.resume,
-        dtype: a.store_dtype,
+        seed: a.common.seed,
+        resume: a.common.resume,
+        dtype: a.common.store_dtype,
         vq_link: Some("../vq".into()),
     };
     let r = run_training(
@@ -549,7 +520,7 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         &opts,
         opts.steps,
         &opts.out,
-        &a.runtime,
+        &a.common.runtime,
         train_upsampler,
     )?;
     println!(
@@ -569,22 +540,20 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_share(share: f64) -> Result<()> {
+/// Refuses a probability or share outside [0, 1], naming the flag.
+fn check_share(flag: &str, share: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&share) {
-        anyhow::bail!("invalid --low-res-share: must be in [0, 1], got {share}");
+        anyhow::bail!("invalid --{flag}: must be in [0, 1], got {share}");
     }
     Ok(())
 }
 
 fn run_evaluator(a: TrainEvaluatorArgs, command: &str) -> Result<()> {
-    check_share(a.low_res_share)?;
+    check_share("low-res-share", a.low_res_share)?;
     let opts = EvaluatorTrainOptions {
-        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        data: a.common.data_dir(),
         out: a.out.clone(),
-        work: a
-            .work
-            .clone()
-            .unwrap_or_else(|| home_cache("train/evaluator")),
+        work: a.common.work_dir("evaluator"),
         steps: a.steps,
         batch: a.batch,
         lr: a.lr,
@@ -592,9 +561,9 @@ fn run_evaluator(a: TrainEvaluatorArgs, command: &str) -> Result<()> {
         channels: a.channels.clone(),
         max_shift: a.max_shift,
         label_smoothing: a.label_smoothing,
-        seed: a.seed,
-        resume: a.resume,
-        dtype: a.store_dtype,
+        seed: a.common.seed,
+        resume: a.common.resume,
+        dtype: a.common.store_dtype,
     };
     let r = run_training(
         "evaluator",
@@ -602,7 +571,7 @@ fn run_evaluator(a: TrainEvaluatorArgs, command: &str) -> Result<()> {
         &opts,
         opts.steps,
         &opts.out,
-        &a.runtime,
+        &a.common.runtime,
         train_evaluator,
     )?;
     println!(
@@ -683,17 +652,22 @@ fn run_gpt(
     command: &str,
 ) -> Result<()> {
     let default_steps = if role == "target" { 1250 } else { 3000 };
+    for (flag, v) in [
+        ("cond-drop", a.cond_drop),
+        ("name-share", a.name_share),
+        ("unk-drop", a.unk_drop),
+        ("dropout", a.dropout),
+    ] {
+        check_share(flag, v)?;
+    }
     let opts = GptTrainOptions {
-        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        data: a.common.data_dir(),
         vq: a.vq.clone(),
         out: a
             .out
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("models/emoji/{role}"))),
-        work: a
-            .work
-            .clone()
-            .unwrap_or_else(|| home_cache(&format!("train/{role}"))),
+        work: a.common.work_dir(role),
         image_size,
         dim: a.dim,
         n_layer: a.n_layer.unwrap_or(layers),
@@ -705,44 +679,51 @@ fn run_gpt(
         lr: a.lr,
         weight_decay: a.weight_decay,
         cond_drop: a.cond_drop,
-        seed: a.seed,
-        resume: a.resume,
-        dtype: a.store_dtype,
+        name_share: a.name_share,
+        unk_drop: a.unk_drop,
+        dropout: a.dropout,
+        seed: a.common.seed,
+        resume: a.common.resume,
+        dtype: a.common.store_dtype,
         vq_link: Some("../vq".into()),
     };
     let report = run_training(
-        role, command, &opts, opts.steps, &opts.out, &a.runtime, train_gpt,
+        role,
+        command,
+        &opts,
+        opts.steps,
+        &opts.out,
+        &a.common.runtime,
+        train_gpt,
     )?;
     println!(
-        "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats; wrote {}",
+        "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats with the full captions, {:.4} with the names alone; wrote {}",
         report.seconds,
         report.steps,
         report.parameters as f64 / 1e6,
         report.final_loss,
         report.heldout_nll,
+        report.heldout_nll_name,
         opts.out.display()
     );
     Ok(())
 }
 
 fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
-    check_share(a.low_res_share)?;
+    check_share("low-res-share", a.low_res_share)?;
     let opts = VqDecoderOptions {
-        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        data: a.common.data_dir(),
         vq: a.vq.clone(),
         out: a.out.clone(),
-        work: a
-            .work
-            .clone()
-            .unwrap_or_else(|| home_cache("train/vq-decoder")),
+        work: a.common.work_dir("vq-decoder"),
         steps: a.steps,
         low_res_share: a.low_res_share,
         batch: a.batch,
         lr: a.lr,
         decoder_ch_mult: a.decoder_ch_mult.clone(),
-        seed: a.seed,
-        resume: a.resume,
-        dtype: a.store_dtype,
+        seed: a.common.seed,
+        resume: a.common.resume,
+        dtype: a.common.store_dtype,
     };
     // The first report of the directory (the full VQ run) is kept beside the decoder's.
     let first = opts.out.join(TRAIN_REPORT);
@@ -756,7 +737,7 @@ fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
         &opts,
         opts.steps,
         &opts.out,
-        &a.runtime,
+        &a.common.runtime,
         train_vq_decoder,
     )?;
     println!(
@@ -778,15 +759,15 @@ fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
 
 fn run_vq(a: TrainVqArgs, command: &str) -> Result<()> {
     let opts = VqTrainOptions {
-        data: a.data.clone().unwrap_or_else(|| home_cache("data/emoji")),
+        data: a.common.data_dir(),
         out: a.out.clone(),
-        work: a.work.clone().unwrap_or_else(|| home_cache("train/vq")),
+        work: a.common.work_dir("vq"),
         steps: a.steps,
         low_res_share: a.low_res_share,
         batch: a.batch,
         lr: a.lr,
-        seed: a.seed,
-        resume: a.resume,
+        seed: a.common.seed,
+        resume: a.common.resume,
         config: VqConfig {
             name: Some("emoji-vq".into()),
             codebook_size: a.codebook_size,
@@ -797,14 +778,20 @@ fn run_vq(a: TrainVqArgs, command: &str) -> Result<()> {
             decoder_ch_mult: a.ch_mult.clone(),
             z_channels: a.z_channels,
             num_res_blocks: a.num_res_blocks,
-            dtype: a.store_dtype,
+            dtype: a.common.store_dtype,
         },
-        dtype: a.store_dtype,
+        dtype: a.common.store_dtype,
     };
     opts.config.validate()?;
-    check_share(a.low_res_share)?;
+    check_share("low-res-share", a.low_res_share)?;
     let report = run_training(
-        "vq", command, &opts, opts.steps, &opts.out, &a.runtime, train_vq,
+        "vq",
+        command,
+        &opts,
+        opts.steps,
+        &opts.out,
+        &a.common.runtime,
+        train_vq,
     )?;
     println!(
         "trained the VQ in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px, {:.2} dB at 32 px, codebook usage {:.1}% ({} held-out images); wrote {}",

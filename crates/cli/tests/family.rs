@@ -9,7 +9,7 @@ use serde_json::Value;
 
 const MULO: &str = env!("CARGO_BIN_EXE_mulo");
 
-fn ok(args: &[&str]) -> String {
+fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let o = Command::new(MULO).args(args).output().unwrap();
     assert!(
         o.status.success(),
@@ -19,7 +19,7 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn fails(args: &[&str]) -> String {
+fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let o = Command::new(MULO).args(args).output().unwrap();
     assert!(!o.status.success(), "mulo {args:?} should fail");
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -160,25 +160,25 @@ fn toy_family_trains_evaluates_and_generates() {
 
     let json = d.join("eval.json");
     let grid = d.join("grid.png");
-    let out = ok(&[
-        "eval",
-        "--family",
-        s(&fam),
-        "--data",
-        s(&data),
-        "--prompts",
-        s(&prompts),
-        "--method",
-        "ar,drafter-ar",
-        "--n",
-        "3",
-        "--json",
-        s(&json),
-        "--grid",
-        s(&grid),
-        "--grid-columns",
-        "2",
-    ]);
+    // `mulo eval` of the family over a prompt file, plus more flags.
+    let eval = |prompts: &Path, more: &[&str]| -> Vec<String> {
+        let base = ["eval", "--family", s(&fam), "--data", s(&data), "--prompts"];
+        let base = base.into_iter().chain([s(prompts), "--json", s(&json)]);
+        base.chain(more.iter().copied()).map(String::from).collect()
+    };
+    let out = ok(&eval(
+        &prompts,
+        &[
+            "--method",
+            "ar,drafter-ar",
+            "--n",
+            "3",
+            "--grid",
+            s(&grid),
+            "--grid-columns",
+            "2",
+        ],
+    ));
     assert!(out.contains("FID-emoji"), "{out}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let methods = r["methods"].as_array().unwrap();
@@ -228,35 +228,9 @@ fn toy_family_trains_evaluates_and_generates() {
         "prompt\tcategory\tsubcategory\nred apple\tFood & Drink\tfood-fruit\n",
     )
     .unwrap();
-    let e = fails(&[
-        "eval",
-        "--family",
-        s(&fam),
-        "--data",
-        s(&data),
-        "--prompts",
-        s(&bad),
-        "--n",
-        "2",
-        "--json",
-        s(&json),
-    ]);
+    let e = fails(&eval(&bad, &["--n", "2"]));
     assert!(e.contains("Food & Drink") && e.contains("red apple"), "{e}");
     std::fs::remove_dir_all(fam.join("drafter")).unwrap();
-    let e = fails(&[
-        "eval",
-        "--family",
-        s(&fam),
-        "--data",
-        s(&data),
-        "--prompts",
-        s(&prompts),
-        "--method",
-        "drafter-ar",
-        "--n",
-        "2",
-        "--json",
-        s(&json),
-    ]);
+    let e = fails(&eval(&prompts, &["--method", "drafter-ar", "--n", "2"]));
     assert!(e.contains("Drafter") && e.contains("mulo train"), "{e}");
 }

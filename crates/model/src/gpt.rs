@@ -73,6 +73,8 @@ pub struct Gpt {
     abs_pe: Option<Tensor>,
     rope: Option<RopeTable>,
     device: Device,
+    /// Training-only dropout on the residual branches (0 at inference).
+    dropout: f64,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
@@ -180,7 +182,22 @@ impl Gpt {
             abs_pe,
             rope,
             device,
+            dropout: 0.0,
         })
+    }
+
+    /// Sets the dropout probability of the input embeddings and of the attention and feed-forward
+    /// outputs (LlamaGen's `token_dropout_p`, `resid_dropout_p`, `ffn_dropout_p`). Training only: a model that generates keeps 0.
+    pub fn set_train_dropout(&mut self, p: f64) {
+        self.dropout = p.clamp(0.0, 0.99);
+    }
+
+    fn drop(&self, x: Tensor) -> Tensor {
+        if self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x
+        }
     }
 
     /// A randomly initialised model (weights `N(0, init_std)`, norms 1) in `dtype`; the global torch
@@ -531,10 +548,10 @@ impl Gpt {
         mask: &Tensor,
         mut cache: Option<(&mut KvCache, i64)>,
     ) -> Tensor {
-        let mut h = match &self.abs_pe {
+        let mut h = self.drop(match &self.abs_pe {
             Some(pe) => x + pe.index_select(0, pos_t).unsqueeze(0),
             None => x.shallow_clone(),
-        };
+        });
         for (i, blk) in self.layers.iter().enumerate() {
             let a = self.attention(
                 blk,
@@ -543,10 +560,10 @@ impl Gpt {
                 mask,
                 cache.as_mut().map(|(c, w)| (&mut **c, i, *w)),
             );
-            h = h + a;
+            h = h + self.drop(a);
             let f = rms_norm(&h, &blk.ffn_norm, self.cfg.norm_eps);
             let f = linear(&(linear(&f, &blk.w1).silu() * linear(&f, &blk.w3)), &blk.w2);
-            h = h + f;
+            h = h + self.drop(f);
         }
         rms_norm(&h, &self.norm, self.cfg.norm_eps)
     }

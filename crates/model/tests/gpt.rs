@@ -432,3 +432,21 @@ fn training_conditions_and_per_sequence_masks_match_inference() {
         .unwrap_err();
     assert!(e.to_string().contains("word vocabulary"), "{e}");
 }
+
+#[test]
+fn training_dropout_is_off_unless_set() {
+    let cfg = config(false, None, PositionEmbedding::Rope2d);
+    let mut m = Gpt::random(cfg, Device::Cpu, DType::Fp32, 1, 0.2).unwrap();
+    let cond = condition(false);
+    let toks = tokens(20);
+    let reference = full_logits(&m, &cond, false, &toks);
+    assert!(max_abs(&reference, &full_logits(&m, &cond, false, &toks)) < 1e-6);
+    m.set_train_dropout(0.5);
+    let dropped = full_logits(&m, &cond, false, &toks);
+    assert!(
+        max_abs(&reference, &dropped) > 1e-3,
+        "dropout changes the forward"
+    );
+    m.set_train_dropout(0.0);
+    assert!(max_abs(&reference, &full_logits(&m, &cond, false, &toks)) < 1e-6);
+}

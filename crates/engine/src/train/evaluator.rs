@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use mulo_model::evaluator::{Evaluator, EvaluatorConfig};
 use mulo_model::DType;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{EmojiTensors, Schedule, Trainer};
+use super::{sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -128,12 +128,7 @@ pub fn train_evaluator(
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<EvaluatorReport, EngineError> {
     let data = EmojiTensors::load(&opts.data)?;
-    let train = data.indices(Split::Train);
-    if train.is_empty() {
-        return Err(EngineError::Train(
-            "the data set has no training images".into(),
-        ));
-    }
+    let train = data.train_rows()?;
     let cfg = EvaluatorConfig {
         channels: opts.channels.clone(),
         categories: data.meta.categories.len() as i64,
@@ -143,27 +138,19 @@ pub fn train_evaluator(
         dtype: opts.dtype,
     };
     let mut ev = Evaluator::random(cfg, device, opts.seed as i64)?;
-    let sched = Schedule {
-        peak_lr: opts.lr,
-        warmup: (opts.steps / 20).max(1),
-        total: opts.steps,
+    let recipe = Recipe {
+        lr: opts.lr,
+        steps: opts.steps,
+        warmup_div: 20,
         min_ratio: 0.02,
+        adamw: nn::AdamW::default(),
+        ckpt_every: 250,
     };
-    let mut trainer = Trainer::open(
-        ev.var_store_mut(),
-        nn::AdamW::default(),
-        sched,
-        &opts.work,
-        opts.resume,
-        250,
-    )?;
+    let mut trainer = Trainer::open(ev.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let rows: Vec<i64> = (0..opts.batch)
-            .map(|_| train[rng.random_range(0..train.len())])
-            .collect();
+        let mut rng = step_rng(opts.seed, step);
+        let rows = sample_rows(&mut rng, &train, opts.batch);
         let size = if rng.random::<f64>() < opts.low_res_share {
             32
         } else {
@@ -187,14 +174,7 @@ pub fn train_evaluator(
                 )
         };
         let loss = ce(&out.category, &c) + ce(&out.subcategory, &s);
-        last_loss = trainer.step(step, &loss)?;
-        trainer.end_step(
-            ev.var_store(),
-            step,
-            last_loss,
-            || Ok(serde_json::Value::Null),
-            progress,
-        )?;
+        last_loss = trainer.update(ev.var_store(), step, &loss, progress)?;
     }
     trainer.finish(ev.var_store())?;
     ev.save(&opts.out, opts.dtype)?;

@@ -7,12 +7,11 @@ use mulo_core::caption::CaptionTokenizer;
 use mulo_core::{GridSize, SamplingParams};
 use mulo_model::config::{ConditionConfig, PositionEmbedding};
 use mulo_model::{DType, Gpt, GptConfig, VqModel};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use serde::Serialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{io_err, EmojiTensors, Schedule, Trainer};
+use super::{adamw, io_err, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -52,6 +51,14 @@ pub struct GptTrainOptions {
     pub weight_decay: f64,
     /// Probability of training a sequence on the null caption (for CFG).
     pub cond_drop: f64,
+    /// Share of the training sequences captioned by the emoji's name alone instead of the full
+    /// caption (name, short names, subcategory words): prompts are usually short names.
+    pub name_share: f64,
+    /// Probability that a caption word is replaced by `<unk>` in training, so that words a prompt
+    /// has and the vocabulary lacks do not meet an untrained embedding.
+    pub unk_drop: f64,
+    /// Dropout of the input embeddings and the residual branches during training.
+    pub dropout: f64,
     /// Seed of the weights and the batch order.
     pub seed: u64,
     /// Continue from the last checkpoint in `work`.
@@ -73,6 +80,8 @@ pub struct GptReport {
     pub final_loss: f64,
     /// Mean token cross-entropy (nats) on the held-out split, conditioned on the captions.
     pub heldout_nll: f64,
+    /// The same, conditioned on the emoji names alone (the form of the evaluation prompts).
+    pub heldout_nll_name: f64,
     /// Parameters of the model.
     pub parameters: i64,
     /// Words in the caption vocabulary.
@@ -97,12 +106,18 @@ pub fn tokenize_images(
     Ok(Tensor::cat(&out, 0))
 }
 
-/// Caption word ids `[N, T]` and masks `[N, T]` of every item.
-fn encode_captions(tok: &CaptionTokenizer, data: &EmojiTensors) -> (Tensor, Tensor) {
+/// Caption word ids `[N, T]` and masks `[N, T]` of every item: its full caption, or its name
+/// alone when `names`.
+fn encode_captions(tok: &CaptionTokenizer, data: &EmojiTensors, names: bool) -> (Tensor, Tensor) {
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     for it in &data.meta.items {
-        let e = tok.encode(&it.caption);
+        // Data sets written before names were recorded fall back to the full caption.
+        let text = match (&it.name, names) {
+            (Some(name), true) => name,
+            _ => &it.caption,
+        };
+        let e = tok.encode(text);
         ids.extend(e.ids.iter().map(|&i| i64::from(i)));
         mask.extend(e.mask);
     }
@@ -146,13 +161,8 @@ pub fn train_gpt(
     let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
     let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
     let side = opts.image_size as i64 / vq.config().downsample_factor();
-    let train: Vec<i64> = data.indices(Split::Train);
-    let heldout: Vec<i64> = data.indices(Split::Heldout);
-    if train.is_empty() {
-        return Err(EngineError::Train(
-            "the data set has no training images".into(),
-        ));
-    }
+    let train = data.train_rows()?;
+    let heldout = data.indices(Split::Heldout);
     let tokenizer = CaptionTokenizer::build(
         train
             .iter()
@@ -160,7 +170,8 @@ pub fn train_gpt(
         1,
         opts.caption_len,
     );
-    let (cap_ids, cap_mask) = encode_captions(&tokenizer, &data);
+    let (cap_ids, cap_mask) = encode_captions(&tokenizer, &data, false);
+    let (name_ids, name_mask) = encode_captions(&tokenizer, &data, true);
     let cfg = GptConfig {
         name: Some(format!("emoji-gpt-{}px", opts.image_size)),
         dim: opts.dim,
@@ -190,54 +201,50 @@ pub fn train_gpt(
         vq: opts.vq_link.clone(),
     };
     let mut gpt = Gpt::random(cfg, device, DType::Fp32, opts.seed as i64, 0.02)?;
-    let sched = Schedule {
-        peak_lr: opts.lr,
-        warmup: (opts.steps / 20).max(1),
-        total: opts.steps,
+    gpt.set_train_dropout(opts.dropout);
+    let recipe = Recipe {
+        lr: opts.lr,
+        steps: opts.steps,
+        warmup_div: 20,
         min_ratio: 0.1,
+        adamw: adamw(0.95, opts.weight_decay),
+        ckpt_every: 250,
     };
-    let adamw = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        wd: opts.weight_decay,
-        eps: 1e-8,
-        amsgrad: false,
-    };
-    let mut trainer = Trainer::open(
-        gpt.var_store_mut(),
-        adamw,
-        sched,
-        &opts.work,
-        opts.resume,
-        250,
-    )?;
+    let mut trainer = Trainer::open(gpt.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let to_dev = |t: Tensor| t.to_device(device);
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let rows: Vec<i64> = (0..opts.batch)
-            .map(|_| train[rng.random_range(0..train.len())])
-            .collect();
+        let mut rng = step_rng(opts.seed, step);
+        let rows = sample_rows(&mut rng, &train, opts.batch);
         let drops: Vec<bool> = (0..opts.batch)
             .map(|_| rng.random::<f64>() < opts.cond_drop)
             .collect();
+        let by_name: Vec<bool> = (0..opts.batch)
+            .map(|_| rng.random::<f64>() < opts.name_share)
+            .collect();
+        let unk: Vec<bool> = (0..opts.batch * tokenizer.max_len)
+            .map(|_| rng.random::<f64>() < opts.unk_drop)
+            .collect();
         let r = Tensor::from_slice(&rows);
+        let by_name = Tensor::from_slice(&by_name).view([-1, 1]);
+        let ids = name_ids
+            .index_select(0, &r)
+            .where_self(&by_name, &cap_ids.index_select(0, &r));
+        let mask = name_mask
+            .index_select(0, &r)
+            .where_self(&by_name, &cap_mask.index_select(0, &r));
+        let unk = Tensor::from_slice(&unk)
+            .view([opts.batch as i64, -1])
+            .logical_and(&mask);
+        let ids = ids.masked_fill(&unk, i64::from(mulo_core::caption::UNK));
         let loss = batch_loss(
             &gpt,
             &to_dev(tokens.index_select(0, &r)),
-            &to_dev(cap_ids.index_select(0, &r)),
-            &to_dev(cap_mask.index_select(0, &r)),
+            &to_dev(ids),
+            &to_dev(mask),
             &to_dev(Tensor::from_slice(&drops)),
         )?;
-        last_loss = trainer.step(step, &loss)?;
-        trainer.end_step(
-            gpt.var_store(),
-            step,
-            last_loss,
-            || Ok(serde_json::Value::Null),
-            progress,
-        )?;
+        last_loss = trainer.update(gpt.var_store(), step, &loss, progress)?;
     }
     trainer.finish(gpt.var_store())?;
     gpt.save(&opts.out, opts.dtype)?;
@@ -246,33 +253,33 @@ pub fn train_gpt(
     std::fs::write(&tok_path, text + "\n").map_err(|e| io_err(&tok_path, e))?;
     // Held-out NLL of the model as written.
     let (saved, _) = Gpt::load(&opts.out, device, Some(DType::Fp32))?;
-    let heldout_nll = tch::no_grad(|| -> Result<f64, EngineError> {
-        let mut total = 0.0;
-        for chunk in heldout.chunks(64) {
-            let r = Tensor::from_slice(chunk);
-            let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
-            let l = batch_loss(
-                &saved,
-                &to_dev(tokens.index_select(0, &r)),
-                &to_dev(cap_ids.index_select(0, &r)),
-                &to_dev(cap_mask.index_select(0, &r)),
-                &none,
-            )?;
-            total += f64::try_from(&l)? * chunk.len() as f64;
-        }
-        Ok(total / heldout.len().max(1) as f64)
-    })?;
-    let parameters = saved
-        .var_store()
-        .variables()
-        .values()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let heldout_loss = |ids: &Tensor, mask: &Tensor| {
+        tch::no_grad(|| -> Result<f64, EngineError> {
+            let mut total = 0.0;
+            for chunk in heldout.chunks(64) {
+                let r = Tensor::from_slice(chunk);
+                let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
+                let l = batch_loss(
+                    &saved,
+                    &to_dev(tokens.index_select(0, &r)),
+                    &to_dev(ids.index_select(0, &r)),
+                    &to_dev(mask.index_select(0, &r)),
+                    &none,
+                )?;
+                total += f64::try_from(&l)? * chunk.len() as f64;
+            }
+            Ok(total / heldout.len().max(1) as f64)
+        })
+    };
+    let heldout_nll = heldout_loss(&cap_ids, &cap_mask)?;
+    let heldout_nll_name = heldout_loss(&name_ids, &name_mask)?;
+    let parameters = parameter_count(saved.var_store());
     let report = GptReport {
         steps: opts.steps,
         seconds: trainer.seconds(),
         final_loss: last_loss,
         heldout_nll,
+        heldout_nll_name,
         parameters,
         caption_vocab: tokenizer.len(),
     };

@@ -10,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -123,6 +125,46 @@ impl Checkpoints {
     }
 }
 
+/// The optimiser settings of a training loop: AdamW, linear warm-up over `steps / warmup_div`
+/// steps, cosine decay to `lr · min_ratio`, a checkpoint every `ckpt_every` steps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recipe {
+    pub lr: f64,
+    pub steps: usize,
+    pub warmup_div: usize,
+    pub min_ratio: f64,
+    pub adamw: nn::AdamW,
+    pub ckpt_every: usize,
+}
+
+/// AdamW with β1 0.9, the given β2 and weight decay, ε 1e-8.
+pub(crate) fn adamw(beta2: f64, wd: f64) -> nn::AdamW {
+    nn::AdamW {
+        beta1: 0.9,
+        beta2,
+        wd,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+}
+
+/// The random stream of one training step: the same for a step whether or not the run resumed.
+pub(crate) fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(step as u64))
+}
+
+/// `n` rows drawn uniformly with replacement from `pool`.
+pub(crate) fn sample_rows(rng: &mut ChaCha8Rng, pool: &[i64], n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|_| pool[rng.random_range(0..pool.len())])
+        .collect()
+}
+
+/// Number of parameters in a variable store.
+pub(crate) fn parameter_count(vs: &VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}
+
 /// The optimiser step, loss log, checkpoints and progress shared by every training loop.
 pub(crate) struct Trainer {
     opt: nn::Optimizer,
@@ -140,12 +182,16 @@ impl Trainer {
     /// on resume) and builds the optimiser.
     pub fn open(
         vs: &mut VarStore,
-        adamw: nn::AdamW,
-        sched: Schedule,
+        recipe: &Recipe,
         work: &Path,
         resume: bool,
-        ckpt_every: usize,
     ) -> Result<Self, EngineError> {
+        let sched = Schedule {
+            peak_lr: recipe.lr,
+            warmup: (recipe.steps / recipe.warmup_div.max(1)).max(1),
+            total: recipe.steps,
+            min_ratio: recipe.min_ratio,
+        };
         let ckpt = Checkpoints::new(work);
         let start = if resume {
             ckpt.load(vs)?.unwrap_or(0)
@@ -154,16 +200,29 @@ impl Trainer {
         };
         std::fs::create_dir_all(work).map_err(|e| io_err(work, e))?;
         let log = TrainLog::open(&work.join("loss.jsonl"), resume)?;
-        let opt = adamw.build(vs, sched.peak_lr)?;
+        let opt = recipe.adamw.build(vs, sched.peak_lr)?;
         Ok(Self {
             opt,
             sched,
             log,
             ckpt,
             started: Instant::now(),
-            ckpt_every,
+            ckpt_every: recipe.ckpt_every,
             start,
         })
+    }
+
+    /// [`Trainer::step`] then [`Trainer::end_step`] without extra log fields; returns the loss.
+    pub fn update(
+        &mut self,
+        vs: &VarStore,
+        step: usize,
+        loss: &Tensor,
+        progress: &mut dyn FnMut(usize, usize, f64),
+    ) -> Result<f64, EngineError> {
+        let value = self.step(step, loss)?;
+        self.end_step(vs, step, value, || Ok(serde_json::Value::Null), progress)?;
+        Ok(value)
     }
 
     /// One optimiser step on `loss` (lr from the schedule, gradient norm clipped at 1); returns
@@ -254,6 +313,17 @@ impl EmojiTensors {
             images16: take("images16")?,
             meta,
         })
+    }
+
+    /// Row indices of the training split; an error when it is empty.
+    pub fn train_rows(&self) -> Result<Vec<i64>, EngineError> {
+        let rows = self.indices(Split::Train);
+        if rows.is_empty() {
+            return Err(EngineError::Train(
+                "the data set has no training images".into(),
+            ));
+        }
+        Ok(rows)
     }
 
     /// Row indices of one split.

@@ -3,13 +3,11 @@
 use std::path::PathBuf;
 
 use mulo_model::{DType, Upsampler, UpsamplerConfig, VqModel};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::gpt::tokenize_images;
-use super::{EmojiTensors, Schedule, Trainer};
+use super::{adamw, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -86,13 +84,8 @@ pub fn train_upsampler(
     let (lo_side, hi_side) = (32 / f, 64 / f);
     let low = tokenize_images(&vq, &data, 32, device)?.view([-1, lo_side, lo_side]);
     let high = tokenize_images(&vq, &data, 64, device)?.view([-1, hi_side, hi_side]);
-    let train = data.indices(Split::Train);
+    let train = data.train_rows()?;
     let heldout = data.indices(Split::Heldout);
-    if train.is_empty() {
-        return Err(EngineError::Train(
-            "the data set has no training images".into(),
-        ));
-    }
     let cfg = UpsamplerConfig {
         name: Some("emoji-upsampler-x2".into()),
         codebook_size: vq.config().codebook_size,
@@ -106,35 +99,20 @@ pub fn train_upsampler(
     };
     let mut ups = Upsampler::random(cfg, device, opts.seed as i64)?;
     ups.set_codebook(&vq.codes())?;
-    let sched = Schedule {
-        peak_lr: opts.lr,
-        warmup: (opts.steps / 20).max(1),
-        total: opts.steps,
+    let recipe = Recipe {
+        lr: opts.lr,
+        steps: opts.steps,
+        warmup_div: 20,
         min_ratio: 0.05,
+        adamw: adamw(0.99, opts.weight_decay),
+        ckpt_every: 500,
     };
-    let adamw = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.99,
-        wd: opts.weight_decay,
-        eps: 1e-8,
-        amsgrad: false,
-    };
-    let mut trainer = Trainer::open(
-        ups.var_store_mut(),
-        adamw,
-        sched,
-        &opts.work,
-        opts.resume,
-        500,
-    )?;
+    let mut trainer = Trainer::open(ups.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let v = vq.config().codebook_size;
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let rows: Vec<i64> = (0..opts.batch)
-            .map(|_| train[rng.random_range(0..train.len())])
-            .collect();
+        let mut rng = step_rng(opts.seed, step);
+        let rows = sample_rows(&mut rng, &train, opts.batch);
         let r = Tensor::from_slice(&rows);
         let x = low.index_select(0, &r).to_device(device);
         let y = high.index_select(0, &r).to_device(device);
@@ -143,14 +121,7 @@ pub fn train_upsampler(
             .permute([0, 2, 3, 1])
             .reshape([-1, v])
             .cross_entropy_for_logits(&y.reshape([-1]));
-        last_loss = trainer.step(step, &loss)?;
-        trainer.end_step(
-            ups.var_store(),
-            step,
-            last_loss,
-            || Ok(serde_json::Value::Null),
-            progress,
-        )?;
+        last_loss = trainer.update(ups.var_store(), step, &loss, progress)?;
     }
     trainer.finish(ups.var_store())?;
     ups.save(&opts.out, opts.dtype)?;
@@ -188,12 +159,7 @@ pub fn train_upsampler(
         Ok(())
     })?;
     let n = heldout.len().max(1) as f64;
-    let parameters = saved
-        .var_store()
-        .variables()
-        .values()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let parameters = parameter_count(saved.var_store());
     let report = UpsamplerReport {
         steps: opts.steps,
         seconds: trainer.seconds(),

@@ -3,12 +3,11 @@
 use std::path::PathBuf;
 
 use mulo_model::{DType, VqConfig, VqModel};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use serde::Serialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{psnr_u8, EmojiTensors, Schedule, Trainer};
+use super::{adamw, psnr_u8, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -64,12 +63,6 @@ fn is_low_res_step(step: usize, share: f64) -> bool {
     ((step + 1) as f64 * share).floor() > (step as f64 * share).floor()
 }
 
-fn sample(rng: &mut ChaCha8Rng, pool: &[i64], n: usize) -> Vec<i64> {
-    (0..n)
-        .map(|_| pool[rng.random_range(0..pool.len())])
-        .collect()
-}
-
 /// Held-out PSNR at `size` px and the codes used, in batches of 64 images.
 fn evaluate(
     vq: &VqModel,
@@ -100,47 +93,29 @@ pub fn train_vq(
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<VqReport, EngineError> {
     let data = EmojiTensors::load(&opts.data)?;
-    let train = data.indices(Split::Train);
-    if train.is_empty() {
-        return Err(EngineError::Train(
-            "the data set has no training images".into(),
-        ));
-    }
+    let train = data.train_rows()?;
     let mut vq = VqModel::random(opts.config.clone(), device, DType::Fp32, opts.seed as i64)?;
-    let sched = Schedule {
-        peak_lr: opts.lr,
-        warmup: (opts.steps / 50).max(1),
-        total: opts.steps,
+    let recipe = Recipe {
+        lr: opts.lr,
+        steps: opts.steps,
+        warmup_div: 50,
         min_ratio: 0.05,
+        adamw: adamw(0.99, 0.0),
+        ckpt_every: 500,
     };
-    let adamw = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.99,
-        wd: 0.0,
-        eps: 1e-8,
-        amsgrad: false,
-    };
-    let mut trainer = Trainer::open(
-        vq.var_store_mut(),
-        adamw,
-        sched,
-        &opts.work,
-        opts.resume,
-        500,
-    )?;
+    let mut trainer = Trainer::open(vq.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let v = opts.config.codebook_size;
     let mut counts = Tensor::zeros([v], (Kind::Float, device));
     let restart_every = 200;
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let mut rng = step_rng(opts.seed, step);
         let (size, n) = if is_low_res_step(step, opts.low_res_share) {
             (32, opts.batch * 2)
         } else {
             (64, opts.batch)
         };
-        let x = data.batch(size, &sample(&mut rng, &train, n), device);
+        let x = data.batch(size, &sample_rows(&mut rng, &train, n), device);
         let (recon, codebook_loss, commit_loss, idx) = vq.forward_train(&x);
         let diff = &recon - &x;
         let rec = diff.abs().mean(Kind::Float) + diff.pow_tensor_scalar(2).mean(Kind::Float);
@@ -295,51 +270,31 @@ pub fn train_vq_decoder(
     let f = old.config().downsample_factor();
     let tok64 = super::gpt::tokenize_images(&old, &data, 64, device)?.view([-1, 64 / f, 64 / f]);
     let tok32 = super::gpt::tokenize_images(&old, &data, 32, device)?.view([-1, 32 / f, 32 / f]);
-    let sched = Schedule {
-        peak_lr: opts.lr,
-        warmup: (opts.steps / 50).max(1),
-        total: opts.steps,
+    let recipe = Recipe {
+        lr: opts.lr,
+        steps: opts.steps,
+        warmup_div: 50,
         min_ratio: 0.05,
+        adamw: adamw(0.99, 0.0),
+        ckpt_every: 500,
     };
-    let adamw = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.99,
-        wd: 0.0,
-        eps: 1e-8,
-        amsgrad: false,
-    };
-    let mut trainer = Trainer::open(
-        vq.var_store_mut(),
-        adamw,
-        sched,
-        &opts.work,
-        opts.resume,
-        500,
-    )?;
+    let mut trainer = Trainer::open(vq.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let mut rng = step_rng(opts.seed, step);
         let (size, n, tokens) = if is_low_res_step(step, opts.low_res_share) {
             (32, opts.batch * 2, &tok32)
         } else {
             (64, opts.batch, &tok64)
         };
-        let rows = sample(&mut rng, &train, n);
+        let rows = sample_rows(&mut rng, &train, n);
         let x = data.batch(size, &rows, device);
         let t = tokens
             .index_select(0, &Tensor::from_slice(&rows))
             .to_device(device);
         let diff = vq.decode_train(&t) - &x;
         let loss = diff.abs().mean(Kind::Float) + diff.pow_tensor_scalar(2).mean(Kind::Float);
-        last_loss = trainer.step(step, &loss)?;
-        trainer.end_step(
-            vq.var_store(),
-            step,
-            last_loss,
-            || Ok(serde_json::Value::Null),
-            progress,
-        )?;
+        last_loss = trainer.update(vq.var_store(), step, &loss, progress)?;
     }
     trainer.finish(vq.var_store())?;
     vq.save(&opts.out, opts.dtype)?;
