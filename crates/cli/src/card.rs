@@ -119,6 +119,43 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
                 m.get("params").map(Value::to_string).unwrap_or_default()
             );
         }
+        // Category adherence by the prompts' category, one column per method.
+        let methods: Vec<&Value> = eval
+            .get("methods")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.get("adherence_by_category").is_some())
+            .collect();
+        let mut cats: Vec<&String> = methods
+            .iter()
+            .filter_map(|m| m.get("adherence_by_category").and_then(Value::as_object))
+            .flat_map(|o| o.keys())
+            .collect();
+        cats.sort();
+        cats.dedup();
+        if !cats.is_empty() {
+            let names: Vec<String> = methods.iter().map(|m| fmt_value(&m["method"])).collect();
+            let _ = writeln!(
+                md,
+                "\nCategory adherence by the prompt's category (images, adherence):\n\n| category | {} |\n|---|{}",
+                names.join(" | "),
+                "---|".repeat(names.len())
+            );
+            for c in cats {
+                let cells: Vec<String> = methods
+                    .iter()
+                    .map(|m| {
+                        let e = &m["adherence_by_category"][c.as_str()];
+                        match (e["n"].as_u64(), e["adherence"].as_f64()) {
+                            (Some(n), Some(a)) => format!("{n}, {:.1}%", a * 100.0),
+                            _ => String::new(),
+                        }
+                    })
+                    .collect();
+                let _ = writeln!(md, "| {c} | {} |", cells.join(" | "));
+            }
+        }
     }
     let out = dir.join("MODEL_CARD.md");
     std::fs::write(&out, md).with_context(|| format!("{}", out.display()))?;

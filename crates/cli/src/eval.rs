@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mulo_engine::eval::{
-    agreement, frechet_distance, label_ids, median, read_prompts, score_images, EvalReport,
-    MethodResult, PromptRow,
+    agreement, agreement_by_label, frechet_distance, label_ids, median, read_prompts, score_images,
+    EvalReport, MethodResult, PromptRow,
 };
 use mulo_engine::train::EmojiTensors;
 use mulo_engine::{default_family_dir, generate_ar, Family, Member, TorchWorker};
@@ -250,15 +250,16 @@ fn eval_method(
     })??;
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let (fid, cat, sub, real) = worker.run({
+    let (fid, cat, sub, real, names) = worker.run({
         let images = images.shallow_clone();
-        move |s: &mut State| -> Result<(f64, Vec<i64>, Vec<i64>, usize)> {
+        move |s: &mut State| -> Result<(f64, Vec<i64>, Vec<i64>, usize, Vec<String>)> {
             let gen = score_images(&s.evaluator, &images)?;
             let all: Vec<i64> = (0..s.data.meta.items.len() as i64).collect();
             let real = s.data.batch(size, &all, s.device);
             let real_scores = score_images(&s.evaluator, &real)?;
             let fid = frechet_distance(&gen.features, &real_scores.features)?;
-            Ok((fid, gen.category, gen.subcategory, all.len()))
+            let names = s.evaluator.config().category_names.clone();
+            Ok((fid, gen.category, gen.subcategory, all.len(), names))
         }
     })??;
     let want_cat: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].0).collect();
@@ -273,6 +274,7 @@ fn eval_method(
         fid_emoji: fid,
         adherence_category: agreement(&cat, &want_cat),
         adherence_subcategory: agreement(&sub, &want_sub),
+        adherence_by_category: agreement_by_label(&cat, &want_cat, &names),
         image_size: size,
         real_images: real,
         seconds,

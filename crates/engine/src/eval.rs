@@ -2,6 +2,7 @@
 //! Gaussians fitted to the evaluator's penultimate features of generated and real images) and
 //! adherence (how often the evaluator's predicted category / subcategory equals the prompt's).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use mulo_model::evaluator::Evaluator;
@@ -147,6 +148,41 @@ pub fn agreement(predicted: &[i64], expected: &[i64]) -> f64 {
     hits as f64 / predicted.len() as f64
 }
 
+/// Images and adherence of the prompts that expect one label.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LabelAdherence {
+    /// Images whose prompt expects the label.
+    pub n: usize,
+    /// Fraction of them the evaluator gives that label.
+    pub adherence: f64,
+}
+
+/// [`agreement`] split by the expected label, keyed by its name (`names[id]`).
+pub fn agreement_by_label(
+    predicted: &[i64],
+    expected: &[i64],
+    names: &[String],
+) -> BTreeMap<String, LabelAdherence> {
+    let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (p, e) in predicted.iter().zip(expected) {
+        let name = usize::try_from(*e)
+            .ok()
+            .and_then(|i| names.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("#{e}"));
+        let c = counts.entry(name).or_insert((0, 0));
+        c.0 += 1;
+        c.1 += usize::from(p == e);
+    }
+    counts
+        .into_iter()
+        .map(|(k, (n, hits))| {
+            let adherence = hits as f64 / n as f64;
+            (k, LabelAdherence { n, adherence })
+        })
+        .collect()
+}
+
 fn mean_cov(x: &Tensor) -> (Tensor, Tensor) {
     let x = x.to_kind(Kind::Double).to_device(Device::Cpu);
     let n = x.size()[0];
@@ -202,6 +238,9 @@ pub struct MethodResult {
     pub adherence_category: f64,
     /// Fraction of images whose predicted subcategory is the prompt's.
     pub adherence_subcategory: f64,
+    /// Category adherence of the prompts of each expected category.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adherence_by_category: BTreeMap<String, LabelAdherence>,
     /// Image side in pixels.
     pub image_size: usize,
     /// Real images FID-emoji compares against.
@@ -290,5 +329,12 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(agreement(&[1, 2, 3, 4], &[1, 0, 3, 0]), 0.5);
+        let names = vec!["a".to_string(), "b".to_string()];
+        let by = agreement_by_label(&[0, 1, 1, 0, 7], &[0, 0, 1, 1, 7], &names);
+        let want = |n, adherence| LabelAdherence { n, adherence };
+        assert_eq!(by["a"], want(2, 0.5));
+        assert_eq!(by["b"], want(2, 0.5));
+        assert_eq!(by["#7"], want(1, 1.0));
+        assert_eq!(by.len(), 3);
     }
 }
