@@ -250,16 +250,26 @@ fn eval_method(
     })??;
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let (fid, cat, sub, real, names) = worker.run({
+    let Scored {
+        fid,
+        cat,
+        sub,
+        real,
+        names,
+    } = worker.run({
         let images = images.shallow_clone();
-        move |s: &mut State| -> Result<(f64, Vec<i64>, Vec<i64>, usize, Vec<String>)> {
+        move |s: &mut State| -> Result<Scored> {
             let gen = score_images(&s.evaluator, &images)?;
             let all: Vec<i64> = (0..s.data.meta.items.len() as i64).collect();
             let real = s.data.batch(size, &all, s.device);
             let real_scores = score_images(&s.evaluator, &real)?;
-            let fid = frechet_distance(&gen.features, &real_scores.features)?;
-            let names = s.evaluator.config().category_names.clone();
-            Ok((fid, gen.category, gen.subcategory, all.len(), names))
+            Ok(Scored {
+                fid: frechet_distance(&gen.features, &real_scores.features)?,
+                cat: gen.category,
+                sub: gen.subcategory,
+                real: all.len(),
+                names: s.evaluator.config().category_names.clone(),
+            })
         }
     })??;
     let want_cat: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].0).collect();
@@ -281,6 +291,16 @@ fn eval_method(
         median_image_seconds: median(&times),
     };
     Ok((result, images))
+}
+
+/// What the evaluator made of a method's images: FID-emoji, predicted category and subcategory
+/// ids, the number of real images, and the category names.
+struct Scored {
+    fid: f64,
+    cat: Vec<i64>,
+    sub: Vec<i64>,
+    real: usize,
+    names: Vec<String>,
 }
 
 /// A grid PNG: rows of generated images, each followed by a row of real images of the same
