@@ -10,6 +10,8 @@ use serde_json::Value;
 
 /// File with a model's training command, options and report.
 pub const TRAIN_REPORT: &str = "train_report.json";
+/// The full VQ run's report, kept beside the report of a later decoder fine-tune.
+pub const FIRST_VQ_REPORT: &str = "train_report.vq.json";
 /// File with a model's evaluation report (GPTs).
 pub const EVAL_REPORT: &str = "eval.json";
 
@@ -42,6 +44,33 @@ fn fmt_value(v: &Value) -> String {
     }
 }
 
+/// The command, machine, options and measured report of one training run, under `title`.
+fn render_run(md: &mut String, train: &Value, title: &str, file: &str) -> Result<()> {
+    let _ = writeln!(md, "## {title}\n");
+    if let Some(cmd) = train.get("command").and_then(Value::as_str) {
+        let _ = writeln!(md, "```\n{cmd}\n```\n");
+    }
+    if let Some(machine) = train.get("machine").and_then(Value::as_str) {
+        let _ = writeln!(md, "Machine: {machine}.\n");
+    }
+    let _ = writeln!(
+        md,
+        "Options as run (also in `{file}`):\n\n```json\n{}\n```\n",
+        serde_json::to_string_pretty(train.get("options").unwrap_or(&Value::Null))?
+    );
+    let _ = writeln!(
+        md,
+        "### Measured (printed by the command; held-out numbers on the stored weights)\n"
+    );
+    let _ = writeln!(md, "| quantity | value |\n|---|---|");
+    if let Some(Value::Object(r)) = train.get("report") {
+        for (k, v) in r {
+            let _ = writeln!(md, "| {k} | {} |", fmt_value(v));
+        }
+    }
+    Ok(())
+}
+
 /// Renders `<dir>/MODEL_CARD.md` for a model of `role` from the reports in `dir`.
 pub fn write_card(dir: &Path, role: &str) -> Result<()> {
     let path = dir.join(TRAIN_REPORT);
@@ -58,27 +87,27 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
         md,
         "Data: `mulo data emoji` (emoji-datasource-google and -twitter 16.0.0, 64/32/16 px on white; split by emoji, held-out emoji never trained on; see docs/data.md).\n"
     );
-    let _ = writeln!(md, "## How it was made\n");
-    if let Some(cmd) = train.get("command").and_then(Value::as_str) {
-        let _ = writeln!(md, "```\n{cmd}\n```\n");
-    }
-    if let Some(machine) = train.get("machine").and_then(Value::as_str) {
-        let _ = writeln!(md, "Machine: {machine}.\n");
-    }
-    let _ = writeln!(
-        md,
-        "Options as run (also in `{TRAIN_REPORT}`):\n\n```json\n{}\n```\n",
-        serde_json::to_string_pretty(train.get("options").unwrap_or(&Value::Null))?
-    );
-    let _ = writeln!(
-        md,
-        "## Measured (printed by the command; held-out numbers on the stored weights)\n"
-    );
-    let _ = writeln!(md, "| quantity | value |\n|---|---|");
-    if let Some(Value::Object(r)) = train.get("report") {
-        for (k, v) in r {
-            let _ = writeln!(md, "| {k} | {} |", fmt_value(v));
-        }
+    let first = dir.join(FIRST_VQ_REPORT);
+    if first.is_file() {
+        // A decoder fine-tune (`mulo train vq-decoder`) followed the full VQ run.
+        let text =
+            std::fs::read_to_string(&first).with_context(|| format!("{}", first.display()))?;
+        let vq: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", first.display()))?;
+        render_run(
+            &mut md,
+            &vq,
+            "Stage 1: the VQ (encoder, codebook, decoder)",
+            FIRST_VQ_REPORT,
+        )?;
+        render_run(
+            &mut md,
+            &train,
+            "Stage 2: the decoder fine-tuned (encoder and codebook frozen, tokens unchanged)",
+            TRAIN_REPORT,
+        )?;
+    } else {
+        render_run(&mut md, &train, "How it was made", TRAIN_REPORT)?;
     }
     let eval_path = dir.join(EVAL_REPORT);
     if eval_path.is_file() {

@@ -13,7 +13,7 @@ use mulo_engine::{EngineError, TorchWorker};
 use mulo_model::{DType, VqConfig};
 use serde::Serialize;
 
-use crate::card::{write_card, TRAIN_REPORT};
+use crate::card::{write_card, FIRST_VQ_REPORT, TRAIN_REPORT};
 use crate::common::RuntimeArgs;
 
 /// What to train.
@@ -45,6 +45,8 @@ pub enum TrainCommand {
 pub enum Stage {
     /// The VQ tokenizer.
     Vq,
+    /// The VQ decoder fine-tuned for both resolutions (encoder, codebook and tokens kept).
+    VqDecoder,
     /// The evaluator CNN.
     Evaluator,
     /// The target GPT.
@@ -61,8 +63,9 @@ pub enum Stage {
     Cards,
 }
 
-const STAGES: [Stage; 8] = [
+const STAGES: [Stage; 9] = [
     Stage::Vq,
+    Stage::VqDecoder,
     Stage::Evaluator,
     Stage::Target,
     Stage::Drafter,
@@ -89,6 +92,10 @@ pub struct TrainAllArgs {
     /// interrupted run).
     #[arg(long)]
     pub skip_existing: bool,
+    /// Continue each model's training from its last checkpoint in the work directory (with
+    /// --skip-existing: carry an interrupted `train all` on where it stopped).
+    #[arg(long)]
+    pub resume: bool,
     /// Images per method in the evaluation stage.
     #[arg(long, default_value_t = 256)]
     pub eval_n: usize,
@@ -167,6 +174,7 @@ fn run_all(a: TrainAllArgs) -> Result<()> {
         }
         let (sub, dir) = match stage {
             Stage::Vq => ("vq", vq.clone()),
+            Stage::VqDecoder => ("vq-decoder", vq.clone()),
             Stage::Evaluator => ("evaluator", fam.join("evaluator")),
             Stage::Target => ("target", fam.join("target")),
             Stage::Drafter => ("drafter", fam.join("drafter")),
@@ -194,7 +202,13 @@ fn run_all(a: TrainAllArgs) -> Result<()> {
                 continue;
             }
         };
-        if a.skip_existing && dir.join(TRAIN_REPORT).is_file() {
+        // The decoder stage writes into the VQ directory and keeps the VQ's report aside.
+        let done = if stage == Stage::VqDecoder {
+            FIRST_VQ_REPORT
+        } else {
+            TRAIN_REPORT
+        };
+        if a.skip_existing && dir.join(done).is_file() {
             println!("==> keeping {} (it has {TRAIN_REPORT})", dir.display());
             continue;
         }
@@ -208,9 +222,16 @@ fn run_all(a: TrainAllArgs) -> Result<()> {
         ];
         if matches!(
             stage,
-            Stage::Target | Stage::Drafter | Stage::DraftSmall | Stage::Upsampler
+            Stage::VqDecoder
+                | Stage::Target
+                | Stage::Drafter
+                | Stage::DraftSmall
+                | Stage::Upsampler
         ) {
             argv.extend(["--vq".into(), s(&vq)]);
+        }
+        if a.resume {
+            argv.push("--resume".into());
         }
         argv.extend(runtime.iter().cloned());
         run_argv(&argv)?;
@@ -258,8 +279,9 @@ pub struct TrainVqDecoderArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
-    /// Share of the steps on 32 px images (spread evenly; the others use 64 px).
-    #[arg(long, default_value_t = 0.667)]
+    /// Share of the steps on 32 px images (spread evenly; the others use 64 px). The full VQ
+    /// run leaves the 32 px reconstructions further behind, hence most steps at 32 px.
+    #[arg(long, default_value_t = 0.85)]
     pub low_res_share: f64,
     /// Images per 64 px step (32 px steps use twice as many).
     #[arg(long, default_value_t = 24)]
@@ -391,8 +413,22 @@ pub struct TrainGptArgs {
     /// Training dropout of the input embeddings and the residual branches.
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f64,
+    /// How training sequences are drawn: `base` weighs every base emoji the same (its skin-tone
+    /// variations share one draw), `image` weighs every image the same (People & Body, with its
+    /// skin tones, is then 60% of the data).
+    #[arg(long, value_enum, default_value_t = Balance::Image)]
+    pub balance: Balance,
     #[command(flatten)]
     pub common: TrainCommon,
+}
+
+/// How `mulo train` GPTs draw their training sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balance {
+    /// Uniform over base emoji, then over its images.
+    Base,
+    /// Uniform over images.
+    Image,
 }
 
 /// Flags every `mulo train <model>` takes.
@@ -682,6 +718,7 @@ fn run_gpt(
         name_share: a.name_share,
         unk_drop: a.unk_drop,
         dropout: a.dropout,
+        balance_base: a.balance == Balance::Base,
         seed: a.common.seed,
         resume: a.common.resume,
         dtype: a.common.store_dtype,
@@ -725,10 +762,11 @@ fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
         resume: a.common.resume,
         dtype: a.common.store_dtype,
     };
-    // The first report of the directory (the full VQ run) is kept beside the decoder's.
+    // The full VQ run's report is kept beside the decoder's (once: a second fine-tune of the
+    // same directory replaces only the decoder's report).
     let first = opts.out.join(TRAIN_REPORT);
-    if first.is_file() && opts.out == opts.vq {
-        std::fs::copy(&first, opts.out.join("train_report.vq.json"))
+    if first.is_file() && opts.out == opts.vq && !opts.out.join(FIRST_VQ_REPORT).is_file() {
+        std::fs::copy(&first, opts.out.join(FIRST_VQ_REPORT))
             .with_context(|| format!("{}", first.display()))?;
     }
     let r = run_training(
@@ -793,6 +831,11 @@ fn run_vq(a: TrainVqArgs, command: &str) -> Result<()> {
         &a.common.runtime,
         train_vq,
     )?;
+    // A new VQ: the report of an earlier one a decoder fine-tune kept aside no longer applies.
+    let stale = opts.out.join(FIRST_VQ_REPORT);
+    if stale.is_file() {
+        std::fs::remove_file(&stale).with_context(|| format!("{}", stale.display()))?;
+    }
     println!(
         "trained the VQ in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px, {:.2} dB at 32 px, codebook usage {:.1}% ({} held-out images); wrote {}",
         report.seconds,

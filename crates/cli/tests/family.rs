@@ -106,6 +106,46 @@ fn toy_family_trains_evaluates_and_generates() {
         let o = ok(&args);
         assert!(o.contains("tokens unchanged 100.00%"), "{o}");
     }
+    // Fine-tuned in place (twice): the full run's report stays aside and both reach the card.
+    let vq3 = d.join("vq3");
+    std::fs::create_dir_all(&vq3).unwrap();
+    for f in ["config.json", "model.safetensors", "train_report.json"] {
+        std::fs::copy(fam.join("vq").join(f), vq3.join(f)).unwrap();
+    }
+    for _ in 0..2 {
+        let (v, w) = (s(&vq3), j(&work, "vq3"));
+        ok(&[
+            "train",
+            "vq-decoder",
+            "--data",
+            s(&data),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--vq",
+            v,
+            "--out",
+            v,
+            "--work",
+            &w,
+        ]);
+    }
+    let first: Value =
+        serde_json::from_str(&std::fs::read_to_string(vq3.join("train_report.vq.json")).unwrap())
+            .unwrap();
+    assert!(first["command"]
+        .as_str()
+        .unwrap()
+        .starts_with("mulo train vq --data"));
+    let card = std::fs::read_to_string(vq3.join("MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("Stage 1")
+            && card.contains("mulo train vq --data")
+            && card.contains("mulo train vq-decoder --data")
+            && card.contains("psnr32_before"),
+        "{card}"
+    );
     run(common("evaluator"), &["--channels", "8,16"]);
     let vq = j(&fam, "vq");
     let gpt = [

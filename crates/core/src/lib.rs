@@ -6,9 +6,11 @@
 pub mod caption;
 pub mod condition;
 pub mod grid;
+pub mod method;
 pub mod params;
 pub mod spec;
 
 pub use condition::Condition;
 pub use grid::{GridSize, TokenGrid};
+pub use method::{Method, MuloParams, Rejection};
 pub use params::{ParamError, SamplingParams};

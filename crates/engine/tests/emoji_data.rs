@@ -109,6 +109,31 @@ fn builds_images_captions_labels_and_split() {
         &t16.data()[g.index * 16 * 16 * 3..g.index * 16 * 16 * 3 + 3],
         &[200, 100, 0]
     );
+
+    // Training rows grouped by base emoji: a skin tone joins its base, vendors share a group.
+    let data = mulo_engine::train::EmojiTensors::load(&out).unwrap();
+    let mut bases: Vec<&str> = meta
+        .items
+        .iter()
+        .filter(|i| i.split == emoji::Split::Train)
+        .map(|i| i.base.as_str())
+        .collect();
+    bases.sort_unstable();
+    bases.dedup();
+    if bases.is_empty() {
+        assert!(data.train_groups().is_err());
+    } else {
+        let groups = data.train_groups().unwrap();
+        assert_eq!(groups.len(), bases.len());
+        for g in &groups {
+            let b = &meta.items[g[0] as usize].base;
+            assert!(g.iter().all(|&r| &meta.items[r as usize].base == b));
+        }
+        assert_eq!(
+            groups.iter().map(Vec::len).sum::<usize>(),
+            data.train_rows().unwrap().len()
+        );
+    }
 }
 
 #[test]
@@ -261,6 +286,7 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
         name_share: 0.5,
         unk_drop: 0.1,
         dropout: 0.1,
+        balance_base: true,
         seed: 0,
         resume: false,
         dtype: DType::Fp16,

@@ -11,7 +11,9 @@ use rand::Rng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{adamw, io_err, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
+use super::{
+    adamw, io_err, parameter_count, sample_grouped, step_rng, EmojiTensors, Recipe, Trainer,
+};
 use crate::data::emoji::Split;
 use crate::error::EngineError;
 
@@ -59,6 +61,10 @@ pub struct GptTrainOptions {
     pub unk_drop: f64,
     /// Dropout of the input embeddings and the residual branches during training.
     pub dropout: f64,
+    /// Draw training sequences uniformly over base emoji (then one of its images) instead of
+    /// uniformly over images: skin-tone variations otherwise make People & Body most of the data
+    /// and its prior swamps the caption.
+    pub balance_base: bool,
     /// Seed of the weights and the batch order.
     pub seed: u64,
     /// Continue from the last checkpoint in `work`.
@@ -162,6 +168,11 @@ pub fn train_gpt(
     let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
     let side = opts.image_size as i64 / vq.config().downsample_factor();
     let train = data.train_rows()?;
+    let groups = if opts.balance_base {
+        data.train_groups()?
+    } else {
+        train.iter().map(|&r| vec![r]).collect()
+    };
     let heldout = data.indices(Split::Heldout);
     let tokenizer = CaptionTokenizer::build(
         train
@@ -217,7 +228,7 @@ pub fn train_gpt(
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
         let mut rng = step_rng(opts.seed, step);
-        let rows = sample_rows(&mut rng, &train, opts.batch);
+        let rows = sample_grouped(&mut rng, &groups, opts.batch);
         let drops: Vec<bool> = (0..opts.batch)
             .map(|_| rng.random::<f64>() < opts.cond_drop)
             .collect();

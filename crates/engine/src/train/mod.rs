@@ -160,6 +160,17 @@ pub(crate) fn sample_rows(rng: &mut ChaCha8Rng, pool: &[i64], n: usize) -> Vec<i
         .collect()
 }
 
+/// `n` rows: a group drawn uniformly with replacement, then a row of it uniformly, so that every
+/// group weighs the same whatever its size.
+pub(crate) fn sample_grouped(rng: &mut ChaCha8Rng, groups: &[Vec<i64>], n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|_| {
+            let g = &groups[rng.random_range(0..groups.len())];
+            g[rng.random_range(0..g.len())]
+        })
+        .collect()
+}
+
 /// Number of parameters in a variable store.
 pub(crate) fn parameter_count(vs: &VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
@@ -326,6 +337,28 @@ impl EmojiTensors {
         Ok(rows)
     }
 
+    /// Training rows grouped by base emoji (its skin-tone variations and both vendors' images
+    /// form one group), groups in data-set order; an error when there are none.
+    pub fn train_groups(&self) -> Result<Vec<Vec<i64>>, EngineError> {
+        let mut order: Vec<&str> = Vec::new();
+        let mut groups: std::collections::HashMap<&str, Vec<i64>> = Default::default();
+        for item in self.meta.items.iter().filter(|i| i.split == Split::Train) {
+            groups
+                .entry(item.base.as_str())
+                .or_insert_with(|| {
+                    order.push(item.base.as_str());
+                    Vec::new()
+                })
+                .push(item.index as i64);
+        }
+        if order.is_empty() {
+            return Err(EngineError::Train(
+                "the data set has no training images".into(),
+            ));
+        }
+        Ok(order.into_iter().filter_map(|b| groups.remove(b)).collect())
+    }
+
     /// Row indices of one split.
     pub fn indices(&self, split: Split) -> Vec<i64> {
         self.meta
@@ -387,6 +420,22 @@ mod tests {
         assert!((s.lr(60) - 0.55).abs() < 1e-12);
         assert!((s.lr(110) - 0.1).abs() < 1e-12);
         assert!((s.lr(500) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn grouped_sampling_weighs_groups_not_rows() {
+        // One group of one row and one of nine: each group is drawn half the time.
+        let groups = vec![vec![0], (1..10).collect::<Vec<i64>>()];
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let rows = sample_grouped(&mut rng, &groups, 20_000);
+        let alone = rows.iter().filter(|&&r| r == 0).count() as f64 / rows.len() as f64;
+        assert!((alone - 0.5).abs() < 0.02, "{alone}");
+        assert!((1..10).all(|r| rows.contains(&r)));
+        // One row per group is the plain uniform draw over rows.
+        let single: Vec<Vec<i64>> = (0..10).map(|r| vec![r]).collect();
+        let rows = sample_grouped(&mut rng, &single, 20_000);
+        let first = rows.iter().filter(|&&r| r == 0).count() as f64 / rows.len() as f64;
+        assert!((first - 0.1).abs() < 0.02, "{first}");
     }
 
     #[test]

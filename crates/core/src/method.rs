@@ -1,0 +1,443 @@
+//! Decoding methods and their parameters (DESIGN §2.3, §2.4): what `--method` selects, with
+//! validation that names the bad field, `key=value` parsing for flags and sweeps, and the plan of
+//! one MuLo-SD verification outcome (which positions to resample, in which islands and passes).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::ParamError;
+use crate::spec::{expand, islands, pass_schedule, raster_reject, Block};
+
+/// How rejected proposals are turned into positions to resample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rejection {
+    /// MuLo-SD: resample the neighbourhoods of the rejected positions, every island at once.
+    Local,
+    /// Classic: resample everything from the first rejected position on, in raster order (an
+    /// ablation).
+    Raster,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Raster => "raster",
+        })
+    }
+}
+
+/// Parameters of MuLo-SD (DESIGN §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MuloParams {
+    /// Acceptance threshold on the pooled probability mass, in [0, 1]: the speed/quality knob.
+    pub tau: f64,
+    /// Pool size `k`: the draft token's `k` nearest codes (itself included), `k >= 1`.
+    pub pool_k: usize,
+    /// Expansion radius `l` (Chebyshev) around each rejected position; 0 resamples only the
+    /// rejected ones.
+    pub radius: usize,
+    /// Low-resolution rows drafted per cycle (`R >= 1`).
+    pub block_rows: usize,
+    /// ZipAR-style parallel drafting: start low-res row `j+1` once row `j` has this many tokens;
+    /// 0 drafts rows one after the other.
+    pub zipar_window: usize,
+    /// Local (MuLo-SD) or raster (classic) rejection.
+    pub rejection: Rejection,
+}
+
+impl Default for MuloParams {
+    fn default() -> Self {
+        Self {
+            tau: 0.1,
+            pool_k: 8,
+            radius: 1,
+            block_rows: 2,
+            zipar_window: 0,
+            rejection: Rejection::Local,
+        }
+    }
+}
+
+/// Parameters of classic draft-model speculative sampling (lossless).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SdParams {
+    /// Draft tokens proposed per target pass (`γ >= 1`).
+    pub gamma: usize,
+}
+
+impl Default for SdParams {
+    fn default() -> Self {
+        Self { gamma: 4 }
+    }
+}
+
+/// Parameters of LANTERN (relaxed speculative sampling with latent proximity sets).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LanternParams {
+    /// Draft tokens proposed per target pass (`γ >= 1`).
+    pub gamma: usize,
+    /// Candidates of the proximity set: the draft token's `k` nearest codes (`k >= 1`).
+    pub k: usize,
+    /// Largest distance (of L2-normalised code vectors, in [0, 2]) of a code in the set.
+    pub delta: f64,
+}
+
+impl Default for LanternParams {
+    fn default() -> Self {
+        Self {
+            gamma: 4,
+            k: 8,
+            delta: 0.4,
+        }
+    }
+}
+
+/// A decoding method with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+pub enum Method {
+    /// Plain autoregressive decoding: one target pass per token (the exact reference).
+    Ar,
+    /// Classic speculative sampling with the small high-resolution draft model.
+    Sd(SdParams),
+    /// LANTERN with the small high-resolution draft model.
+    Lantern(LanternParams),
+    /// Multi-Scale Local Speculative Decoding.
+    Mulo(MuloParams),
+}
+
+/// The method names `--method` accepts.
+pub const METHOD_NAMES: [&str; 4] = ["ar", "sd", "lantern", "mulo"];
+
+fn parse_value<T: std::str::FromStr>(field: &'static str, v: &str) -> Result<T, ParamError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ParamError::new(field, format!("cannot parse '{v}'")))
+}
+
+impl Method {
+    /// The method's name (`ar`, `sd`, `lantern`, `mulo`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ar => "ar",
+            Self::Sd(_) => "sd",
+            Self::Lantern(_) => "lantern",
+            Self::Mulo(_) => "mulo",
+        }
+    }
+
+    /// The method `name` at its default parameters.
+    pub fn default_for(name: &str) -> Result<Self, ParamError> {
+        match name.trim() {
+            "ar" => Ok(Self::Ar),
+            "sd" => Ok(Self::Sd(SdParams::default())),
+            "lantern" => Ok(Self::Lantern(LanternParams::default())),
+            "mulo" => Ok(Self::Mulo(MuloParams::default())),
+            other => Err(ParamError::new(
+                "method",
+                format!(
+                    "unknown method '{other}' (expected one of {})",
+                    METHOD_NAMES.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// The parameter names this method takes.
+    pub fn keys(&self) -> &'static [&'static str] {
+        match self {
+            Self::Ar => &[],
+            Self::Sd(_) => &["gamma"],
+            Self::Lantern(_) => &["gamma", "k", "delta"],
+            Self::Mulo(_) => &[
+                "tau",
+                "pool_k",
+                "radius",
+                "block_rows",
+                "zipar_window",
+                "rejection",
+            ],
+        }
+    }
+
+    /// Sets one parameter from its text form; an error names the key when the method has no such
+    /// parameter or the value does not parse. Values are checked by [`Method::validate`].
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ParamError> {
+        let unknown = |m: &Method| {
+            ParamError::new(
+                "parameter",
+                format!(
+                    "method '{}' has no parameter '{key}'{}",
+                    m.name(),
+                    if m.keys().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (it takes {})", m.keys().join(", "))
+                    }
+                ),
+            )
+        };
+        match self {
+            Self::Ar => return Err(unknown(self)),
+            Self::Sd(p) => match key {
+                "gamma" => p.gamma = parse_value("gamma", value)?,
+                _ => return Err(unknown(self)),
+            },
+            Self::Lantern(p) => match key {
+                "gamma" => p.gamma = parse_value("gamma", value)?,
+                "k" => p.k = parse_value("k", value)?,
+                "delta" => p.delta = parse_value("delta", value)?,
+                _ => return Err(unknown(self)),
+            },
+            Self::Mulo(p) => match key {
+                "tau" => p.tau = parse_value("tau", value)?,
+                "pool_k" => p.pool_k = parse_value("pool_k", value)?,
+                "radius" => p.radius = parse_value("radius", value)?,
+                "block_rows" => p.block_rows = parse_value("block_rows", value)?,
+                "zipar_window" => p.zipar_window = parse_value("zipar_window", value)?,
+                "rejection" => {
+                    p.rejection = match value.trim() {
+                        "local" => Rejection::Local,
+                        "raster" => Rejection::Raster,
+                        other => {
+                            return Err(ParamError::new(
+                                "rejection",
+                                format!("expected local or raster, got '{other}'"),
+                            ))
+                        }
+                    }
+                }
+                _ => return Err(unknown(self)),
+            },
+        }
+        Ok(())
+    }
+
+    /// Parses `name[:key=value,key=value...]`, e.g. `mulo:tau=0.2,radius=2`, and validates it.
+    pub fn parse(spec: &str) -> Result<Self, ParamError> {
+        let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut m = Self::default_for(name)?;
+        for kv in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                ParamError::new(
+                    "parameter",
+                    format!("expected key=value, got '{kv}' in '{spec}'"),
+                )
+            })?;
+            m.set(k.trim(), v)?;
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The parameters as `key → value` text (what reports print beside the method name).
+    pub fn params(&self) -> BTreeMap<&'static str, String> {
+        let mut out = BTreeMap::new();
+        match self {
+            Self::Ar => {}
+            Self::Sd(p) => {
+                out.insert("gamma", p.gamma.to_string());
+            }
+            Self::Lantern(p) => {
+                out.insert("gamma", p.gamma.to_string());
+                out.insert("k", p.k.to_string());
+                out.insert("delta", p.delta.to_string());
+            }
+            Self::Mulo(p) => {
+                out.insert("tau", p.tau.to_string());
+                out.insert("pool_k", p.pool_k.to_string());
+                out.insert("radius", p.radius.to_string());
+                out.insert("block_rows", p.block_rows.to_string());
+                out.insert("zipar_window", p.zipar_window.to_string());
+                out.insert("rejection", p.rejection.to_string());
+            }
+        }
+        out
+    }
+
+    /// Checks every parameter; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let at_least_one = |field: &'static str, v: usize| {
+            if v == 0 {
+                Err(ParamError::new(field, "must be at least 1, got 0"))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Ar => Ok(()),
+            Self::Sd(p) => at_least_one("gamma", p.gamma),
+            Self::Lantern(p) => {
+                at_least_one("gamma", p.gamma)?;
+                at_least_one("k", p.k)?;
+                if !(0.0..=2.0).contains(&p.delta) {
+                    return Err(ParamError::new(
+                        "delta",
+                        format!(
+                            "must be in [0, 2] (distance of unit vectors), got {}",
+                            p.delta
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Self::Mulo(p) => {
+                if !(0.0..=1.0).contains(&p.tau) {
+                    return Err(ParamError::new(
+                        "tau",
+                        format!("must be in [0, 1], got {}", p.tau),
+                    ));
+                }
+                at_least_one("pool_k", p.pool_k)?;
+                at_least_one("block_rows", p.block_rows)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())?;
+        let params = self.params();
+        if !params.is_empty() {
+            let kv: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            write!(f, ":{}", kv.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// What to resample after verifying one block (DESIGN §2.2 steps 4–5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResamplePlan {
+    /// Block mask of the positions to resample (`R_X`).
+    pub mask: Vec<bool>,
+    /// Its 8-connected islands, each in raster order.
+    pub islands: Vec<Vec<usize>>,
+    /// Pass `t` queries these block positions (one per unfinished island).
+    pub passes: Vec<Vec<usize>>,
+}
+
+impl ResamplePlan {
+    /// Positions to resample.
+    pub fn len(&self) -> usize {
+        self.mask.iter().filter(|&&m| m).count()
+    }
+
+    /// True when every proposal stands.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Size of the largest island (= target passes spent resampling).
+    pub fn largest_island(&self) -> usize {
+        self.islands.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// The plan for a block whose proposals were judged `accepted` (block mask): local rejection
+/// expands every rejected position by `radius`; raster rejection takes everything from the first
+/// rejected position on, which forms one island resampled position by position.
+pub fn plan_resample(
+    block: &Block,
+    accepted: &[bool],
+    radius: usize,
+    rejection: Rejection,
+) -> ResamplePlan {
+    let rejected: Vec<bool> = accepted.iter().map(|a| !a).collect();
+    let mask = match rejection {
+        Rejection::Local => expand(block, &rejected, radius),
+        Rejection::Raster => raster_reject(&rejected),
+    };
+    let islands = match rejection {
+        Rejection::Local => islands(block, &mask),
+        // A raster suffix is resampled in raster order, one position per pass.
+        Rejection::Raster => {
+            let tail: Vec<usize> = (0..mask.len()).filter(|&i| mask[i]).collect();
+            if tail.is_empty() {
+                Vec::new()
+            } else {
+                vec![tail]
+            }
+        }
+    };
+    let passes = pass_schedule(&islands);
+    ResamplePlan {
+        mask,
+        islands,
+        passes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_sets_parameters_and_round_trips_through_display() {
+        let m = Method::parse("mulo:tau=0.3, radius=2,rejection=raster").unwrap();
+        let Method::Mulo(p) = m else { panic!("{m:?}") };
+        assert_eq!((p.tau, p.radius, p.rejection), (0.3, 2, Rejection::Raster));
+        assert_eq!(p.pool_k, MuloParams::default().pool_k);
+        assert_eq!(Method::parse(&m.to_string()).unwrap(), m);
+        assert_eq!(Method::parse("ar").unwrap(), Method::Ar);
+        assert_eq!(Method::parse("ar").unwrap().to_string(), "ar");
+        for name in METHOD_NAMES {
+            let m = Method::default_for(name).unwrap();
+            m.validate().unwrap();
+            assert_eq!(Method::parse(&m.to_string()).unwrap(), m);
+            assert_eq!(m.params().len(), m.keys().len());
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let cases = [
+            ("mulo:tau=1.5", "tau"),
+            ("mulo:tau=-0.1", "tau"),
+            ("mulo:tau=x", "tau"),
+            ("mulo:pool_k=0", "pool_k"),
+            ("mulo:block_rows=0", "block_rows"),
+            ("mulo:rejection=global", "rejection"),
+            ("mulo:gamma=3", "parameter"),
+            ("mulo:tau", "parameter"),
+            ("sd:gamma=0", "gamma"),
+            ("lantern:delta=3", "delta"),
+            ("lantern:k=0", "k"),
+            ("ar:tau=0.1", "parameter"),
+            ("greedy", "method"),
+        ];
+        for (spec, field) in cases {
+            let e = Method::parse(spec).unwrap_err();
+            assert_eq!(e.field, field, "{spec}: {e}");
+        }
+        let e = Method::parse("mulo:gamma=3").unwrap_err().to_string();
+        assert!(e.contains("tau") && e.contains("gamma"), "{e}");
+    }
+
+    #[test]
+    fn plans_for_local_and_raster_rejection() {
+        let b = Block {
+            first_row: 0,
+            rows: 2,
+            cols: 4,
+        };
+        let mut acc = vec![true; 8];
+        acc[5] = false; // row 1, col 1
+        let local = plan_resample(&b, &acc, 1, Rejection::Local);
+        let set: Vec<usize> = (0..8).filter(|&i| local.mask[i]).collect();
+        assert_eq!(set, vec![0, 1, 2, 4, 5, 6]);
+        assert_eq!(local.islands.len(), 1);
+        assert_eq!(local.largest_island(), 6);
+        let raster = plan_resample(&b, &acc, 1, Rejection::Raster);
+        assert_eq!(raster.islands, vec![vec![5, 6, 7]]);
+        assert_eq!(raster.passes.len(), 3);
+        assert!(plan_resample(&b, &[true; 8], 3, Rejection::Local).is_empty());
+        let none = plan_resample(&b, &[true; 8], 3, Rejection::Raster);
+        assert!(none.is_empty() && none.passes.is_empty());
+    }
+}
