@@ -32,6 +32,24 @@ impl Block {
     }
 }
 
+/// The blocks of one MuLo-SD generation (DESIGN §2.2): each cycle drafts `block_rows` low-res
+/// rows, i.e. `scale · block_rows` high-res rows; the last block holds what remains. Empty when
+/// `scale` or `block_rows` is 0.
+pub fn blocks(grid_rows: usize, cols: usize, scale: usize, block_rows: usize) -> Vec<Block> {
+    let step = scale * block_rows;
+    if step == 0 {
+        return Vec::new();
+    }
+    (0..grid_rows)
+        .step_by(step)
+        .map(|first_row| Block {
+            first_row,
+            rows: step.min(grid_rows - first_row),
+            cols,
+        })
+        .collect()
+}
+
 /// The `k` nearest codes of every code by L2 distance of the L2-normalised code vectors, itself
 /// first: a `[V, k]` table, row-major. `codes` is `[V, dim]` row-major. Ties are broken by the
 /// lower code id, so the table is deterministic.
@@ -266,6 +284,16 @@ mod tests {
         );
         assert_eq!(raster_reject(&m)[..2], [true, true]);
         assert_eq!(refresh_start(&b, &m), Some(15));
+    }
+
+    #[test]
+    fn blocks_tile_the_grid() {
+        let b = blocks(16, 16, 2, 3);
+        let rows: Vec<(usize, usize)> = b.iter().map(|b| (b.first_row, b.rows)).collect();
+        assert_eq!(rows, vec![(0, 6), (6, 6), (12, 4)]);
+        assert_eq!(b.iter().map(Block::len).sum::<usize>(), 256);
+        assert_eq!(blocks(16, 16, 2, 2).len(), 4);
+        assert!(blocks(16, 16, 2, 0).is_empty());
     }
 
     #[test]
