@@ -298,6 +298,17 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
     assert!(report.final_loss.is_finite() && report.heldout_nll.is_finite());
     // Loss starts near ln(16) for a fresh model over 16 codes.
     assert!(report.final_loss < 4.0, "{report:?}");
+    // The last step's log record carries the held-out probe.
+    let log = std::fs::read_to_string(opts.work.join("loss.jsonl")).unwrap();
+    let last: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|r| r["step"] == 3)
+        .unwrap();
+    assert!(
+        last["heldout_nll_name_probe"].as_f64().unwrap().is_finite(),
+        "{last}"
+    );
     let tok = load_tokenizer(&opts.out)
         .unwrap()
         .expect("tokenizer.json written");

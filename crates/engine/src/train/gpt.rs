@@ -157,6 +157,39 @@ fn batch_loss(
         .cross_entropy_for_logits(&tokens.reshape([-1])))
 }
 
+/// Steps between the held-out probes in the loss log.
+const PROBE_EVERY: usize = 250;
+/// Held-out images in each probe.
+const PROBE_ROWS: usize = 256;
+
+/// Mean token cross-entropy of `model` on `rows`, conditioned on the caption ids and masks given
+/// (rows of `ids`, `mask`), without condition dropout.
+fn heldout_nll(
+    model: &Gpt,
+    rows: &[i64],
+    tokens: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    device: Device,
+) -> Result<f64, EngineError> {
+    tch::no_grad(|| {
+        let mut total = 0.0;
+        for chunk in rows.chunks(64) {
+            let r = Tensor::from_slice(chunk);
+            let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
+            let l = batch_loss(
+                model,
+                &tokens.index_select(0, &r).to_device(device),
+                &ids.index_select(0, &r).to_device(device),
+                &mask.index_select(0, &r).to_device(device),
+                &none,
+            )?;
+            total += f64::try_from(&l)? * chunk.len() as f64;
+        }
+        Ok(total / rows.len().max(1) as f64)
+    })
+}
+
 /// Trains a caption-conditioned GPT; `progress(step, total, loss)` after every step.
 pub fn train_gpt(
     opts: &GptTrainOptions,
@@ -174,6 +207,11 @@ pub fn train_gpt(
         train.iter().map(|&r| vec![r]).collect()
     };
     let heldout = data.indices(Split::Heldout);
+    let probe_rows: Vec<i64> = heldout
+        .iter()
+        .step_by((heldout.len() / PROBE_ROWS).max(1))
+        .copied()
+        .collect();
     let tokenizer = CaptionTokenizer::build(
         train
             .iter()
@@ -257,7 +295,19 @@ pub fn train_gpt(
             &to_dev(mask),
             &to_dev(Tensor::from_slice(&drops)),
         )?;
-        last_loss = trainer.update(gpt.var_store(), step, &loss, progress)?;
+        last_loss = trainer.step(step, &loss)?;
+        // Every PROBE_EVERY steps, the held-out NLL (names alone) of a fixed subset, dropout off:
+        // the loss log then shows when the model starts to over-fit.
+        let done = step + 1;
+        let probe = if done.is_multiple_of(PROBE_EVERY) || done == opts.steps {
+            gpt.set_train_dropout(0.0);
+            let nll = heldout_nll(&gpt, &probe_rows, &tokens, &name_ids, &name_mask, device);
+            gpt.set_train_dropout(opts.dropout);
+            serde_json::json!({ "heldout_nll_name_probe": nll? })
+        } else {
+            serde_json::Value::Null
+        };
+        trainer.end_step(gpt.var_store(), step, last_loss, || Ok(probe), progress)?;
     }
     trainer.finish(gpt.var_store())?;
     gpt.save(&opts.out, opts.dtype)?;
@@ -266,32 +316,14 @@ pub fn train_gpt(
     std::fs::write(&tok_path, text + "\n").map_err(|e| io_err(&tok_path, e))?;
     // Held-out NLL of the model as written.
     let (saved, _) = Gpt::load(&opts.out, device, Some(DType::Fp32))?;
-    let heldout_loss = |ids: &Tensor, mask: &Tensor| {
-        tch::no_grad(|| -> Result<f64, EngineError> {
-            let mut total = 0.0;
-            for chunk in heldout.chunks(64) {
-                let r = Tensor::from_slice(chunk);
-                let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
-                let l = batch_loss(
-                    &saved,
-                    &to_dev(tokens.index_select(0, &r)),
-                    &to_dev(ids.index_select(0, &r)),
-                    &to_dev(mask.index_select(0, &r)),
-                    &none,
-                )?;
-                total += f64::try_from(&l)? * chunk.len() as f64;
-            }
-            Ok(total / heldout.len().max(1) as f64)
-        })
-    };
-    let heldout_nll = heldout_loss(&cap_ids, &cap_mask)?;
-    let heldout_nll_name = heldout_loss(&name_ids, &name_mask)?;
+    let heldout_nll_full = heldout_nll(&saved, &heldout, &tokens, &cap_ids, &cap_mask, device)?;
+    let heldout_nll_name = heldout_nll(&saved, &heldout, &tokens, &name_ids, &name_mask, device)?;
     let parameters = parameter_count(saved.var_store());
     let report = GptReport {
         steps: opts.steps,
         seconds: trainer.seconds(),
         final_loss: last_loss,
-        heldout_nll,
+        heldout_nll: heldout_nll_full,
         heldout_nll_name,
         parameters,
         caption_vocab: tokenizer.len(),
