@@ -24,6 +24,19 @@ pub enum EngineError {
     /// An evaluation run failed (the message names the file or setting).
     #[error("evaluation: {0}")]
     Eval(String),
+    /// A stateful call does not match the role's session state (stale epoch, wrong committed
+    /// length, nothing pending): the caller re-syncs (`FAILED_PRECONDITION`).
+    #[error("session state: {0}")]
+    Precondition(String),
+    /// No session with that id on this role (expired, released or never opened).
+    #[error("unknown session {0}")]
+    UnknownSession(String),
+    /// A role has no room for another session or a longer one (`RESOURCE_EXHAUSTED`).
+    #[error("capacity: {0}")]
+    Capacity(String),
+    /// The role does not hold the model a call needs (e.g. SD without a draft model).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// The torch worker thread is gone (it panicked or was shut down).
     #[error("the torch worker thread has stopped")]
     WorkerGone,

@@ -1,18 +1,26 @@
-//! mulo's engine: the torch worker thread that owns every model of a process, and the generation
-//! methods built on the models. (Later issues add the MuLo-SD roles and cycle here.)
+//! mulo's engine: the torch worker thread that owns every model of a process, the drafter and
+//! verifier roles, and the coordinator that runs every generation method through them.
 
 pub mod ar;
+pub mod coordinator;
 pub mod data;
+pub mod drafter;
 pub mod error;
 pub mod eval;
 pub mod family;
 pub mod prompt;
+pub mod roles;
 pub mod score;
+pub mod session;
 pub mod train;
+pub mod verifier;
 pub mod worker;
 
 pub use ar::{generate_ar, Generation, GenerationStats};
+pub use coordinator::{generate, BlockEvent, GenerateRequest, MethodStats, Outcome};
 pub use error::EngineError;
 pub use family::{default_family_dir, Family, Member};
+pub use roles::{DrafterRole, Engine, Local, RoleSet, VerifierRole};
 pub use score::{score_tokens, Scores};
+pub use session::{SessionRef, SessionSpec};
 pub use worker::TorchWorker;

@@ -84,6 +84,25 @@ impl<S: 'static> TorchWorker<S> {
             .map_err(|_| EngineError::WorkerGone)?;
         rrx.recv().map_err(|_| EngineError::WorkerGone)
     }
+
+    /// Runs `f` on the torch thread; the returned future resolves with its result without
+    /// blocking the caller's thread (for async callers: the roles, the services).
+    pub async fn call<R, F>(&self, f: F) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> R + Send + 'static,
+    {
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let job: Job<S> = Box::new(move |s| {
+            let _ = rtx.send(f(s));
+        });
+        self.tx
+            .as_ref()
+            .ok_or(EngineError::WorkerGone)?
+            .send(job)
+            .map_err(|_| EngineError::WorkerGone)?;
+        rrx.await.map_err(|_| EngineError::WorkerGone)
+    }
 }
 
 impl<S> Drop for TorchWorker<S> {

@@ -287,9 +287,11 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
         unk_drop: 0.1,
         dropout: 0.1,
         balance_base: true,
+        keep_condition_rope: true,
         seed: 0,
         resume: false,
         dtype: DType::Fp16,
+        compute: DType::Bf16,
         vq_link: Some("../vq".into()),
     };
     let mut steps = Vec::new();

@@ -74,6 +74,17 @@ pub enum PositionEmbedding {
     /// A learned absolute embedding `abs_pe` `[cls_token_num + grid, dim]` added to the inputs (Tar's
     /// AR de-tokenizer); no RoPE.
     Learned,
+    /// The same 2D RoPE on the image grid, but the condition positions are left unrotated instead
+    /// of zeroed, so attention to caption rows depends on their content (LlamaGen's zeroing gives
+    /// every caption row the same score). The project's own caption models; not LlamaGen's.
+    Rope2dKeepCondition,
+}
+
+impl PositionEmbedding {
+    /// True for both 2D RoPE kinds.
+    pub fn is_rope(self) -> bool {
+        matches!(self, Self::Rope2d | Self::Rope2dKeepCondition)
+    }
 }
 
 fn default_multiple_of() -> i64 {
@@ -201,7 +212,7 @@ impl GptConfig {
                 self.n_head
             ));
         }
-        if self.position_embedding == PositionEmbedding::Rope2d && self.head_dim() % 4 != 0 {
+        if self.position_embedding.is_rope() && self.head_dim() % 4 != 0 {
             return bad(format!(
                 "2D RoPE needs a head dim divisible by 4, got {}",
                 self.head_dim()

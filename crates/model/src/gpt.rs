@@ -75,6 +75,9 @@ pub struct Gpt {
     device: Device,
     /// Training-only dropout on the residual branches (0 at inference).
     dropout: f64,
+    /// Kind the weight multiplies and attention run in when it differs from the weights' own kind
+    /// (mixed precision: fp32 weights, bf16 matmuls); `None` = the weights' kind.
+    compute: Option<Kind>,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
@@ -160,13 +163,14 @@ impl Gpt {
                 Some(root.var("abs_pe", &[cfg.max_positions(), d], lin(init_std))),
                 None,
             ),
-            PositionEmbedding::Rope2d => (
+            PositionEmbedding::Rope2d | PositionEmbedding::Rope2dKeepCondition => (
                 None,
                 Some(RopeTable::new(
                     cfg.grid,
                     hd,
                     cfg.rope_base,
                     cfg.cls_token_num,
+                    cfg.position_embedding == PositionEmbedding::Rope2d,
                     device,
                 )),
             ),
@@ -183,7 +187,23 @@ impl Gpt {
             rope,
             device,
             dropout: 0.0,
+            compute: None,
         })
+    }
+
+    /// Runs the weight multiplies and attention in `kind` (e.g. bf16) while the weights, the
+    /// residual stream, the norms and the logits keep their own kind: mixed-precision training on
+    /// CPUs with fast bf16 matmuls. `None` restores plain computation in the weights' kind.
+    pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
+        self.compute = kind.filter(|k| *k != self.kind());
+    }
+
+    /// `x · wᵀ`, in the compute kind when one is set.
+    fn lin(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        match self.compute {
+            Some(k) => x.to_kind(k).linear::<Tensor>(&w.to_kind(k), None),
+            None => linear(x, w),
+        }
     }
 
     /// Sets the dropout probability of the input embeddings and of the attention and feed-forward
@@ -383,7 +403,7 @@ impl Gpt {
 
     fn project_caption(&self, x: &Tensor) -> Tensor {
         match &self.cond {
-            CondEmbed::Caption { fc1, fc2, .. } => linear(&linear(x, fc1).gelu("tanh"), fc2),
+            CondEmbed::Caption { fc1, fc2, .. } => self.lin(&self.lin(x, fc1).gelu("tanh"), fc2),
             CondEmbed::Class { .. } => x.shallow_clone(),
         }
     }
@@ -526,7 +546,7 @@ impl Gpt {
 
     /// fp32 logits of final-norm hidden states.
     pub fn head(&self, h: &Tensor) -> Tensor {
-        linear(h, &self.output).to_kind(Kind::Float)
+        self.lin(h, &self.output).to_kind(Kind::Float)
     }
 
     fn check_rope_range(&self, positions: &[i64]) -> Result<()> {
@@ -562,7 +582,10 @@ impl Gpt {
             );
             h = h + self.drop(a);
             let f = rms_norm(&h, &blk.ffn_norm, self.cfg.norm_eps);
-            let f = linear(&(linear(&f, &blk.w1).silu() * linear(&f, &blk.w3)), &blk.w2);
+            let f = self.lin(
+                &(self.lin(&f, &blk.w1).silu() * self.lin(&f, &blk.w3)),
+                &blk.w2,
+            );
             h = h + self.drop(f);
         }
         rms_norm(&h, &self.norm, self.cfg.norm_eps)
@@ -584,7 +607,7 @@ impl Gpt {
             self.cfg.head_dim(),
             self.cfg.dim,
         );
-        let qkv = linear(x, &blk.wqkv);
+        let qkv = self.lin(x, &blk.wqkv);
         let mut q = qkv.narrow(-1, 0, d).view([b, s, nh, hd]);
         let mut k = qkv.narrow(-1, d, nkv * hd).view([b, s, nkv, hd]);
         let v = qkv.narrow(-1, d + nkv * hd, nkv * hd).view([b, s, nkv, hd]);
@@ -597,8 +620,9 @@ impl Gpt {
         let v = v.transpose(1, 2);
         let (keys, values) = match cache {
             Some((c, layer, width)) => {
-                let _ = c.keys[layer].index_copy_(2, pos_t, &k);
-                let _ = c.values[layer].index_copy_(2, pos_t, &v);
+                let ck = c.keys[layer].kind();
+                let _ = c.keys[layer].index_copy_(2, pos_t, &k.to_kind(ck));
+                let _ = c.values[layer].index_copy_(2, pos_t, &v.to_kind(ck));
                 (
                     c.keys[layer].narrow(2, 0, width),
                     c.values[layer].narrow(2, 0, width),
@@ -615,7 +639,7 @@ impl Gpt {
             (keys, values)
         };
         let out = Tensor::scaled_dot_product_attention(
-            &q,
+            &q.to_kind(keys.kind()),
             &keys,
             &values,
             Some(mask),
@@ -625,7 +649,7 @@ impl Gpt {
             false,
         );
         let out = out.transpose(1, 2).contiguous().view([b, s, d]);
-        linear(&out, &blk.wo)
+        self.lin(&out, &blk.wo)
     }
 }
 

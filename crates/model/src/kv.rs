@@ -98,6 +98,32 @@ impl KvCache {
             .collect()
     }
 
+    /// Largest absolute difference between the keys and values of the first `len` positions of
+    /// this cache and `other` (same shapes): how far an incrementally maintained cache drifted
+    /// from a fresh prefill. `f64::INFINITY` when the shapes differ.
+    pub fn max_abs_diff(&self, other: &KvCache, len: i64) -> f64 {
+        if self.keys.len() != other.keys.len() || len > self.capacity || len > other.capacity {
+            return f64::INFINITY;
+        }
+        let mut worst = 0.0f64;
+        for (a, b) in self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .zip(other.keys.iter().chain(&other.values))
+        {
+            if a.size() != b.size() && a.size()[..2] != b.size()[..2] {
+                return f64::INFINITY;
+            }
+            let d = (a.narrow(2, 0, len).to_kind(Kind::Float)
+                - b.narrow(2, 0, len).to_kind(Kind::Float))
+            .abs()
+            .max();
+            worst = worst.max(f64::try_from(d).unwrap_or(f64::INFINITY));
+        }
+        worst
+    }
+
     pub(crate) fn check_positions(&self, positions: &[i64]) -> Result<()> {
         for &p in positions {
             if p < 0 || p >= self.capacity {

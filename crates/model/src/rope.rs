@@ -3,7 +3,8 @@
 //! Head dim `hd`: `freqs[m] = 1 / base^(2m / (hd/2))` for `m < hd/4`. Grid cell `(a, b)` gets the
 //! angles `concat(a·freqs, b·freqs)` (`hd/2` angles), applied to interleaved pairs `(2m, 2m+1)`. The
 //! table is indexed by absolute position; the first `cls_token_num` positions (the condition) have
-//! `cos = sin = 0`, which zeroes their queries and keys (a LlamaGen quirk that must be kept).
+//! `cos = sin = 0`, which zeroes their queries and keys (a LlamaGen quirk that must be kept for its
+//! checkpoints; the project's own caption models may leave them unrotated instead).
 
 use mulo_core::GridSize;
 use tch::{Device, Kind, Tensor};
@@ -18,12 +19,14 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Builds the table on `device`.
+    /// Builds the table on `device`. `zero_condition` gives the condition positions `cos = sin = 0`
+    /// (LlamaGen); otherwise `cos = 1, sin = 0`, which leaves their queries and keys as they are.
     pub fn new(
         grid: GridSize,
         head_dim: i64,
         base: f64,
         cls_token_num: i64,
+        zero_condition: bool,
         device: Device,
     ) -> Self {
         let half = head_dim / 2;
@@ -47,7 +50,12 @@ impl RopeTable {
         )
         .reshape([grid.len() as i64, half]);
         let zeros = Tensor::zeros([cls_token_num, half], (Kind::Float, Device::Cpu));
-        let cos = Tensor::cat(&[zeros.shallow_clone(), grid_angles.cos()], 0).to_device(device);
+        let cond_cos = if zero_condition {
+            zeros.shallow_clone()
+        } else {
+            zeros.ones_like()
+        };
+        let cos = Tensor::cat(&[cond_cos, grid_angles.cos()], 0).to_device(device);
         let sin = Tensor::cat(&[zeros, grid_angles.sin()], 0).to_device(device);
         Self { cos, sin }
     }

@@ -110,6 +110,7 @@ fn cached_decoding_equals_full_forward() {
             (None, PositionEmbedding::Rope2d),
             (Some(2), PositionEmbedding::Rope2d),
             (None, PositionEmbedding::Learned),
+            (Some(2), PositionEmbedding::Rope2dKeepCondition),
         ] {
             let m =
                 Gpt::random(config(caption, kv, pos), Device::Cpu, DType::Fp32, 1, 0.2).unwrap();
@@ -211,7 +212,7 @@ fn masked_forward_at_arbitrary_positions_equals_recomputation() {
 fn rope_matches_an_independent_table() {
     let grid = GridSize { rows: 3, cols: 5 };
     let (hd, cls, base) = (16i64, 2i64, 10000.0f64);
-    let t = RopeTable::new(grid, hd, base, cls, Device::Cpu);
+    let t = RopeTable::new(grid, hd, base, cls, true, Device::Cpu);
     assert_eq!(t.len(), cls + 15);
     let cos = Vec::<f32>::try_from(t.cos.reshape([-1])).unwrap();
     let sin = Vec::<f32>::try_from(t.sin.reshape([-1])).unwrap();
@@ -237,9 +238,33 @@ fn rope_matches_an_independent_table() {
             );
         }
     }
+    // The project's variant leaves the condition rows unrotated and the grid rows as they are.
+    let keep = RopeTable::new(grid, hd, base, cls, false, Device::Cpu);
+    let n = cls * half as i64;
+    let kc = keep.cos.reshape([-1]);
+    let ks = keep.sin.reshape([-1]);
+    assert_eq!(f64::try_from(kc.narrow(0, 0, n).min()).unwrap(), 1.0);
+    assert_eq!(f64::try_from(ks.narrow(0, 0, n).abs().max()).unwrap(), 0.0);
+    let rest = kc.size()[0] - n;
+    assert!(kc
+        .narrow(0, n, rest)
+        .equal(&t.cos.reshape([-1]).narrow(0, n, rest)));
+    assert!(ks
+        .narrow(0, n, rest)
+        .equal(&t.sin.reshape([-1]).narrow(0, n, rest)));
+    let q = Tensor::randn([1, 2, 1, hd], (Kind::Float, Device::Cpu));
+    let cond_pos = Tensor::from_slice(&[0i64, 1]);
+    assert!(
+        keep.apply(&q, &cond_pos).equal(&q),
+        "condition queries kept"
+    );
+    assert_eq!(
+        f64::try_from(t.apply(&q, &cond_pos).abs().max()).unwrap(),
+        0.0
+    );
     // Interleaved pairs: (x0, x1) of pair m rotate together.
     let x = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).view([1, 1, 1, 4]);
-    let t2 = RopeTable::new(GridSize { rows: 2, cols: 2 }, 4, base, 1, Device::Cpu);
+    let t2 = RopeTable::new(GridSize { rows: 2, cols: 2 }, 4, base, 1, true, Device::Cpu);
     let y = Vec::<f32>::try_from(t2.apply(&x, &Tensor::from_slice(&[4i64])).reshape([-1])).unwrap();
     // position 4 = cell (1, 1): angle 1 for both pairs.
     let (c, s) = (1f32.cos(), 1f32.sin());
@@ -449,4 +474,49 @@ fn training_dropout_is_off_unless_set() {
     );
     m.set_train_dropout(0.0);
     assert!(max_abs(&reference, &full_logits(&m, &cond, false, &toks)) < 1e-6);
+}
+
+#[test]
+fn bf16_compute_keeps_fp32_weights_and_close_logits() {
+    for caption in [false, true] {
+        let cfg = config(caption, Some(2), PositionEmbedding::Rope2d);
+        let mut m = Gpt::random(cfg, Device::Cpu, DType::Fp32, 4, 0.2).unwrap();
+        let cond = condition(caption);
+        let toks = tokens(20);
+        let reference = full_logits(&m, &cond, true, &toks);
+        m.set_compute_kind(Some(Kind::BFloat16));
+        let mixed = full_logits(&m, &cond, true, &toks);
+        let cached = cached_logits(&m, &cond, true, &toks);
+        assert_eq!(mixed.kind(), Kind::Float, "logits stay fp32");
+        assert_eq!(m.kind(), Kind::Float, "weights stay fp32");
+        let scale = f64::try_from(reference.abs().max()).unwrap();
+        let err = max_abs(&reference, &mixed);
+        assert!(err > 0.0, "bf16 matmuls change the numbers");
+        assert!(err < 0.05 * scale, "bf16 error {err} vs scale {scale}");
+        // Cached decoding (fp32 cache) in the compute kind stays as close to the full forward.
+        assert!(max_abs(&mixed, &cached) < 0.05 * scale);
+        // Gradients reach the fp32 weights through the casts.
+        let c = m.condition(&cond, false).unwrap();
+        let x = Tensor::cat(&[c.embeddings, m.embed_tokens(&toks, 1).unwrap()], 1);
+        let loss = m
+            .head(&m.forward_full(&x, c.mask.as_ref()).unwrap())
+            .square()
+            .mean(Kind::Float);
+        loss.backward();
+        let vars = m.var_store().trainable_variables();
+        let with_grad = vars.iter().filter(|v| v.grad().defined()).count();
+        assert!(
+            with_grad > vars.len() / 2,
+            "{with_grad} of {} have gradients",
+            vars.len()
+        );
+        for v in &vars {
+            let g = v.grad();
+            if g.defined() {
+                assert_eq!(g.kind(), Kind::Float);
+            }
+        }
+        m.set_compute_kind(None);
+        assert!(max_abs(&reference, &full_logits(&m, &cond, true, &toks)) < 1e-6);
+    }
 }

@@ -1,0 +1,375 @@
+//! The coordinator (DESIGN §2.2, §5.1): owns one request's committed grid and policy and drives
+//! the cycle through the role traits. This is the only implementation of the cycle: embedded mode
+//! passes in-process roles, the gateway passes gRPC clients.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use mulo_core::method::plan_resample;
+use mulo_core::spec::{blocks, Block};
+use mulo_core::{Condition, Method, MuloParams, SamplingParams};
+use serde::Serialize;
+
+use crate::error::EngineError;
+use crate::roles::{DrafterRole, VerifierRole};
+use crate::session::{SessionRef, SessionSpec};
+use crate::verifier::Relaxation;
+
+/// One generation to run.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Session id (unique while the request lives).
+    pub id: String,
+    /// Condition.
+    pub condition: Condition,
+    /// Sampling parameters (processed `p`).
+    pub sampling: SamplingParams,
+    /// Seed of every random draw of the request.
+    pub seed: u64,
+    /// Method and its parameters.
+    pub method: Method,
+}
+
+/// What a generation cost and how the speculation went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MethodStats {
+    /// Method with its parameters (`mulo:tau=…`).
+    pub method: String,
+    /// Tokens in the image.
+    pub tokens: usize,
+    /// Target forward passes (prefill included).
+    pub target_passes: usize,
+    /// Drafter (or small draft model) forward passes (prefill included).
+    pub drafter_passes: usize,
+    /// Draft tokens proposed to the target.
+    pub proposed: usize,
+    /// Proposals accepted.
+    pub accepted: usize,
+    /// Positions resampled by the target.
+    pub resampled: usize,
+    /// Cycles (blocks for `mulo`, speculation rounds for `sd` / `lantern`).
+    pub cycles: usize,
+    /// Largest island resampled in one block.
+    pub largest_island: usize,
+    /// Why the request fell back to AR on the verifier, if it did.
+    pub fallback: Option<String>,
+    /// Wall-clock seconds of the whole generation.
+    pub seconds: f64,
+    /// Compute seconds per stage (prefill, draft, upsample, realign, verify, resample, decode).
+    pub stages: BTreeMap<String, f64>,
+}
+
+impl MethodStats {
+    fn add(&mut self, stage: &str, seconds: f64) {
+        *self.stages.entry(stage.to_string()).or_default() += seconds;
+    }
+
+    /// Accepted share of the proposals.
+    pub fn acceptance(&self) -> f64 {
+        if self.proposed == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.proposed as f64
+        }
+    }
+
+    /// Tokens committed per target forward pass.
+    pub fn tokens_per_target_pass(&self) -> f64 {
+        self.tokens as f64 / self.target_passes.max(1) as f64
+    }
+
+    /// The one-line summary `mulo generate` prints.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} tokens in {:.2} s ({}): {} target passes, {} drafter passes, {} proposed, {} accepted ({:.1}%), {} resampled, {} cycles, largest island {}",
+            self.tokens,
+            self.seconds,
+            self.method,
+            self.target_passes,
+            self.drafter_passes,
+            self.proposed,
+            self.accepted,
+            100.0 * self.acceptance(),
+            self.resampled,
+            self.cycles,
+            self.largest_island
+        );
+        if let Some(f) = &self.fallback {
+            s.push_str(&format!("; fell back to AR: {f}"));
+        }
+        s
+    }
+}
+
+/// Progress of a generation: a block (or speculation round) has been committed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockEvent {
+    /// Tokens committed so far.
+    pub committed: usize,
+    /// Tokens in the grid.
+    pub total: usize,
+    /// First grid position of the block.
+    pub start: usize,
+    /// The block's accept map (true = proposal accepted), empty for AR.
+    pub accepted: Vec<bool>,
+    /// The block's resample map (true = resampled by the target).
+    pub resampled: Vec<bool>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Token ids in raster order.
+    pub tokens: Vec<i64>,
+    /// Its statistics.
+    pub stats: MethodStats,
+}
+
+/// Runs one generation with `method` through the roles. `drafter` may be `None` (AR, SD and
+/// LANTERN need none; `mulo` then runs as AR with a `fallback` note). `on_event` sees every
+/// committed block.
+pub async fn generate(
+    drafter: Option<&dyn DrafterRole>,
+    verifier: &dyn VerifierRole,
+    req: &GenerateRequest,
+    on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+) -> Result<Outcome, EngineError> {
+    req.method.validate()?;
+    req.sampling.validate()?;
+    req.condition.validate()?;
+    let start = Instant::now();
+    let spec = SessionSpec {
+        id: req.id.clone(),
+        epoch: 0,
+        condition: req.condition.clone(),
+        sampling: req.sampling,
+        seed: req.seed,
+    };
+    let with_draft = matches!(req.method, Method::Sd(_) | Method::Lantern(_));
+    let t = Instant::now();
+    let info = verifier.open(spec.clone(), with_draft, Vec::new()).await?;
+    let mut stats = MethodStats {
+        method: req.method.to_string(),
+        tokens: info.rows * info.cols,
+        target_passes: 1,
+        ..MethodStats::default()
+    };
+    stats.add("prefill", t.elapsed().as_secs_f64());
+    let mut run = Run {
+        verifier,
+        id: req.id.clone(),
+        committed: Vec::new(),
+        total: info.rows * info.cols,
+        stats,
+    };
+    let result = match &req.method {
+        Method::Ar => run.ar(on_event).await,
+        Method::Sd(p) => run.speculate(p.gamma, None, on_event).await,
+        Method::Lantern(p) => {
+            let relax = Relaxation {
+                k: p.k,
+                delta: p.delta,
+            };
+            run.speculate(p.gamma, Some(relax), on_event).await
+        }
+        Method::Mulo(p) => match drafter {
+            Some(d) => run.mulo(d, &spec, p, info.rows, info.cols, on_event).await,
+            None => {
+                run.stats.fallback = Some("no drafter".into());
+                run.ar(on_event).await
+            }
+        },
+    };
+    let _ = verifier.release(req.id.clone()).await;
+    if let (Some(d), Method::Mulo(_)) = (drafter, &req.method) {
+        let _ = d.release(req.id.clone()).await;
+    }
+    result?;
+    let mut stats = run.stats;
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok(Outcome {
+        tokens: run.committed,
+        stats,
+    })
+}
+
+struct Run<'a> {
+    verifier: &'a dyn VerifierRole,
+    id: String,
+    committed: Vec<i64>,
+    total: usize,
+    stats: MethodStats,
+}
+
+impl Run<'_> {
+    fn at(&self, committed: usize) -> SessionRef {
+        SessionRef {
+            id: self.id.clone(),
+            epoch: 0,
+            committed,
+        }
+    }
+
+    /// AR for the rest of the grid (the AR method, and the fallback).
+    async fn ar(
+        &mut self,
+        on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+    ) -> Result<(), EngineError> {
+        let done = self.committed.len();
+        let left = self.total - done;
+        if left == 0 {
+            return Ok(());
+        }
+        let reply = self.verifier.decode(self.at(done), left).await?;
+        self.stats.target_passes += reply.passes;
+        self.stats.add("decode", reply.seconds);
+        self.committed.extend_from_slice(&reply.tokens);
+        on_event(&BlockEvent {
+            committed: self.committed.len(),
+            total: self.total,
+            start: done,
+            accepted: Vec::new(),
+            resampled: Vec::new(),
+        });
+        Ok(())
+    }
+
+    async fn speculate(
+        &mut self,
+        gamma: usize,
+        relax: Option<Relaxation>,
+        on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+    ) -> Result<(), EngineError> {
+        self.stats.drafter_passes += 1;
+        while self.committed.len() < self.total {
+            let done = self.committed.len();
+            let r = self.verifier.speculate(self.at(done), gamma, relax).await?;
+            self.stats.target_passes += r.target_passes;
+            self.stats.drafter_passes += r.draft_passes;
+            self.stats.proposed += r.proposed;
+            self.stats.accepted += r.accepted;
+            self.stats.resampled += r.tokens.len() - r.accepted;
+            self.stats.cycles += 1;
+            self.stats.add("draft", r.draft_seconds);
+            self.stats.add("verify", r.verify_seconds);
+            let n = r.tokens.len();
+            self.committed.extend_from_slice(&r.tokens);
+            let mut accepted = vec![true; r.accepted];
+            accepted.resize(n, false);
+            on_event(&BlockEvent {
+                committed: self.committed.len(),
+                total: self.total,
+                start: done,
+                resampled: accepted.iter().map(|a| !a).collect(),
+                accepted,
+            });
+        }
+        Ok(())
+    }
+
+    async fn mulo(
+        &mut self,
+        drafter: &dyn DrafterRole,
+        spec: &SessionSpec,
+        p: &MuloParams,
+        rows: usize,
+        cols: usize,
+        on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+    ) -> Result<(), EngineError> {
+        let t = Instant::now();
+        let dinfo = match drafter.open(spec.clone(), Vec::new()).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.stats.fallback = Some(format!("drafter open failed: {e}"));
+                return self.ar(on_event).await;
+            }
+        };
+        self.stats.drafter_passes += 1;
+        self.stats.add("drafter_prefill", t.elapsed().as_secs_f64());
+        if dinfo.high.rows != rows || dinfo.high.cols != cols {
+            self.stats.fallback = Some(format!(
+                "the drafter proposes a {} grid, the target has {rows}x{cols}",
+                dinfo.high
+            ));
+            return self.ar(on_event).await;
+        }
+        let mut pending: Vec<i64> = Vec::new();
+        for block in blocks(rows, cols, dinfo.scale, p.block_rows) {
+            let done = self.committed.len();
+            let low_rows = block.rows.div_ceil(dinfo.scale);
+            let draft = drafter
+                .draft(self.at(done), pending.clone(), low_rows, p.zipar_window)
+                .await;
+            let draft = match draft {
+                Ok(d) => d,
+                Err(e) => {
+                    self.stats.fallback = Some(format!("drafter failed: {e}"));
+                    if !pending.is_empty() {
+                        self.stats.target_passes += usize::from(
+                            self.verifier.commit(self.at(done), pending.clone()).await? > 0,
+                        );
+                        self.committed.append(&mut pending);
+                    }
+                    return self.ar(on_event).await;
+                }
+            };
+            self.stats.drafter_passes += draft.passes;
+            self.stats.add("draft", draft.draft_seconds);
+            self.stats.add("upsample", draft.upsample_seconds);
+            self.stats.add("realign", draft.realign_seconds);
+            let proposals = draft.high;
+            if proposals.len() != block.len() {
+                return Err(EngineError::Precondition(format!(
+                    "the drafter proposed {} tokens for a block of {}",
+                    proposals.len(),
+                    block.len()
+                )));
+            }
+            let v = self
+                .verifier
+                .verify(self.at(done), pending.clone(), proposals.clone(), p.pool_k)
+                .await?;
+            self.committed.append(&mut pending);
+            self.stats.target_passes += 1;
+            self.stats.add("verify", v.seconds);
+            self.stats.cycles += 1;
+            self.stats.proposed += proposals.len();
+            let accepted: Vec<bool> = v.mass.iter().map(|&m| f64::from(m) >= p.tau).collect();
+            self.stats.accepted += accepted.iter().filter(|&&a| a).count();
+            let t = Instant::now();
+            let plan = plan_resample(&block, &accepted, p.radius, p.rejection);
+            self.stats.add("expand", t.elapsed().as_secs_f64());
+            pending = proposals;
+            if !plan.is_empty() {
+                let passes = grid_passes(&block, &plan.passes);
+                let r = self
+                    .verifier
+                    .resample(self.at(self.committed.len()), passes)
+                    .await?;
+                self.stats.target_passes += r.passes;
+                self.stats.resampled += plan.len();
+                self.stats.largest_island = self.stats.largest_island.max(plan.largest_island());
+                self.stats.add("resample", r.seconds);
+                pending = r.tokens;
+            }
+            on_event(&BlockEvent {
+                committed: self.committed.len() + pending.len(),
+                total: self.total,
+                start: block.grid_index(0),
+                accepted,
+                resampled: plan.mask,
+            });
+        }
+        // The last block needs no commit pass: its values are final.
+        self.committed.append(&mut pending);
+        Ok(())
+    }
+}
+
+/// Block-local pass schedule → grid positions.
+fn grid_passes(block: &Block, passes: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    passes
+        .iter()
+        .map(|p| p.iter().map(|&i| block.grid_index(i)).collect())
+        .collect()
+}

@@ -1,0 +1,472 @@
+//! The drafter role's compute (DESIGN §2.2 steps 1, 2 and 7): the low-resolution GPT with a KV
+//! cache per session, row-by-row (or ZipAR-style parallel-row) drafting, the up-sampler `U_r`, the
+//! down-sampler `D_r` for realignment, and the VQ decoder for the final image.
+//!
+//! Everything here runs on the process's torch thread.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use mulo_core::{GridSize, ParamError, SamplingParams};
+use mulo_model::sampling::{process_probs, sample_from_probs, TokenRng};
+use mulo_model::{Gpt, KvCache, Upsampler, VqModel};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::EngineError;
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SlotBook};
+use mulo_core::caption::CaptionTokenizer;
+
+/// Reply of a draft call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DraftReply {
+    /// Drafted low-res tokens of the block, raster order.
+    pub low: Vec<i64>,
+    /// High-res proposals of the block (`r·rows` target rows), raster order.
+    pub high: Vec<i64>,
+    /// Drafter forward passes (the realignment rides in the first).
+    pub passes: usize,
+    /// Low-res tokens the realignment changed.
+    pub realigned: usize,
+    /// Seconds drafting.
+    pub draft_seconds: f64,
+    /// Seconds up-sampling.
+    pub upsample_seconds: f64,
+    /// Seconds down-sampling the committed rows (realignment).
+    pub realign_seconds: f64,
+}
+
+/// What the drafter can do, for the capability handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrafterInfo {
+    /// Low-res grid.
+    pub low: GridSize,
+    /// High-res grid its up-sampler produces.
+    pub high: GridSize,
+    /// Scale `r`.
+    pub scale: usize,
+    /// Codebook size.
+    pub vocab: usize,
+}
+
+struct Session {
+    epoch: u64,
+    params: SamplingParams,
+    rng: TokenRng,
+    cache: KvCache,
+    book: SlotBook,
+    first: Tensor,
+    batch: i64,
+    /// High-res tokens the caller has committed (realigned into `book`).
+    committed_high: Vec<i64>,
+    last_used: Instant,
+}
+
+/// The drafter's models and sessions (lives on the torch thread).
+pub struct DrafterCore {
+    drafter: Gpt,
+    upsampler: Upsampler,
+    vq: VqModel,
+    scale: usize,
+    sessions: HashMap<String, Session>,
+    max_sessions: usize,
+    tokenizer: Option<CaptionTokenizer>,
+}
+
+impl std::fmt::Debug for DrafterCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrafterCore")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bool `[S, W]` mask: input `s` at grid position `positions[s]` sees the condition and every
+/// grid slot `j ≤ positions[s]` that holds its current value (`ready[j]`).
+fn ready_mask(cls: i64, positions: &[usize], ready: &[bool], device: Device) -> Tensor {
+    let w = cls as usize + positions.iter().max().map_or(0, |m| m + 1);
+    let mut m = vec![false; positions.len() * w];
+    for (s, &p) in positions.iter().enumerate() {
+        for j in 0..w {
+            m[s * w + j] = j < cls as usize || {
+                let g = j - cls as usize;
+                g <= p && (ready[g] || g == p)
+            };
+        }
+    }
+    Tensor::from_slice(&m)
+        .view([positions.len() as i64, w as i64])
+        .to_device(device)
+}
+
+impl DrafterCore {
+    /// A drafter over the low-res GPT, the up-sampler and the VQ model, with room for
+    /// `max_sessions`.
+    pub fn new(
+        drafter: Gpt,
+        upsampler: Upsampler,
+        vq: VqModel,
+        max_sessions: usize,
+    ) -> Result<Self, EngineError> {
+        let scale = upsampler.config().scale as usize;
+        let v = drafter.config().vocab_size;
+        if upsampler.config().codebook_size != v || vq.config().codebook_size != v {
+            return Err(EngineError::Family(format!(
+                "codebook sizes differ: drafter {v}, up-sampler {}, VQ {}",
+                upsampler.config().codebook_size,
+                vq.config().codebook_size
+            )));
+        }
+        Ok(Self {
+            drafter,
+            upsampler,
+            vq,
+            scale,
+            sessions: HashMap::new(),
+            max_sessions: max_sessions.max(1),
+            tokenizer: None,
+        })
+    }
+
+    /// Sets the drafter's caption tokenizer (text prompts).
+    pub fn set_tokenizer(&mut self, tokenizer: Option<CaptionTokenizer>) {
+        self.tokenizer = tokenizer;
+    }
+
+    /// Capabilities.
+    pub fn info(&self) -> DrafterInfo {
+        let low = self.drafter.config().grid;
+        DrafterInfo {
+            low,
+            high: GridSize {
+                rows: low.rows * self.scale,
+                cols: low.cols * self.scale,
+            },
+            scale: self.scale,
+            vocab: self.drafter.config().vocab_size as usize,
+        }
+    }
+
+    /// The VQ model (final decode).
+    pub fn vq(&self) -> &VqModel {
+        &self.vq
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Opens (or re-opens) a session: prefills the condition on the low-res GPT. `committed`
+    /// high-res tokens (whole rows; a migrated or resumed request) are down-sampled and
+    /// re-fed by the next draft.
+    pub fn open(
+        &mut self,
+        spec: &SessionSpec,
+        committed: &[i64],
+    ) -> Result<DrafterInfo, EngineError> {
+        spec.sampling.validate()?;
+        if !self.sessions.contains_key(&spec.id) && self.sessions.len() >= self.max_sessions {
+            return Err(EngineError::Capacity(format!(
+                "the drafter holds {} sessions, its limit",
+                self.max_sessions
+            )));
+        }
+        let info = self.info();
+        let row = info.high.cols * self.scale;
+        if !committed.len().is_multiple_of(row) || committed.len() > info.high.len() {
+            return Err(ParamError::new(
+                "committed",
+                format!(
+                    "whole blocks of {} high-res rows of {} tokens",
+                    self.scale, info.high.cols
+                ),
+            )
+            .into());
+        }
+        let cond = self.drafter.condition(
+            &condition_for(&spec.condition, self.tokenizer.as_ref()),
+            spec.sampling.uses_cfg(),
+        )?;
+        let cls = self.drafter.config().cls_token_num;
+        let n = info.low.len();
+        let mut cache = self.drafter.new_cache(cond.batch(), cls + n as i64)?;
+        let logits = self.drafter.prefill(&cond, &mut cache)?;
+        let mut book = SlotBook::new(n);
+        if !committed.is_empty() {
+            let low = self.downsample(committed, 0)?;
+            book.tokens = low;
+            book.committed = book.tokens.len();
+        }
+        self.sessions.insert(
+            spec.id.clone(),
+            Session {
+                epoch: spec.epoch,
+                params: spec.sampling,
+                rng: TokenRng::new(spec.seed ^ 0x9e37_79b9_7f4a_7c15),
+                first: process_probs(&logits.unsqueeze(1), &spec.sampling),
+                batch: cond.batch(),
+                cache,
+                book,
+                committed_high: committed.to_vec(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(info)
+    }
+
+    /// Frees a session (idempotent).
+    pub fn release(&mut self, id: &str) -> bool {
+        self.sessions.remove(id).is_some()
+    }
+
+    /// Frees sessions idle for longer than `ttl`; returns how many.
+    pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.last_used.elapsed() <= ttl);
+        before - self.sessions.len()
+    }
+
+    /// `D_r` of whole committed high-res rows starting at high-res row `first_row`: decodes them
+    /// with up to `r` rows of context above (from `context`), area down-samples and encodes.
+    fn downsample(&self, rows: &[i64], context_rows: usize) -> Result<Vec<i64>, EngineError> {
+        let cols = self.info().high.cols;
+        let r = self.scale as i64;
+        let t = Tensor::from_slice(rows)
+            .view([1, -1, cols as i64])
+            .to_device(self.vq.var_store().device());
+        let low = self.vq.downsample_tokens(&t, r)?;
+        let skip = (context_rows / self.scale) as i64;
+        let low = low.narrow(1, skip, low.size()[1] - skip);
+        Ok(Vec::<i64>::try_from(
+            low.reshape([-1]).to_device(Device::Cpu),
+        )?)
+    }
+
+    /// Realigns the pending low-res block with the caller's committed high-res rows (`realign`,
+    /// empty when nothing is pending), drafts `rows` low-res rows after it and up-samples them.
+    /// `zipar_window` > 0 starts row `j+1` once row `j` has that many tokens and advances every
+    /// open row by one token per pass.
+    pub fn draft(
+        &mut self,
+        r: &SessionRef,
+        realign: &[i64],
+        rows: usize,
+        zipar_window: usize,
+    ) -> Result<DraftReply, EngineError> {
+        let info = self.info();
+        let (w, scale) = (info.low.cols, self.scale);
+        // Realign: D_r of the committed rows (with one low-res row of context above).
+        let t0 = Instant::now();
+        let (high_committed, pending) = {
+            let s = self
+                .sessions
+                .get(&r.id)
+                .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+            check_ref(r, s.epoch, s.committed_high.len())?;
+            (s.committed_high.len(), s.book.pending())
+        };
+        if realign.len() != pending * scale * scale {
+            return Err(EngineError::Precondition(format!(
+                "realignment of {} high-res tokens, but {} low-res tokens ({} high-res) are pending",
+                realign.len(),
+                pending,
+                pending * scale * scale
+            )));
+        }
+        let realigned_low = if realign.is_empty() {
+            Vec::new()
+        } else {
+            let row = info.high.cols;
+            let ctx = (high_committed / row).min(scale);
+            let mut rows_in = Vec::with_capacity((ctx * row) + realign.len());
+            let committed_high = self.committed_high(&r.id, ctx)?;
+            rows_in.extend_from_slice(&committed_high);
+            rows_in.extend_from_slice(realign);
+            self.downsample(&rows_in, ctx)?
+        };
+        let realign_seconds = t0.elapsed().as_secs_f64();
+        let Self {
+            drafter,
+            upsampler,
+            sessions,
+            ..
+        } = self;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        s.last_used = Instant::now();
+        let before: Vec<i64> = s.book.tokens[s.book.committed..].to_vec();
+        let realigned = before
+            .iter()
+            .zip(&realigned_low)
+            .filter(|(a, b)| a != b)
+            .count();
+        if pending > 0 {
+            s.book.commit(&realigned_low)?;
+        }
+        s.committed_high.extend_from_slice(realign);
+        let first = s.book.committed;
+        let n = info.low.len();
+        if rows == 0 || first + rows * w > n {
+            return Err(ParamError::new(
+                "rows",
+                format!("{rows} low-res rows after {first} tokens overflow the {n}-token grid"),
+            )
+            .into());
+        }
+        // Draft.
+        let t1 = Instant::now();
+        s.book.forget_from(first);
+        let cls = drafter.config().cls_token_num;
+        let first_row = first / w;
+        let mut next_col = vec![0usize; rows];
+        let mut passes = 0;
+        let mut previous: Vec<usize> = Vec::new();
+        let window = if zipar_window == 0 {
+            usize::MAX
+        } else {
+            zipar_window
+        };
+        s.book.tokens.resize(first + rows * w, -1);
+        while next_col[rows - 1] < w {
+            // Open rows: row j+1 opens once row j has `window` tokens (or is done).
+            let mut queries = Vec::new();
+            for j in 0..rows {
+                if next_col[j] >= w {
+                    continue;
+                }
+                if j > 0 && next_col[j - 1] < w && next_col[j - 1] < window {
+                    break;
+                }
+                queries.push((first_row + j) * w + next_col[j]);
+                if zipar_window == 0 {
+                    break;
+                }
+            }
+            let start = s.book.refresh_start();
+            let mut feed: Vec<usize> = (start..s.book.committed).collect();
+            feed.extend(previous.iter().copied());
+            feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
+            feed.sort_unstable();
+            feed.dedup();
+            let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
+            let mut probs = Vec::new();
+            if queries.first() == Some(&0) {
+                probs.push(s.first.shallow_clone());
+            }
+            if !feed.is_empty() {
+                // ZipAR: a row opened before the row above is finished reads the last token
+                // drafted above in place of the missing predecessor (its slot is rewritten once
+                // the real token exists).
+                let values: Vec<i64> = feed
+                    .iter()
+                    .map(|&p| {
+                        let row_start = p - p % w;
+                        (row_start..=p)
+                            .rev()
+                            .map(|i| s.book.tokens[i])
+                            .find(|&t| t >= 0)
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                let abs: Vec<i64> = feed.iter().map(|&p| cls + p as i64).collect();
+                let x = drafter.embed_tokens(&values, s.batch)?;
+                let mask = if zipar_window == 0 {
+                    None
+                } else {
+                    let ready: Vec<bool> = (0..n)
+                        .map(|j| j < s.book.tokens.len() && s.book.fed[j] == Some(s.book.tokens[j]))
+                        .collect();
+                    let mut ready = ready;
+                    for &f in &feed {
+                        ready[f] = s.book.tokens[f] >= 0;
+                    }
+                    Some(ready_mask(cls, &feed, &ready, drafter.device()))
+                };
+                let h = drafter.forward(&x, &abs, mask.as_ref(), &mut s.cache)?;
+                s.book.mark_fed(&feed);
+                let idx: Vec<i64> = read
+                    .iter()
+                    .map(|q| feed.iter().position(|p| p == q).unwrap_or(0) as i64)
+                    .collect();
+                let rows_h = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
+                probs.push(process_probs(&drafter.head(&rows_h), &s.params));
+                if start < s.book.committed {
+                    s.book.refreshed();
+                }
+            }
+            let p = Tensor::cat(&probs, 0);
+            let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
+            let drawn =
+                Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
+            for (&q, &t) in queries.iter().zip(&drawn) {
+                s.book.tokens[q] = t;
+                next_col[q / w - first_row] += 1;
+            }
+            previous = queries;
+            passes += 1;
+        }
+        let draft_seconds = t1.elapsed().as_secs_f64();
+        // Up-sample every low-res row so far; keep the block's high-res rows.
+        let t2 = Instant::now();
+        let end_row = first_row + rows;
+        let low_t = Tensor::from_slice(&s.book.tokens[..end_row * w])
+            .view([1, end_row as i64, w as i64])
+            .to_device(upsampler.var_store().device());
+        let high = upsampler.upsample(&low_t)?;
+        let hc = info.high.cols as i64;
+        let block = high
+            .narrow(1, (first_row * scale) as i64, (rows * scale) as i64)
+            .reshape([-1]);
+        let high = Vec::<i64>::try_from(block.to_kind(Kind::Int64).to_device(Device::Cpu))?;
+        debug_assert_eq!(high.len() as i64, (rows * scale) as i64 * hc);
+        Ok(DraftReply {
+            low: s.book.tokens[first..].to_vec(),
+            high,
+            passes,
+            realigned,
+            draft_seconds,
+            upsample_seconds: t2.elapsed().as_secs_f64(),
+            realign_seconds,
+        })
+    }
+
+    fn committed_high(&self, id: &str, rows: usize) -> Result<Vec<i64>, EngineError> {
+        let s = self
+            .sessions
+            .get(id)
+            .ok_or_else(|| EngineError::UnknownSession(id.to_string()))?;
+        let row = self.info().high.cols;
+        let n = s.committed_high.len();
+        Ok(s.committed_high[n - rows * row..].to_vec())
+    }
+
+    /// Decodes a full high-res token grid to RGB bytes (`rows·f × cols·f × 3`).
+    pub fn decode_image(&self, tokens: &[i64]) -> Result<(u32, u32, Vec<u8>), EngineError> {
+        let g = self.info().high;
+        if tokens.len() != g.len() {
+            return Err(ParamError::new(
+                "tokens",
+                format!("a {g} grid needs {} tokens, got {}", g.len(), tokens.len()),
+            )
+            .into());
+        }
+        let t = Tensor::from_slice(tokens)
+            .view([1, g.rows as i64, g.cols as i64])
+            .to_device(self.vq.var_store().device());
+        let img = self.vq.decode(&t)?;
+        let (h, w) = (img.size()[2], img.size()[3]);
+        let bytes = ((img.get(0).clamp(-1.0, 1.0) + 1.0) * 127.5)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([1, 2, 0])
+            .contiguous()
+            .to_device(Device::Cpu);
+        Ok((
+            w as u32,
+            h as u32,
+            Vec::<u8>::try_from(bytes.reshape([-1]))?,
+        ))
+    }
+}

@@ -1,0 +1,304 @@
+//! The drafter and verifier roles as traits (DESIGN §5.1): the coordinator drives a generation
+//! through them and never knows whether a role lives in this process ([`Local`], over the torch
+//! thread) or behind gRPC (the services' clients implement the same traits).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use mulo_model::{DType, Gpt, Upsampler, VqModel};
+use tch::Device;
+
+use crate::drafter::{DraftReply, DrafterCore, DrafterInfo};
+use crate::error::EngineError;
+use crate::family::{Family, Member};
+use crate::prompt::load_tokenizer;
+use crate::session::{SessionRef, SessionSpec};
+use crate::verifier::{
+    DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierCore, VerifierInfo, VerifyReply,
+};
+use crate::worker::TorchWorker;
+
+/// The low-resolution side: drafting, up-sampling, realignment.
+#[async_trait]
+pub trait DrafterRole: Send + Sync {
+    /// Opens a session (prefill); `committed` high-res tokens (whole blocks) when resuming.
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        committed: Vec<i64>,
+    ) -> Result<DrafterInfo, EngineError>;
+    /// Realigns the pending block with `realign` (its committed high-res tokens), drafts `rows`
+    /// low-res rows and up-samples them.
+    async fn draft(
+        &self,
+        session: SessionRef,
+        realign: Vec<i64>,
+        rows: usize,
+        zipar_window: usize,
+    ) -> Result<DraftReply, EngineError>;
+    /// Frees a session.
+    async fn release(&self, id: String) -> Result<(), EngineError>;
+}
+
+/// The high-resolution side: the target model's verification, resampling and decoding.
+#[async_trait]
+pub trait VerifierRole: Send + Sync {
+    /// Opens a session (prefill; with the small draft model for SD / LANTERN).
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        with_draft: bool,
+        committed: Vec<i64>,
+    ) -> Result<VerifierInfo, EngineError>;
+    /// Commits the pending block as `commit` and scores `proposals` in one forward.
+    async fn verify(
+        &self,
+        session: SessionRef,
+        commit: Vec<i64>,
+        proposals: Vec<i64>,
+        pool_k: usize,
+    ) -> Result<VerifyReply, EngineError>;
+    /// Runs a resample plan (grid positions per pass) on the pending block.
+    async fn resample(
+        &self,
+        session: SessionRef,
+        passes: Vec<Vec<usize>>,
+    ) -> Result<ResampleReply, EngineError>;
+    /// Commits the pending block and refreshes the cache without scoring anything.
+    async fn commit(&self, session: SessionRef, values: Vec<i64>) -> Result<usize, EngineError>;
+    /// Decodes `count` tokens autoregressively (committed).
+    async fn decode(&self, session: SessionRef, count: usize) -> Result<DecodeReply, EngineError>;
+    /// One SD / LANTERN cycle.
+    async fn speculate(
+        &self,
+        session: SessionRef,
+        gamma: usize,
+        relax: Option<Relaxation>,
+    ) -> Result<SpeculateReply, EngineError>;
+    /// Frees a session.
+    async fn release(&self, id: String) -> Result<(), EngineError>;
+}
+
+/// Everything a process holds on its torch thread: the roles it serves and the VQ decoder.
+#[derive(Debug, Default)]
+pub struct Engine {
+    /// The drafter role, when this process drafts.
+    pub drafter: Option<DrafterCore>,
+    /// The verifier role, when this process verifies.
+    pub verifier: Option<VerifierCore>,
+    /// The VQ model (final decode, `D_r`).
+    pub vq: Option<VqModel>,
+}
+
+/// Which roles a process loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleSet {
+    /// Load the drafter (low-res GPT, up-sampler, VQ).
+    pub drafter: bool,
+    /// Load the verifier (target; with `draft_small`, the small draft model too).
+    pub verifier: bool,
+    /// Load the small high-res draft model of the SD / LANTERN baselines.
+    pub draft_small: bool,
+}
+
+impl RoleSet {
+    /// Every role (embedded mode).
+    pub const ALL: RoleSet = RoleSet {
+        drafter: true,
+        verifier: true,
+        draft_small: true,
+    };
+}
+
+fn load_gpt(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Gpt, EngineError> {
+    Ok(Gpt::load(dir, device, dtype)?.0)
+}
+
+impl Engine {
+    /// Loads the members of `family` that `roles` need (call on the torch thread). `sessions` is
+    /// each role's session limit.
+    pub fn load(
+        family: &Family,
+        roles: RoleSet,
+        device: Device,
+        dtype: Option<DType>,
+        sessions: usize,
+    ) -> Result<Self, EngineError> {
+        let (vq, _) = VqModel::load(&family.path(Member::Vq)?, device, dtype)?;
+        let verifier = if roles.verifier {
+            let tdir = family.path(Member::Target)?;
+            let target = load_gpt(&tdir, device, dtype)?;
+            let (draft, dtok) = if roles.draft_small {
+                let ddir = family.path(Member::DraftSmall)?;
+                (
+                    Some(load_gpt(&ddir, device, dtype)?),
+                    load_tokenizer(&ddir)?,
+                )
+            } else {
+                (None, None)
+            };
+            let mut v = VerifierCore::new(target, draft, &vq.codes(), sessions)?;
+            v.set_tokenizers(load_tokenizer(&tdir)?, dtok);
+            Some(v)
+        } else {
+            None
+        };
+        let drafter = if roles.drafter {
+            let ddir = family.path(Member::Drafter)?;
+            let gpt = load_gpt(&ddir, device, dtype)?;
+            let up = Upsampler::load(&family.path(Member::Upsampler)?, device)?;
+            let (vq2, _) = VqModel::load(&family.path(Member::Vq)?, device, dtype)?;
+            let mut d = DrafterCore::new(gpt, up, vq2, sessions)?;
+            d.set_tokenizer(load_tokenizer(&ddir)?);
+            Some(d)
+        } else {
+            None
+        };
+        Ok(Self {
+            drafter,
+            verifier,
+            vq: Some(vq),
+        })
+    }
+
+    fn drafter(&mut self) -> Result<&mut DrafterCore, EngineError> {
+        self.drafter
+            .as_mut()
+            .ok_or_else(|| EngineError::Unsupported("this process runs no drafter".into()))
+    }
+
+    fn verifier(&mut self) -> Result<&mut VerifierCore, EngineError> {
+        self.verifier
+            .as_mut()
+            .ok_or_else(|| EngineError::Unsupported("this process runs no verifier".into()))
+    }
+
+    /// Decodes a token grid of the target's size to RGB bytes `(width, height, rgb)`.
+    pub fn decode_image(&self, tokens: &[i64]) -> Result<(u32, u32, Vec<u8>), EngineError> {
+        match &self.drafter {
+            Some(d) => d.decode_image(tokens),
+            None => Err(EngineError::Unsupported(
+                "this process holds no VQ decoder".into(),
+            )),
+        }
+    }
+}
+
+/// Both roles in this process, over one torch thread.
+#[derive(Debug, Clone)]
+pub struct Local {
+    worker: Arc<TorchWorker<Engine>>,
+}
+
+impl Local {
+    /// Roles served by `worker`.
+    pub fn new(worker: Arc<TorchWorker<Engine>>) -> Self {
+        Self { worker }
+    }
+
+    /// The torch thread.
+    pub fn worker(&self) -> &Arc<TorchWorker<Engine>> {
+        &self.worker
+    }
+
+    async fn call<R, F>(&self, f: F) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> Result<R, EngineError> + Send + 'static,
+    {
+        self.worker.call(f).await?
+    }
+}
+
+#[async_trait]
+impl DrafterRole for Local {
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        committed: Vec<i64>,
+    ) -> Result<DrafterInfo, EngineError> {
+        self.call(move |e| e.drafter()?.open(&spec, &committed))
+            .await
+    }
+
+    async fn draft(
+        &self,
+        session: SessionRef,
+        realign: Vec<i64>,
+        rows: usize,
+        zipar_window: usize,
+    ) -> Result<DraftReply, EngineError> {
+        self.call(move |e| e.drafter()?.draft(&session, &realign, rows, zipar_window))
+            .await
+    }
+
+    async fn release(&self, id: String) -> Result<(), EngineError> {
+        self.call(move |e| {
+            e.drafter()?.release(&id);
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl VerifierRole for Local {
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        with_draft: bool,
+        committed: Vec<i64>,
+    ) -> Result<VerifierInfo, EngineError> {
+        self.call(move |e| e.verifier()?.open(&spec, with_draft, &committed))
+            .await
+    }
+
+    async fn verify(
+        &self,
+        session: SessionRef,
+        commit: Vec<i64>,
+        proposals: Vec<i64>,
+        pool_k: usize,
+    ) -> Result<VerifyReply, EngineError> {
+        self.call(move |e| e.verifier()?.verify(&session, &commit, &proposals, pool_k))
+            .await
+    }
+
+    async fn resample(
+        &self,
+        session: SessionRef,
+        passes: Vec<Vec<usize>>,
+    ) -> Result<ResampleReply, EngineError> {
+        self.call(move |e| e.verifier()?.resample(&session, &passes))
+            .await
+    }
+
+    async fn commit(&self, session: SessionRef, values: Vec<i64>) -> Result<usize, EngineError> {
+        self.call(move |e| e.verifier()?.commit(&session, &values))
+            .await
+    }
+
+    async fn decode(&self, session: SessionRef, count: usize) -> Result<DecodeReply, EngineError> {
+        self.call(move |e| e.verifier()?.decode(&session, count, &mut |_| {}))
+            .await
+    }
+
+    async fn speculate(
+        &self,
+        session: SessionRef,
+        gamma: usize,
+        relax: Option<Relaxation>,
+    ) -> Result<SpeculateReply, EngineError> {
+        self.call(move |e| e.verifier()?.speculate(&session, gamma, relax))
+            .await
+    }
+
+    async fn release(&self, id: String) -> Result<(), EngineError> {
+        self.call(move |e| {
+            e.verifier()?.release(&id);
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,186 @@
+//! What every stateful role call carries, and the per-session bookkeeping both roles share: which
+//! token value each KV slot was computed from, so that a later call knows where the cache went
+//! stale (DESIGN §2.2 step 6 and §5.2).
+
+use mulo_core::{Condition, SamplingParams};
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+/// Opens a session on a role: the condition, the sampling parameters and the seed of its random
+/// draws.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSpec {
+    /// Session id (unique per request).
+    pub id: String,
+    /// Epoch the caller starts at (a re-opened session gets a larger one).
+    pub epoch: u64,
+    /// Class or caption condition.
+    pub condition: Condition,
+    /// CFG, temperature, top-k, top-p.
+    pub sampling: SamplingParams,
+    /// Seed of the role's random draws for this session.
+    pub seed: u64,
+}
+
+/// `(session_id, epoch, committed_len)` of a stateful call: a call whose epoch or committed length
+/// does not match the role's own is refused (`FAILED_PRECONDITION` over gRPC) so a stale or
+/// replayed call never corrupts a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    /// Session id.
+    pub id: String,
+    /// The caller's epoch.
+    pub epoch: u64,
+    /// Tokens the caller has committed (before this call applies anything).
+    pub committed: usize,
+}
+
+/// Token values of a grid under generation and the value each KV slot was computed from.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotBook {
+    /// Current values of positions `0..tokens.len()` (committed, then pending).
+    pub tokens: Vec<i64>,
+    /// Committed positions.
+    pub committed: usize,
+    /// `fed[j]`: the value slot `j` was computed from, `None` when not (validly) written.
+    pub fed: Vec<Option<i64>>,
+    /// Smallest position whose value changed after slots behind it were computed: every slot at
+    /// or after it is stale even where `fed` matches.
+    pub changed_from: Option<usize>,
+}
+
+impl SlotBook {
+    pub fn new(len: usize) -> Self {
+        Self {
+            tokens: Vec::with_capacity(len),
+            committed: 0,
+            fed: vec![None; len],
+            changed_from: None,
+        }
+    }
+
+    /// Pending (uncommitted) positions.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.committed
+    }
+
+    /// First slot that must be re-fed before a query after the committed prefix: the first slot
+    /// whose value differs from what it was computed from, or where an earlier change made it
+    /// stale. At most `committed` (the last committed token is usually unfed).
+    pub fn refresh_start(&self) -> usize {
+        let mismatch = (0..self.committed)
+            .find(|&j| self.fed[j] != Some(self.tokens[j]))
+            .unwrap_or(self.committed);
+        mismatch.min(self.changed_from.unwrap_or(usize::MAX))
+    }
+
+    /// Records that slots `positions` now hold the current values, and forgets every slot after
+    /// the last of them (they were computed in a context that no longer holds).
+    pub fn mark_fed(&mut self, positions: &[usize]) {
+        for &p in positions {
+            // A placeholder (negative: not drafted yet) leaves the slot unusable.
+            self.fed[p] = self.tokens.get(p).copied().filter(|&t| t >= 0);
+        }
+    }
+
+    /// Forgets slots at and after `from`.
+    pub fn forget_from(&mut self, from: usize) {
+        for f in self.fed.iter_mut().skip(from) {
+            *f = None;
+        }
+    }
+
+    /// Sets a value; a change of an earlier-fed context moves `changed_from`.
+    pub fn set(&mut self, pos: usize, value: i64) {
+        if self.tokens[pos] != value {
+            self.tokens[pos] = value;
+            self.changed_from = Some(self.changed_from.map_or(pos, |c| c.min(pos)));
+        }
+    }
+
+    /// Makes the pending values final: `values` must cover exactly the pending positions. A value
+    /// that differs from the role's own is taken (the caller owns the committed grid) and makes
+    /// the slots from there on stale.
+    pub fn commit(&mut self, values: &[i64]) -> Result<(), EngineError> {
+        if values.len() != self.pending() {
+            return Err(EngineError::Precondition(format!(
+                "commit of {} tokens, but {} are pending",
+                values.len(),
+                self.pending()
+            )));
+        }
+        for (i, &v) in values.iter().enumerate() {
+            self.set(self.committed + i, v);
+        }
+        self.committed = self.tokens.len();
+        Ok(())
+    }
+
+    /// After a refresh up to the committed prefix, nothing before it is stale.
+    pub fn refreshed(&mut self) {
+        if self.changed_from.is_some_and(|c| c < self.committed) {
+            self.changed_from = None;
+        }
+    }
+}
+
+/// The condition as `model`'s caption tokenizer sees it: a text prompt becomes that model's word
+/// ids (each model of a family carries its own vocabulary).
+pub(crate) fn condition_for(
+    cond: &Condition,
+    tokenizer: Option<&mulo_core::caption::CaptionTokenizer>,
+) -> Condition {
+    match (cond, tokenizer) {
+        (Condition::Prompt(_), Some(tok)) => crate::prompt::tokenize_prompt(tok, cond.clone()).0,
+        _ => cond.clone(),
+    }
+}
+
+/// Checks a call's session reference against the role's session.
+pub(crate) fn check_ref(r: &SessionRef, epoch: u64, committed: usize) -> Result<(), EngineError> {
+    if r.epoch != epoch {
+        return Err(EngineError::Precondition(format!(
+            "session {} is at epoch {epoch}, the call carries epoch {}",
+            r.id, r.epoch
+        )));
+    }
+    if r.committed != committed {
+        return Err(EngineError::Precondition(format!(
+            "session {} has {committed} committed tokens, the call says {}",
+            r.id, r.committed
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_starts_at_the_first_stale_slot() {
+        let mut b = SlotBook::new(8);
+        b.tokens = vec![1, 2, 3, 4];
+        b.mark_fed(&[0, 1, 2]);
+        assert_eq!(b.pending(), 4);
+        b.commit(&[1, 2, 3, 4]).unwrap();
+        // The last committed token was never fed.
+        assert_eq!(b.refresh_start(), 3);
+        b.mark_fed(&[3]);
+        assert_eq!(b.refresh_start(), 4);
+        // A pending value changes after slot 5 was computed with the old value of 4.
+        b.tokens.extend([5, 6, 7]);
+        b.mark_fed(&[4, 5]);
+        b.set(4, 9);
+        b.mark_fed(&[4]);
+        assert_eq!(b.changed_from, Some(4));
+        b.commit(&[9, 6, 7]).unwrap();
+        // Slot 4 holds 9 again, but slot 5 was computed with 5 before it: refresh from 4.
+        assert_eq!(b.refresh_start(), 4);
+        b.mark_fed(&[4, 5, 6]);
+        b.refreshed();
+        assert_eq!(b.refresh_start(), 7);
+        assert!(b.commit(&[1]).is_err(), "nothing pending");
+    }
+}

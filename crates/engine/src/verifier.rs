@@ -1,0 +1,740 @@
+//! The verifier role's compute (DESIGN §2.2 steps 3, 5, 6 and §2.4): the target model with a KV
+//! cache per session; verifying a block of proposals (processed `p` and pooled scores), executing
+//! a resample plan with parallel islands, committing with the KV refresh merged into the next
+//! forward, plain AR decoding, and the SD / LANTERN baselines with the small draft model.
+//!
+//! Everything here runs on the process's torch thread.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
+use mulo_core::{ParamError, SamplingParams};
+use mulo_model::gpt::Conditioning;
+use mulo_model::sampling::{process_probs, sample_from_probs, TokenRng};
+use mulo_model::{Gpt, KvCache};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::EngineError;
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SlotBook};
+use mulo_core::caption::CaptionTokenizer;
+
+/// Reply of a verify call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReply {
+    /// Pooled mass `Σ_{v ∈ B_k(x̃_i)} p_i(v)` of every proposal.
+    pub mass: Vec<f32>,
+    /// Committed tokens re-fed in the same forward (the merged KV refresh).
+    pub refreshed: usize,
+    /// Seconds of compute.
+    pub seconds: f64,
+}
+
+/// Reply of a resample call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResampleReply {
+    /// The pending block's values after resampling, in raster order.
+    pub tokens: Vec<i64>,
+    /// Target forward passes spent.
+    pub passes: usize,
+    /// Seconds of compute.
+    pub seconds: f64,
+}
+
+/// Reply of an AR decode call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecodeReply {
+    /// The new tokens (now committed).
+    pub tokens: Vec<i64>,
+    /// Target forward passes spent.
+    pub passes: usize,
+    /// Seconds of compute.
+    pub seconds: f64,
+}
+
+/// Relaxed acceptance of the LANTERN baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Relaxation {
+    /// Neighbours considered per draft token.
+    pub k: usize,
+    /// Latent distance bound of the proximity set.
+    pub delta: f64,
+}
+
+/// Reply of one SD / LANTERN cycle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeculateReply {
+    /// Tokens committed by this cycle (accepted drafts, then a correction or a bonus token).
+    pub tokens: Vec<i64>,
+    /// Draft tokens proposed.
+    pub proposed: usize,
+    /// Draft tokens accepted.
+    pub accepted: usize,
+    /// Target forward passes (1).
+    pub target_passes: usize,
+    /// Draft-model forward passes.
+    pub draft_passes: usize,
+    /// Seconds in the draft model.
+    pub draft_seconds: f64,
+    /// Seconds in the target.
+    pub verify_seconds: f64,
+}
+
+/// What the verifier can do, for the capability handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifierInfo {
+    /// Target grid rows.
+    pub rows: usize,
+    /// Target grid columns.
+    pub cols: usize,
+    /// Codebook size.
+    pub vocab: usize,
+    /// Whether a small draft model is loaded (SD and LANTERN).
+    pub draft_model: bool,
+}
+
+/// A GPT with one session's cache, condition and slot bookkeeping.
+struct Stream {
+    cache: KvCache,
+    book: SlotBook,
+    /// Processed `p` `[1, V]` of grid position 0 (from the prefill).
+    first: Tensor,
+    batch: i64,
+}
+
+impl Stream {
+    fn open(
+        model: &Gpt,
+        cond: &Conditioning,
+        params: &SamplingParams,
+    ) -> Result<Self, EngineError> {
+        let n = model.config().grid.len();
+        let cls = model.config().cls_token_num;
+        let mut cache = model.new_cache(cond.batch(), cls + n as i64)?;
+        let logits = model.prefill(cond, &mut cache)?;
+        Ok(Self {
+            first: process_probs(&logits.unsqueeze(1), params),
+            cache,
+            book: SlotBook::new(n),
+            batch: cond.batch(),
+        })
+    }
+
+    /// Feeds the values at `positions` (ascending, each `< tokens.len()`) in one forward and
+    /// returns the processed `p` predicting position `q + 1` for each `q` in `read` (a subset of
+    /// `positions`): `[read.len(), V]`.
+    fn feed(
+        &mut self,
+        model: &Gpt,
+        params: &SamplingParams,
+        positions: &[usize],
+        read: &[usize],
+    ) -> Result<Tensor, EngineError> {
+        let cls = model.config().cls_token_num;
+        let values: Vec<i64> = positions.iter().map(|&p| self.book.tokens[p]).collect();
+        let abs: Vec<i64> = positions.iter().map(|&p| cls + p as i64).collect();
+        let x = model.embed_tokens(&values, self.batch)?;
+        let h = model.forward(&x, &abs, None, &mut self.cache)?;
+        self.book.mark_fed(positions);
+        let idx: Vec<i64> = read
+            .iter()
+            .map(|r| positions.iter().position(|p| p == r).unwrap_or(0) as i64)
+            .collect();
+        let rows = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
+        Ok(process_probs(&model.head(&rows), params))
+    }
+
+    /// Processed `p` for each grid position in `queries` (ascending, contiguous or not), feeding
+    /// the stale committed slots first (the merged refresh) and each query's predecessor.
+    /// Returns `(p [queries, V], refreshed)`.
+    fn query(
+        &mut self,
+        model: &Gpt,
+        params: &SamplingParams,
+        extra: &[usize],
+        queries: &[usize],
+    ) -> Result<(Tensor, usize), EngineError> {
+        let start = self.book.refresh_start();
+        let mut feed: Vec<usize> = (start..self.book.committed).collect();
+        let refreshed = feed.len();
+        feed.extend(extra.iter().copied());
+        feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
+        feed.sort_unstable();
+        feed.dedup();
+        let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
+        let mut rows = Vec::new();
+        if queries.first() == Some(&0) {
+            rows.push(self.first.shallow_clone());
+        }
+        if !feed.is_empty() {
+            let p = self.feed(model, params, &feed, &read)?;
+            rows.push(p);
+        }
+        if start < self.book.committed {
+            self.book.refreshed();
+        }
+        Ok((Tensor::cat(&rows, 0), refreshed))
+    }
+}
+
+struct Session {
+    epoch: u64,
+    params: SamplingParams,
+    rng: TokenRng,
+    target: Stream,
+    draft: Option<Stream>,
+    last_used: Instant,
+}
+
+/// The verifier's models and sessions (lives on the torch thread).
+pub struct VerifierCore {
+    target: Gpt,
+    draft: Option<Gpt>,
+    /// L2-normalised codebook `[V, d]` on the host (pooling tables and LANTERN distances).
+    codes: Vec<f32>,
+    code_dim: usize,
+    /// `[V, k]` nearest-code tables by `k`, int64 on the device.
+    pools: HashMap<usize, (Vec<u32>, Tensor)>,
+    sessions: HashMap<String, Session>,
+    max_sessions: usize,
+    target_tokenizer: Option<CaptionTokenizer>,
+    draft_tokenizer: Option<CaptionTokenizer>,
+    wrong_residual: bool,
+}
+
+impl std::fmt::Debug for VerifierCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifierCore")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn probs_row(p: &Tensor, i: i64) -> Result<Vec<f32>, EngineError> {
+    Ok(Vec::<f32>::try_from(
+        p.get(i).to_kind(Kind::Float).to_device(Device::Cpu),
+    )?)
+}
+
+/// Draws from a host probability vector by inverting its CDF at `u` in (0, 1].
+fn draw(probs: &[f32], u: f64) -> i64 {
+    let total: f64 = probs.iter().map(|&x| f64::from(x)).sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &x) in probs.iter().enumerate() {
+        if x > 0.0 {
+            last = i;
+            acc += f64::from(x);
+            if acc >= target {
+                return i as i64;
+            }
+        }
+    }
+    last as i64
+}
+
+impl VerifierCore {
+    /// A verifier over `target` (and `draft`, the small high-res model of the SD baselines) with
+    /// the VQ codebook `codes` `[V, d]` (L2-normalised here) and room for `max_sessions`.
+    pub fn new(
+        target: Gpt,
+        draft: Option<Gpt>,
+        codes: &Tensor,
+        max_sessions: usize,
+    ) -> Result<Self, EngineError> {
+        let v = target.config().vocab_size;
+        let s = codes.size();
+        if s.len() != 2 || s[0] != v {
+            return Err(EngineError::Family(format!(
+                "the codebook has shape {s:?}, the target's vocabulary is {v}"
+            )));
+        }
+        if let Some(d) = &draft {
+            if d.config().vocab_size != v || d.config().grid != target.config().grid {
+                return Err(EngineError::Family(
+                    "the draft model's vocabulary or grid differs from the target's".into(),
+                ));
+            }
+        }
+        let normed =
+            mulo_model::vq::l2_normalize(&codes.to_kind(Kind::Float).to_device(Device::Cpu));
+        Ok(Self {
+            codes: Vec::<f32>::try_from(normed.reshape([-1]))?,
+            code_dim: s[1] as usize,
+            target,
+            draft,
+            pools: HashMap::new(),
+            sessions: HashMap::new(),
+            max_sessions: max_sessions.max(1),
+            target_tokenizer: None,
+            draft_tokenizer: None,
+            wrong_residual: false,
+        })
+    }
+
+    /// Sets the caption tokenizers of the target and the draft model (text prompts).
+    pub fn set_tokenizers(
+        &mut self,
+        target: Option<CaptionTokenizer>,
+        draft: Option<CaptionTokenizer>,
+    ) {
+        self.target_tokenizer = target;
+        self.draft_tokenizer = draft;
+    }
+
+    /// Breaks SD on purpose: the correction after a rejection is drawn from `p` instead of the
+    /// residual `norm(max(0, p − q))`. Only for the test that shows the losslessness test can
+    /// fail; never set in a server.
+    #[doc(hidden)]
+    pub fn set_wrong_residual_for_tests(&mut self, on: bool) {
+        self.wrong_residual = on;
+    }
+
+    /// Capabilities.
+    pub fn info(&self) -> VerifierInfo {
+        let g = self.target.config().grid;
+        VerifierInfo {
+            rows: g.rows,
+            cols: g.cols,
+            vocab: self.target.config().vocab_size as usize,
+            draft_model: self.draft.is_some(),
+        }
+    }
+
+    /// The target model.
+    pub fn target(&self) -> &Gpt {
+        &self.target
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn pool(&mut self, k: usize) -> Result<&(Vec<u32>, Tensor), EngineError> {
+        let v = self.target.config().vocab_size as usize;
+        if k == 0 || k > v {
+            return Err(ParamError::new("pool_k", format!("must be in 1..={v}, got {k}")).into());
+        }
+        if !self.pools.contains_key(&k) {
+            let table = nearest_codes(&self.codes, self.code_dim, k);
+            let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
+            let dev = Tensor::from_slice(&t)
+                .view([v as i64, k as i64])
+                .to_device(self.target.device());
+            self.pools.insert(k, (table, dev));
+        }
+        self.pools
+            .get(&k)
+            .ok_or_else(|| EngineError::Precondition("pool table".into()))
+    }
+
+    /// Opens (or re-opens at a new epoch) a session: prefills the condition on the target and,
+    /// when `with_draft`, on the draft model. `committed` tokens (a migrated session) are
+    /// committed and re-fed by the next call.
+    pub fn open(
+        &mut self,
+        spec: &SessionSpec,
+        with_draft: bool,
+        committed: &[i64],
+    ) -> Result<VerifierInfo, EngineError> {
+        spec.sampling.validate()?;
+        if !self.sessions.contains_key(&spec.id) && self.sessions.len() >= self.max_sessions {
+            return Err(EngineError::Capacity(format!(
+                "the verifier holds {} sessions, its limit",
+                self.max_sessions
+            )));
+        }
+        if with_draft && self.draft.is_none() {
+            return Err(EngineError::Unsupported(
+                "this verifier has no small draft model (SD and LANTERN need one)".into(),
+            ));
+        }
+        let n = self.target.config().grid.len();
+        let v = self.target.config().vocab_size;
+        if committed.len() > n || committed.iter().any(|&t| t < 0 || t >= v) {
+            return Err(
+                ParamError::new("committed", format!("at most {n} token ids in [0, {v})")).into(),
+            );
+        }
+        let cfg = spec.sampling.uses_cfg();
+        let cond = self.target.condition(
+            &condition_for(&spec.condition, self.target_tokenizer.as_ref()),
+            cfg,
+        )?;
+        let mut target = Stream::open(&self.target, &cond, &spec.sampling)?;
+        target.book.tokens = committed.to_vec();
+        target.book.committed = committed.len();
+        let draft = match (&self.draft, with_draft) {
+            (Some(d), true) => {
+                let cond = d.condition(
+                    &condition_for(&spec.condition, self.draft_tokenizer.as_ref()),
+                    cfg,
+                )?;
+                let mut s = Stream::open(d, &cond, &spec.sampling)?;
+                s.book.tokens = committed.to_vec();
+                s.book.committed = committed.len();
+                Some(s)
+            }
+            _ => None,
+        };
+        self.sessions.insert(
+            spec.id.clone(),
+            Session {
+                epoch: spec.epoch,
+                params: spec.sampling,
+                rng: TokenRng::new(spec.seed),
+                target,
+                draft,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(self.info())
+    }
+
+    /// Frees a session (unknown ids are fine: release is idempotent).
+    pub fn release(&mut self, id: &str) -> bool {
+        self.sessions.remove(id).is_some()
+    }
+
+    /// Frees sessions idle for longer than `ttl`; returns how many.
+    pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.last_used.elapsed() <= ttl);
+        before - self.sessions.len()
+    }
+
+    /// Commits the pending block (`commit`: its final values, empty when nothing is pending) and
+    /// scores `proposals` for the next positions in one target forward (the refresh of stale
+    /// committed slots rides along). `pool_k` picks the nearest-code table.
+    pub fn verify(
+        &mut self,
+        r: &SessionRef,
+        commit: &[i64],
+        proposals: &[i64],
+        pool_k: usize,
+    ) -> Result<VerifyReply, EngineError> {
+        let start = Instant::now();
+        let v = self.target.config().vocab_size;
+        let pool = self.pool(pool_k)?.1.shallow_clone();
+        let n = self.target.config().grid.len();
+        let Self {
+            target, sessions, ..
+        } = self;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        check_ref(r, s.epoch, s.target.book.committed)?;
+        s.last_used = Instant::now();
+        let book = &mut s.target.book;
+        if !commit.is_empty() || book.pending() > 0 {
+            book.commit(commit)?;
+        }
+        let first = book.committed;
+        if proposals.is_empty() || first + proposals.len() > n {
+            return Err(ParamError::new(
+                "proposals",
+                format!(
+                    "{} proposals after {first} committed tokens do not fit the {n}-token grid",
+                    proposals.len()
+                ),
+            )
+            .into());
+        }
+        if proposals.iter().any(|&t| t < 0 || t >= v) {
+            return Err(
+                ParamError::new("proposals", format!("token ids must be in [0, {v})")).into(),
+            );
+        }
+        book.tokens.extend_from_slice(proposals);
+        book.forget_from(first);
+        let queries: Vec<usize> = (first..first + proposals.len()).collect();
+        let extra: Vec<usize> = (first..first + proposals.len() - 1).collect();
+        let (p, refreshed) = s.target.query(target, &s.params, &extra, &queries)?;
+        let idx = pool.index_select(0, &Tensor::from_slice(proposals).to_device(pool.device()));
+        let mass = p
+            .gather(1, &idx, false)
+            .sum_dim_intlist(1, false, Kind::Float);
+        Ok(VerifyReply {
+            mass: Vec::<f32>::try_from(mass.to_device(Device::Cpu))?,
+            refreshed,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Executes a resample plan on the pending block: `passes[t]` lists the grid positions pass
+    /// `t` samples (one per unfinished island). Each pass feeds every query's predecessor and the
+    /// positions sampled in the pass before, so every query sees the current values of the
+    /// positions before it; tokens come from processed `p`.
+    pub fn resample(
+        &mut self,
+        r: &SessionRef,
+        passes: &[Vec<usize>],
+    ) -> Result<ResampleReply, EngineError> {
+        let start = Instant::now();
+        let Self {
+            target, sessions, ..
+        } = self;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        check_ref(r, s.epoch, s.target.book.committed)?;
+        s.last_used = Instant::now();
+        let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
+        let mut seen = std::collections::HashSet::new();
+        for p in passes.iter().flatten() {
+            if *p < lo || *p >= hi || !seen.insert(*p) {
+                return Err(ParamError::new(
+                    "plan",
+                    format!("positions must be distinct and pending (in {lo}..{hi}), got {p}"),
+                )
+                .into());
+            }
+        }
+        let mut previous: Vec<usize> = Vec::new();
+        let mut count = 0;
+        for pass in passes {
+            let mut queries = pass.clone();
+            queries.sort_unstable();
+            if queries.is_empty() {
+                continue;
+            }
+            let (p, _) = s.target.query(target, &s.params, &previous, &queries)?;
+            let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
+            let drawn =
+                Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
+            for (&q, &t) in queries.iter().zip(&drawn) {
+                s.target.book.set(q, t);
+            }
+            previous = queries;
+            count += 1;
+        }
+        Ok(ResampleReply {
+            tokens: s.target.book.tokens[lo..].to_vec(),
+            passes: count,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Commits the pending block without scoring anything new and re-feeds every stale slot of
+    /// the committed prefix, the last token included: the cache then equals a fresh prefill of
+    /// the committed tokens. (A generation's last block needs no commit; this is for migration
+    /// and checks.) Returns the slots re-fed.
+    pub fn commit(&mut self, r: &SessionRef, values: &[i64]) -> Result<usize, EngineError> {
+        let Self {
+            target, sessions, ..
+        } = self;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        check_ref(r, s.epoch, s.target.book.committed)?;
+        s.target.book.commit(values)?;
+        let from = s.target.book.refresh_start();
+        let all: Vec<usize> = (from..s.target.book.committed).collect();
+        if !all.is_empty() {
+            let last = *all.last().unwrap_or(&0);
+            let _ = s.target.feed(target, &s.params, &all, &[last])?;
+            s.target.book.refreshed();
+        }
+        Ok(all.len())
+    }
+
+    /// Decodes `count` tokens autoregressively after the committed prefix (AR method and the
+    /// fallback when no drafter answers); they are committed.
+    pub fn decode(
+        &mut self,
+        r: &SessionRef,
+        count: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<DecodeReply, EngineError> {
+        let start = Instant::now();
+        let n = self.target.config().grid.len();
+        let Self {
+            target, sessions, ..
+        } = self;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        check_ref(r, s.epoch, s.target.book.committed)?;
+        if s.target.book.pending() > 0 {
+            return Err(EngineError::Precondition(
+                "a block is pending: commit it before decoding".into(),
+            ));
+        }
+        let first = s.target.book.committed;
+        if first + count > n {
+            return Err(ParamError::new(
+                "count",
+                format!("{count} tokens after {first} overflow the {n}-token grid"),
+            )
+            .into());
+        }
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let q = first + i;
+            let (p, _) = s.target.query(target, &s.params, &[], &[q])?;
+            let t = i64::try_from(sample_from_probs(&p, &[s.rng.next_uniform()]).get(0))?;
+            s.target.book.tokens.push(t);
+            s.target.book.committed += 1;
+            out.push(t);
+            progress(q + 1);
+        }
+        Ok(DecodeReply {
+            tokens: out,
+            // Position 0 reads the prefill's logits: no forward of its own.
+            passes: count - usize::from(first == 0 && count > 0),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One SD cycle (LANTERN with `relax`): the draft model proposes up to `gamma` tokens, one
+    /// target forward scores them, acceptance `min(1, p/q)` (relaxed: `p` of the proximity set),
+    /// a correction from the residual at the first rejection, or a bonus token when all pass.
+    pub fn speculate(
+        &mut self,
+        r: &SessionRef,
+        gamma: usize,
+        relax: Option<Relaxation>,
+    ) -> Result<SpeculateReply, EngineError> {
+        if gamma == 0 {
+            return Err(ParamError::new("gamma", "must be at least 1").into());
+        }
+        let pool = match relax {
+            Some(x) => Some(self.pool(x.k)?.0.clone()),
+            None => None,
+        };
+        let n = self.target.config().grid.len();
+        let Self {
+            target,
+            draft,
+            sessions,
+            codes,
+            code_dim,
+            wrong_residual,
+            ..
+        } = self;
+        let draft_model = draft
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("no small draft model loaded".into()))?;
+        let s = sessions
+            .get_mut(&r.id)
+            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+        check_ref(r, s.epoch, s.target.book.committed)?;
+        s.last_used = Instant::now();
+        let ds = s.draft.as_mut().ok_or_else(|| {
+            EngineError::Precondition("the session was opened without the draft model".into())
+        })?;
+        let first = s.target.book.committed;
+        if first >= n {
+            return Err(EngineError::Precondition("the grid is complete".into()));
+        }
+        let g = gamma.min(n - first);
+        // Draft g tokens with the small model.
+        let t0 = Instant::now();
+        let mut qs: Vec<Vec<f32>> = Vec::with_capacity(g);
+        let mut drafts = Vec::with_capacity(g);
+        for i in 0..g {
+            let (q, _) = ds.query(draft_model, &s.params, &[], &[first + i])?;
+            let t = i64::try_from(sample_from_probs(&q, &[s.rng.next_uniform()]).get(0))?;
+            qs.push(probs_row(&q, 0)?);
+            ds.book.tokens.push(t);
+            ds.book.committed += 1;
+            drafts.push(t);
+        }
+        let draft_seconds = t0.elapsed().as_secs_f64();
+        // Score them (and the bonus position) in one target pass.
+        let t1 = Instant::now();
+        let book = &mut s.target.book;
+        book.tokens.extend_from_slice(&drafts);
+        book.forget_from(first);
+        let bonus = first + g < n;
+        let queries: Vec<usize> = (first..first + g + usize::from(bonus)).collect();
+        let extra: Vec<usize> = (first..first + g).collect();
+        let extra = if bonus {
+            extra
+        } else {
+            extra[..g - 1].to_vec()
+        };
+        let (p, _) = s.target.query(target, &s.params, &extra, &queries)?;
+        let p_host = Vec::<f32>::try_from(p.to_device(Device::Cpu).reshape([-1]))?;
+        let v = target.config().vocab_size as usize;
+        let row = |i: usize| &p_host[i * v..(i + 1) * v];
+        let mut out = Vec::with_capacity(g + 1);
+        let mut accepted = 0;
+        for i in 0..g {
+            let x = drafts[i] as usize;
+            let u = s.rng.next_uniform().min(1.0 - f64::EPSILON);
+            let (ok, set) = match (&relax, &pool) {
+                (Some(rx), Some(table)) => {
+                    let k = rx.k;
+                    let near = &table[x * k..(x + 1) * k];
+                    let d = *code_dim;
+                    let set = proximity_set(near, rx.delta, |a, b| {
+                        let (a, b) = (a as usize * d, b as usize * d);
+                        (0..d)
+                            .map(|j| f64::from(codes[a + j] - codes[b + j]).powi(2))
+                            .sum()
+                    });
+                    (lantern_accept(row(i), &qs[i], x, &set, u), set)
+                }
+                _ => (sd_accept(row(i), &qs[i], x, u), Vec::new()),
+            };
+            if ok {
+                out.push(drafts[i]);
+                accepted += 1;
+                continue;
+            }
+            // Correction from the residual; LANTERN zeroes q on the proximity set first.
+            let mut q = qs[i].clone();
+            for &a in &set {
+                if let Some(e) = q.get_mut(a as usize) {
+                    *e = 0.0;
+                }
+            }
+            let residual = if *wrong_residual {
+                row(i).to_vec()
+            } else {
+                sd_residual(row(i), &q)
+            };
+            out.push(draw(&residual, s.rng.next_uniform()));
+            break;
+        }
+        if accepted == g && bonus {
+            out.push(draw(row(g), s.rng.next_uniform()));
+        }
+        // Commit on both models; their slots past the first changed value are stale.
+        let book = &mut s.target.book;
+        book.tokens.truncate(first);
+        book.tokens.extend_from_slice(&out);
+        book.committed = book.tokens.len();
+        book.forget_from(book.committed);
+        let dbook = &mut ds.book;
+        dbook.tokens.truncate(first);
+        dbook.tokens.extend_from_slice(&out);
+        dbook.committed = dbook.tokens.len();
+        dbook.forget_from(dbook.committed);
+        Ok(SpeculateReply {
+            proposed: g,
+            accepted,
+            tokens: out,
+            target_passes: 1,
+            draft_passes: g,
+            draft_seconds,
+            verify_seconds: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The session's target KV cache (for checks against a fresh prefill).
+    pub fn cache(&self, id: &str) -> Option<&KvCache> {
+        self.sessions.get(id).map(|s| &s.target.cache)
+    }
+
+    /// The session's committed tokens.
+    pub fn committed(&self, id: &str) -> Option<&[i64]> {
+        self.sessions
+            .get(id)
+            .map(|s| &s.target.book.tokens[..s.target.book.committed])
+    }
+}

@@ -1,0 +1,382 @@
+//! The roles and the coordinator on tiny random models (CPU): the verifier's KV cache after a
+//! cycle with resampling equals a fresh prefill, SD reproduces AR's distribution (and a wrong
+//! residual is caught), and every method runs end to end through the in-process roles.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mulo_core::{Condition, GridSize, Method, SamplingParams};
+use mulo_engine::drafter::DrafterCore;
+use mulo_engine::verifier::VerifierCore;
+use mulo_engine::{generate, Engine, GenerateRequest, Local, SessionRef, SessionSpec, TorchWorker};
+use mulo_model::config::{ConditionConfig, PositionEmbedding};
+use mulo_model::{DType, Gpt, GptConfig, Upsampler, UpsamplerConfig, VqConfig, VqModel};
+use statrs::distribution::{ChiSquared, ContinuousCDF};
+use tch::{Device, Kind, Tensor};
+
+const V: i64 = 16;
+
+fn gpt(grid: GridSize, vocab: i64, layers: i64, seed: i64) -> Gpt {
+    let cfg = GptConfig {
+        name: None,
+        dim: 32,
+        n_layer: layers,
+        n_head: 2,
+        n_kv_head: None,
+        multiple_of: 16,
+        ffn_dim_multiplier: None,
+        ffn_hidden: None,
+        norm_eps: 1e-5,
+        rope_base: 10000.0,
+        vocab_size: vocab,
+        condition: ConditionConfig::Class { num_classes: 3 },
+        cls_token_num: 1,
+        grid,
+        position_embedding: PositionEmbedding::Rope2d,
+        dtype: DType::Fp32,
+        caption_vocab: None,
+        sampling: None,
+        vq: None,
+    };
+    Gpt::random(cfg, Device::Cpu, DType::Fp32, seed, 0.3).unwrap()
+}
+
+fn vq() -> VqModel {
+    let cfg = VqConfig {
+        name: None,
+        codebook_size: V,
+        codebook_embed_dim: 4,
+        codebook_l2_norm: true,
+        ch: 32,
+        encoder_ch_mult: vec![1, 1, 1],
+        decoder_ch_mult: vec![1, 1, 1],
+        z_channels: 32,
+        num_res_blocks: 1,
+        dtype: DType::Fp32,
+    };
+    VqModel::random(cfg, Device::Cpu, DType::Fp32, 5).unwrap()
+}
+
+/// Target 4×4, small draft model 4×4, drafter 2×2 with a ×2 up-sampler, one 16-code VQ.
+fn engine() -> Engine {
+    let vq_model = vq();
+    let codes = vq_model.codes();
+    let target = gpt(GridSize::square(4), V, 2, 1);
+    let draft = gpt(GridSize::square(4), V, 1, 2);
+    let drafter = gpt(GridSize::square(2), V, 2, 3);
+    let mut up = Upsampler::random(
+        UpsamplerConfig {
+            name: None,
+            codebook_size: V,
+            codebook_embed_dim: 4,
+            scale: 2,
+            channels: 16,
+            low_blocks: 1,
+            high_blocks: 1,
+            dtype: DType::Fp32,
+            vq: None,
+        },
+        Device::Cpu,
+        4,
+    )
+    .unwrap();
+    up.set_codebook(&codes).unwrap();
+    Engine {
+        verifier: Some(VerifierCore::new(target, Some(draft), &codes, 64).unwrap()),
+        drafter: Some(DrafterCore::new(drafter, up, vq(), 64).unwrap()),
+        vq: None,
+    }
+}
+
+fn sampling(cfg: f64) -> SamplingParams {
+    SamplingParams {
+        cfg_scale: cfg,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    }
+}
+
+fn spec(id: &str, seed: u64, cfg: f64) -> SessionSpec {
+    SessionSpec {
+        id: id.into(),
+        epoch: 0,
+        condition: Condition::Class(1),
+        sampling: sampling(cfg),
+        seed,
+    }
+}
+
+fn at(id: &str, committed: usize) -> SessionRef {
+    SessionRef {
+        id: id.into(),
+        epoch: 0,
+        committed,
+    }
+}
+
+/// A fresh cache of `target` holding the condition and `tokens`.
+fn fresh_cache(target: &Gpt, cfg: f64, tokens: &[i64]) -> mulo_model::KvCache {
+    tch::no_grad(|| {
+        let cond = target
+            .condition(&Condition::Class(1), sampling(cfg).uses_cfg())
+            .unwrap();
+        let cls = target.config().cls_token_num;
+        let mut cache = target
+            .new_cache(cond.batch(), cls + target.config().grid.len() as i64)
+            .unwrap();
+        let _ = target.prefill(&cond, &mut cache).unwrap();
+        let positions: Vec<i64> = (0..tokens.len() as i64).map(|i| cls + i).collect();
+        let x = target.embed_tokens(tokens, cond.batch()).unwrap();
+        let _ = target.forward(&x, &positions, None, &mut cache).unwrap();
+        cache
+    })
+}
+
+#[test]
+fn kv_cache_after_resampling_equals_a_fresh_prefill() {
+    let mut e = engine();
+    let v = e.verifier.as_mut().unwrap();
+    v.open(&spec("s", 7, 3.0), false, &[]).unwrap();
+    // Block 0: rows 0-1. Resample an island {1, 2, 5} and a single {7}.
+    let p0: Vec<i64> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+    let r = v.verify(&at("s", 0), &[], &p0, 2).unwrap();
+    assert_eq!(r.mass.len(), 8);
+    assert!(
+        r.mass.iter().all(|m| (0.0..=1.0 + 1e-5).contains(m)),
+        "{r:?}"
+    );
+    let rs = v
+        .resample(&at("s", 0), &[vec![1, 7], vec![2], vec![5]])
+        .unwrap();
+    assert_eq!(rs.passes, 3);
+    assert_eq!(rs.tokens.len(), 8);
+    // Untouched positions keep their proposals.
+    for i in [0, 3, 4, 6] {
+        assert_eq!(rs.tokens[i], p0[i]);
+    }
+    let block0 = rs.tokens.clone();
+    // Block 1 verified with the commit of block 0 merged in; then resampled too.
+    let p1: Vec<i64> = vec![5, 3, 5, 8, 9, 7, 9, 3];
+    let r1 = v.verify(&at("s", 0), &block0, &p1, 2).unwrap();
+    assert!(r1.refreshed >= 1, "the stale tail of block 0 is re-fed");
+    let rs1 = v.resample(&at("s", 8), &[vec![8, 13], vec![9]]).unwrap();
+    let target_tokens: Vec<i64> = block0.iter().chain(&rs1.tokens).copied().collect();
+    // Before the commit the cache still holds the proposals' K/V: it differs from a prefill.
+    let fresh = fresh_cache(v.target(), 3.0, &target_tokens);
+    let before = v.cache("s").unwrap().max_abs_diff(&fresh, 1 + 16);
+    assert!(
+        before > 1e-3,
+        "stale cache should differ, max diff {before}"
+    );
+    v.commit(&at("s", 8), &rs1.tokens).unwrap();
+    assert_eq!(v.committed("s").unwrap(), target_tokens.as_slice());
+    let after = v.cache("s").unwrap().max_abs_diff(&fresh, 1 + 16);
+    assert!(after <= 1e-4, "refreshed cache vs fresh prefill: {after}");
+}
+
+#[test]
+fn stale_and_unknown_calls_are_refused() {
+    let mut e = engine();
+    let v = e.verifier.as_mut().unwrap();
+    v.open(&spec("s", 1, 1.0), false, &[]).unwrap();
+    let e1 = v
+        .verify(&at("s", 3), &[], &[1, 2], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e1.contains("committed"), "{e1}");
+    let mut stale = at("s", 0);
+    stale.epoch = 4;
+    assert!(v
+        .verify(&stale, &[], &[1], 1)
+        .unwrap_err()
+        .to_string()
+        .contains("epoch"));
+    assert!(v
+        .verify(&at("x", 0), &[], &[1], 1)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown session"));
+    let bad = v
+        .verify(&at("s", 0), &[], &[1, 99], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("proposals"), "{bad}");
+    v.verify(&at("s", 0), &[], &[1, 2], 1).unwrap();
+    let bad = v.resample(&at("s", 0), &[vec![5]]).unwrap_err().to_string();
+    assert!(bad.contains("pending"), "{bad}");
+    let bad = v.speculate(&at("s", 0), 2, None).unwrap_err().to_string();
+    assert!(bad.contains("draft model"), "{bad}");
+    assert!(v.release("s"));
+    assert!(!v.release("s"));
+}
+
+/// Tiny target and draft model on a 1×2 grid with a 6-token vocabulary.
+fn pair_verifier() -> VerifierCore {
+    let g = GridSize { rows: 1, cols: 2 };
+    let codes = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
+    VerifierCore::new(gpt(g, 6, 2, 11), Some(gpt(g, 6, 1, 12)), &codes, 4).unwrap()
+}
+
+/// Counts of the first two tokens over `n` seeds: with SD (`gamma` 2) or AR.
+fn pair_counts(v: &mut VerifierCore, n: u64, sd: bool, offset: u64) -> HashMap<(i64, i64), u64> {
+    let mut counts = HashMap::new();
+    for seed in 0..n {
+        v.open(&spec("p", seed + offset, 1.0), sd, &[]).unwrap();
+        let mut toks = Vec::new();
+        while toks.len() < 2 {
+            if sd {
+                toks.extend(v.speculate(&at("p", toks.len()), 2, None).unwrap().tokens);
+            } else {
+                toks.extend(
+                    v.decode(&at("p", toks.len()), 2, &mut |_| {})
+                        .unwrap()
+                        .tokens,
+                );
+            }
+        }
+        *counts.entry((toks[0], toks[1])).or_insert(0) += 1;
+        v.release("p");
+    }
+    counts
+}
+
+/// p-value of the chi-square test of homogeneity of two count tables (cells with fewer than 5
+/// expected draws are pooled).
+fn homogeneity_p(a: &HashMap<(i64, i64), u64>, b: &HashMap<(i64, i64), u64>) -> f64 {
+    let (na, nb) = (
+        a.values().sum::<u64>() as f64,
+        b.values().sum::<u64>() as f64,
+    );
+    let mut cells: Vec<(f64, f64)> = Vec::new();
+    let mut rest = (0.0, 0.0);
+    let mut keys: Vec<_> = a.keys().chain(b.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for k in keys {
+        let (x, y) = (
+            *a.get(&k).unwrap_or(&0) as f64,
+            *b.get(&k).unwrap_or(&0) as f64,
+        );
+        if (x + y) * na.min(nb) / (na + nb) < 5.0 {
+            rest.0 += x;
+            rest.1 += y;
+        } else {
+            cells.push((x, y));
+        }
+    }
+    if rest.0 + rest.1 > 0.0 {
+        cells.push(rest);
+    }
+    let total = na + nb;
+    let mut chi2 = 0.0;
+    for (x, y) in &cells {
+        let col = x + y;
+        let (ea, eb) = (col * na / total, col * nb / total);
+        chi2 += (x - ea).powi(2) / ea + (y - eb).powi(2) / eb;
+    }
+    let df = (cells.len() - 1) as f64;
+    1.0 - ChiSquared::new(df).unwrap().cdf(chi2)
+}
+
+#[test]
+fn sd_reproduces_ar_and_a_wrong_residual_is_caught() {
+    const N: u64 = 20_000;
+    tch::set_num_threads(1);
+    let mut v = pair_verifier();
+    let ar = pair_counts(&mut v, N, false, 0);
+    let sd = pair_counts(&mut v, N, true, 1_000_000);
+    let p = homogeneity_p(&ar, &sd);
+    eprintln!("SD vs AR over {N} draws each: chi-square p = {p}");
+    assert!(p > 0.001, "SD differs from AR: p = {p}");
+    // Drawing the correction from p instead of norm(max(0, p - q)) over-weights the tokens the
+    // draft model over-proposes: the same test must reject it.
+    v.set_wrong_residual_for_tests(true);
+    let wrong = pair_counts(&mut v, N / 4, true, 2_000_000);
+    let pw = homogeneity_p(&ar, &wrong);
+    eprintln!("wrong residual vs AR: p = {pw}");
+    assert!(pw < 0.001, "a wrong residual went unnoticed: p = {pw}");
+}
+
+fn local() -> Local {
+    Local::new(Arc::new(
+        TorchWorker::spawn("torch", || Ok::<_, mulo_engine::EngineError>(engine())).unwrap(),
+    ))
+}
+
+async fn run(roles: &Local, method: &str, seed: u64) -> mulo_engine::Outcome {
+    let req = GenerateRequest {
+        id: format!("{method}-{seed}"),
+        condition: Condition::Class(2),
+        sampling: sampling(2.0),
+        seed,
+        method: Method::parse(method).unwrap(),
+    };
+    let mut events = Vec::new();
+    let out = generate(Some(roles), roles, &req, &mut |e| events.push(e.clone()))
+        .await
+        .unwrap();
+    assert_eq!(out.tokens.len(), 16, "{method}");
+    assert!(out.tokens.iter().all(|&t| (0..V).contains(&t)));
+    assert_eq!(events.last().unwrap().committed, 16, "{method}");
+    out
+}
+
+#[tokio::test]
+async fn every_method_runs_through_the_roles() {
+    let roles = local();
+    let ar = run(&roles, "ar", 3).await;
+    assert_eq!(ar.stats.target_passes, 16);
+    assert_eq!(ar.tokens, run(&roles, "ar", 3).await.tokens, "seeded");
+    // τ = 0 accepts every proposal: one verify per block, nothing resampled.
+    let all = run(&roles, "mulo:tau=0,block_rows=1", 3).await;
+    assert_eq!((all.stats.accepted, all.stats.resampled), (16, 0));
+    assert_eq!(all.stats.cycles, 2);
+    assert_eq!(all.stats.target_passes, 1 + 2);
+    // τ = 1 rejects (almost) everything; radius 3 covers each block: islands are whole blocks.
+    let none = run(&roles, "mulo:tau=1,radius=3,block_rows=1", 3).await;
+    assert!(none.stats.resampled >= 8, "{:?}", none.stats);
+    assert!(none.stats.largest_island <= 8);
+    for m in [
+        "mulo:tau=0.3,radius=1,block_rows=1",
+        "mulo:tau=0.3,radius=0,block_rows=2",
+        "mulo:tau=0.3,rejection=raster,block_rows=1",
+        "mulo:tau=0.3,zipar_window=1,block_rows=1",
+        "sd:gamma=3",
+        "lantern:gamma=3,k=4,delta=0.5",
+    ] {
+        let a = run(&roles, m, 9).await;
+        assert_eq!(a.tokens, run(&roles, m, 9).await.tokens, "{m} is seeded");
+        assert!(
+            a.stats.target_passes >= 2 && a.stats.target_passes <= 17,
+            "{m}: {:?}",
+            a.stats
+        );
+        assert!(a.stats.accepted <= a.stats.proposed, "{m}");
+    }
+    // Sessions are released after each request.
+    let live = roles
+        .worker()
+        .run(|e: &mut Engine| {
+            e.verifier.as_ref().unwrap().sessions() + e.drafter.as_ref().unwrap().sessions()
+        })
+        .unwrap();
+    assert_eq!(live, 0);
+}
+
+#[tokio::test]
+async fn mulo_falls_back_to_ar_without_a_drafter() {
+    let roles = local();
+    let req = GenerateRequest {
+        id: "f".into(),
+        condition: Condition::Class(0),
+        sampling: sampling(1.0),
+        seed: 1,
+        method: Method::parse("mulo").unwrap(),
+    };
+    let out = generate(None, &roles, &req, &mut |_| {}).await.unwrap();
+    assert_eq!(out.tokens.len(), 16);
+    assert_eq!(out.stats.fallback.as_deref(), Some("no drafter"));
+    assert_eq!(out.stats.target_passes, 16);
+}
