@@ -81,7 +81,8 @@ pub struct EvalArgs {
     pub runtime: RuntimeArgs,
 }
 
-fn default_prompts() -> PathBuf {
+/// The committed prompt list (from the working directory, else from the source tree).
+pub fn default_prompts() -> PathBuf {
     let local = PathBuf::from("prompts/emoji-eval.tsv");
     if local.is_file() {
         return local;

@@ -3,20 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use mulo_core::Condition;
 use mulo_engine::{generate_ar, TorchWorker};
 use mulo_model::{image_io, Gpt, VqModel};
 use tch::Tensor;
 
 use crate::common::{warn_unused, write_tokens, ConditionArgs, RuntimeArgs, SamplingArgs};
-
-/// Generation method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    /// Plain autoregressive decoding: one target pass per token (the exact reference).
-    Ar,
-}
 
 /// Arguments of `mulo generate`.
 #[derive(Debug, Args)]
@@ -36,9 +30,13 @@ pub struct GenerateArgs {
     pub family: Option<PathBuf>,
     #[command(flatten)]
     pub condition: ConditionArgs,
-    /// Decoding method.
-    #[arg(long, value_enum, default_value = "ar")]
-    pub method: Method,
+    /// Decoding method with optional parameters, `name:key=value,...`: `ar` (one target pass per
+    /// token, the exact reference), `sd:gamma=4` (lossless speculative sampling with the
+    /// family's small draft model), `lantern:gamma=4,k=1000,delta=0.1` (relaxed SD), `mulo:tau=…,
+    /// pool_k=…,radius=…,block_rows=…,zipar_window=…,rejection=local|raster` (MuLo-SD). Methods
+    /// other than `ar` need a family (not --model). See docs/methods.md.
+    #[arg(long, default_value = "ar", value_parser = parse_method)]
+    pub method: mulo_core::Method,
     /// Random seed: the same seed, model and parameters give the same tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -58,6 +56,10 @@ pub struct GenerateArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+fn parse_method(s: &str) -> Result<mulo_core::Method, String> {
+    mulo_core::Method::parse(s).map_err(|e| e.to_string())
 }
 
 /// The VQ directory for a model: an explicit one, else the config's `vq` relative to the model.
@@ -92,9 +94,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .family
                 .clone()
                 .unwrap_or_else(mulo_engine::default_family_dir);
-            mulo_engine::Family::load(&dir)?.path(mulo_engine::Member::Target)?
+            return run_family(&args, &dir, cond, out);
         }
     };
+    if args.method != mulo_core::Method::Ar {
+        bail!(
+            "--method {} needs a model family (drafter, up-sampler, draft model): pass --family DIR instead of --model",
+            args.method
+        );
+    }
     let tokenizer_dir = model_dir.clone();
     let vq_flag = args.vq.clone();
     let runtime = args.runtime.clone();
@@ -200,6 +208,104 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         st.tokens_per_second(),
         st.method,
         st.target_passes,
+        wrote.join(", ")
+    );
+    Ok(())
+}
+
+/// Generation with a model family: every method through the coordinator and the in-process roles.
+fn run_family(
+    args: &GenerateArgs,
+    dir: &Path,
+    cond: mulo_core::Condition,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use mulo_engine::{Engine, Family, Local, Member, RoleSet};
+    let family = Family::load(dir)?;
+    let target_cfg = mulo_model::ModelConfig::load_gpt(&family.path(Member::Target)?)?;
+    let params = args.sampling.resolve(target_cfg.default_sampling())?;
+    let roles = RoleSet {
+        drafter: matches!(args.method, mulo_core::Method::Mulo(_)),
+        verifier: true,
+        draft_small: matches!(
+            args.method,
+            mulo_core::Method::Sd(_) | mulo_core::Method::Lantern(_)
+        ),
+    };
+    let runtime = args.runtime.clone();
+    let fam = family.clone();
+    let worker = std::sync::Arc::new(TorchWorker::spawn("torch", move || -> Result<Engine> {
+        let device = runtime.setup()?;
+        Ok(Engine::load(
+            &fam,
+            roles,
+            device,
+            runtime.dtype_for(device),
+            4,
+        )?)
+    })?);
+    if let Condition::Prompt(text) = &cond {
+        if let Some(tok) = mulo_engine::prompt::load_tokenizer(&family.path(Member::Target)?)? {
+            let (_, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(&tok, cond.clone());
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
+                    unknown.len(),
+                    unknown.join(", ")
+                );
+            }
+            if truncated > 0 {
+                eprintln!(
+                    "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped): {text}",
+                    tok.max_len
+                );
+            }
+        }
+    }
+    let local = Local::new(worker.clone());
+    let req = mulo_engine::GenerateRequest {
+        id: "generate".into(),
+        condition: cond,
+        sampling: params,
+        seed: args.seed,
+        method: args.method,
+    };
+    let n = target_cfg.grid.len();
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(n as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} tokens  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let pb = bar.clone();
+    let drafter: Option<&dyn mulo_engine::DrafterRole> =
+        if roles.drafter { Some(&local) } else { None };
+    let outcome = rt.block_on(mulo_engine::generate(drafter, &local, &req, &mut |e| {
+        pb.set_position(e.committed as u64)
+    }))?;
+    bar.finish_and_clear();
+    if let Some(path) = &args.tokens_out {
+        write_tokens(path, &outcome.tokens)?;
+    }
+    if let Some(path) = &out {
+        let tokens = outcome.tokens.clone();
+        let png = worker.run(move |e: &mut Engine| -> Result<Vec<u8>> {
+            let img = e.decode_tensor(&tokens)?;
+            Ok(image_io::png_bytes(&img.get(0))?)
+        })??;
+        std::fs::write(path, png).with_context(|| format!("{}", path.display()))?;
+    }
+    let mut wrote: Vec<String> = Vec::new();
+    wrote.extend(out.iter().map(|p| p.display().to_string()));
+    wrote.extend(args.tokens_out.iter().map(|p| p.display().to_string()));
+    println!(
+        "{} (seed {}); wrote {}",
+        outcome.stats.line(),
+        args.seed,
         wrote.join(", ")
     );
     Ok(())

@@ -1,6 +1,7 @@
 //! `mulo`: generate images with LlamaGen-style autoregressive models, score token grids, decode
 //! them, convert LlamaGen checkpoints and inspect model directories.
 
+mod bench;
 mod card;
 mod common;
 mod convert;
@@ -11,6 +12,7 @@ mod eval;
 mod generate;
 mod info;
 mod init;
+mod plot;
 mod score;
 mod train;
 
@@ -54,6 +56,8 @@ enum Command {
     Train(train::TrainCommand),
     /// FID-emoji and adherence of generation methods over a prompt list (JSON report).
     Eval(eval::EvalArgs),
+    /// Compare methods (AR, SD, LANTERN, MuLo-SD) on speed and quality in one run.
+    Bench(bench::BenchArgs),
     /// Show what a model directory holds.
     Info(info::InfoArgs),
     /// Write a randomly initialised model (for demos and tests).
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),
         Command::Train(c) => train::run(c),
         Command::Init(c) => init::run(c),

@@ -164,6 +164,7 @@ fn toy_family_trains_evaluates_and_generates() {
     ];
     run(common("target"), &gpt);
     run(common("drafter"), &gpt);
+    run(common("draft-small"), &gpt);
     let up = run(
         common("upsampler"),
         &[
@@ -255,6 +256,98 @@ fn toy_family_trains_evaluates_and_generates() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("purple"));
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
+
+    // Every method through the roles and the coordinator, with the per-image stats line.
+    for method in [
+        "mulo",
+        "mulo:tau=0.5,radius=0,zipar_window=2",
+        "sd:gamma=3",
+        "lantern",
+    ] {
+        let line = ok(&[
+            "generate",
+            "grinning face",
+            "--family",
+            s(&fam),
+            "--method",
+            method,
+            "--out",
+            s(&png),
+            "--no-progress",
+        ]);
+        assert!(
+            line.contains("target passes") && line.contains("cycles") && line.contains("accepted"),
+            "{method}: {line}"
+        );
+    }
+    let e = fails(&[
+        "generate",
+        "x",
+        "--family",
+        s(&fam),
+        "--method",
+        "mulo:tau=2",
+    ]);
+    assert!(e.contains("tau"), "{e}");
+    let e = fails(&[
+        "generate",
+        "x",
+        "--model",
+        &j(&fam, "target"),
+        "--method",
+        "mulo",
+    ]);
+    assert!(e.contains("--family"), "{e}");
+    // The benchmark: AR first, the methods, the sweep; JSON rows with the documented keys, a plot.
+    let bench = d.join("bench.json");
+    let plot = d.join("bench.png");
+    let out = ok(&[
+        "bench",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--prompts",
+        s(&prompts),
+        "--n",
+        "2",
+        "--warmup",
+        "0",
+        "--method",
+        "sd:gamma=2",
+        "--method",
+        "mulo:tau=0.2",
+        "--sweep",
+        "tau=0,1",
+        "--json",
+        s(&bench),
+        "--plot",
+        s(&plot),
+    ]);
+    assert!(out.contains("speedup") && out.contains("mulo:"), "{out}");
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(&bench).unwrap()).unwrap();
+    let rows = b["methods"].as_array().unwrap();
+    let specs: Vec<&str> = rows.iter().map(|r| r["spec"].as_str().unwrap()).collect();
+    assert_eq!(specs.len(), 5, "{specs:?}");
+    assert_eq!(specs[0], "ar");
+    for r in rows {
+        for key in [
+            "method",
+            "params",
+            "latency_median_s",
+            "speedup_vs_ar",
+            "target_passes_per_image",
+            "fid_emoji",
+            "adherence",
+        ] {
+            assert!(!r[key].is_null(), "{key} missing in {r}");
+        }
+    }
+    assert_eq!(rows[0]["tokens_per_target_pass"].as_f64(), Some(1.0));
+    // τ = 0 accepts everything: one verify pass per block plus the prefill.
+    let all = rows.iter().find(|r| r["params"]["tau"] == "0").unwrap();
+    assert_eq!(all["acceptance_rate"].as_f64(), Some(1.0), "{all}");
+    assert!(image::open(&plot).unwrap().width() > 100);
 
     let info = ok(&["info", s(&fam.join("upsampler"))]);
     assert!(info.contains("up-sampler") && info.contains("x2"), "{info}");

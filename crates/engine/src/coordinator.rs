@@ -81,9 +81,10 @@ impl MethodStats {
     /// The one-line summary `mulo generate` prints.
     pub fn line(&self) -> String {
         let mut s = format!(
-            "{} tokens in {:.2} s ({}): {} target passes, {} drafter passes, {} proposed, {} accepted ({:.1}%), {} resampled, {} cycles, largest island {}",
+            "{} tokens in {:.2} s ({:.1} tokens/s, {}): {} target passes, {} drafter passes, {} proposed, {} accepted ({:.1}%), {} resampled, {} cycles, largest island {}",
             self.tokens,
             self.seconds,
+            self.tokens as f64 / self.seconds.max(1e-9),
             self.method,
             self.target_passes,
             self.drafter_passes,

@@ -441,32 +441,4 @@ impl DrafterCore {
         let n = s.committed_high.len();
         Ok(s.committed_high[n - rows * row..].to_vec())
     }
-
-    /// Decodes a full high-res token grid to RGB bytes (`rows·f × cols·f × 3`).
-    pub fn decode_image(&self, tokens: &[i64]) -> Result<(u32, u32, Vec<u8>), EngineError> {
-        let g = self.info().high;
-        if tokens.len() != g.len() {
-            return Err(ParamError::new(
-                "tokens",
-                format!("a {g} grid needs {} tokens, got {}", g.len(), tokens.len()),
-            )
-            .into());
-        }
-        let t = Tensor::from_slice(tokens)
-            .view([1, g.rows as i64, g.cols as i64])
-            .to_device(self.vq.var_store().device());
-        let img = self.vq.decode(&t)?;
-        let (h, w) = (img.size()[2], img.size()[3]);
-        let bytes = ((img.get(0).clamp(-1.0, 1.0) + 1.0) * 127.5)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([1, 2, 0])
-            .contiguous()
-            .to_device(Device::Cpu);
-        Ok((
-            w as u32,
-            h as u32,
-            Vec::<u8>::try_from(bytes.reshape([-1]))?,
-        ))
-    }
 }

@@ -174,14 +174,24 @@ impl Engine {
             .ok_or_else(|| EngineError::Unsupported("this process runs no verifier".into()))
     }
 
-    /// Decodes a token grid of the target's size to RGB bytes `(width, height, rgb)`.
-    pub fn decode_image(&self, tokens: &[i64]) -> Result<(u32, u32, Vec<u8>), EngineError> {
-        match &self.drafter {
-            Some(d) => d.decode_image(tokens),
-            None => Err(EngineError::Unsupported(
-                "this process holds no VQ decoder".into(),
-            )),
+    /// Decodes a square token grid to pixels `[1, 3, H, W]` in [-1, 1].
+    pub fn decode_tensor(&self, tokens: &[i64]) -> Result<tch::Tensor, EngineError> {
+        let vq = self
+            .vq
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("this process holds no VQ decoder".into()))?;
+        let side = (tokens.len() as f64).sqrt().round() as i64;
+        if side * side != tokens.len() as i64 {
+            return Err(mulo_core::ParamError::new(
+                "tokens",
+                format!("{} tokens do not form a square grid", tokens.len()),
+            )
+            .into());
         }
+        let t = tch::Tensor::from_slice(tokens)
+            .view([1, side, side])
+            .to_device(vq.var_store().device());
+        Ok(vq.decode(&t)?.clamp(-1.0, 1.0))
     }
 }
 

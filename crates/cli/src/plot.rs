@@ -1,0 +1,140 @@
+//! The speed-vs-quality plot of `mulo bench` (plotters, PNG).
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+
+use crate::bench::BenchRow;
+
+/// Fonts tried for the labels (the first that exists is used; without one the plot has no text).
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+fn register_font() -> bool {
+    for f in FONTS {
+        if let Ok(bytes) = std::fs::read(f) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Label of a point: the method and the parameters that differ from the first `mulo` row.
+fn label(r: &BenchRow) -> String {
+    if r.method == "mulo" {
+        r.params
+            .iter()
+            .filter(|(k, _)| ["tau", "pool_k", "radius", "block_rows"].contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    } else {
+        r.method.clone()
+    }
+}
+
+/// Two panels: speed-up vs AR against FID-emoji (lower is better) and against category
+/// adherence (higher is better); `mulo` rows are joined in order (the sweep).
+pub fn speed_quality(path: &Path, rows: &[BenchRow]) -> Result<()> {
+    let text = register_font();
+    if !text {
+        eprintln!(
+            "warning: no font found for the plot's labels ({}); drawing without text",
+            FONTS.join(", ")
+        );
+    }
+    const W: u32 = 1200;
+    const H: u32 = 500;
+    let mut buf = vec![0u8; (W * H * 3) as usize];
+    draw(&mut buf, (W, H), rows, text)?;
+    let img = image::RgbImage::from_raw(W, H, buf).ok_or_else(|| anyhow!("plot buffer size"))?;
+    img.save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
+fn draw(buf: &mut [u8], size: (u32, u32), rows: &[BenchRow], text: bool) -> Result<()> {
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let max_speed = rows.iter().map(|r| r.speedup_vs_ar).fold(1.0f64, f64::max) * 1.15;
+    type Pick = fn(&BenchRow) -> Option<f64>;
+    let metrics: [(&str, Pick); 2] = [
+        ("FID-emoji (lower is better)", |r| r.fid_emoji),
+        ("category adherence % (higher is better)", |r| {
+            r.adherence.map(|a| a * 100.0)
+        }),
+    ];
+    for (panel, (name, pick)) in panels.iter().zip(metrics) {
+        let values: Vec<f64> = rows.iter().filter_map(pick).collect();
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let (lo, hi) = if lo.is_finite() {
+            let pad = ((hi - lo) * 0.15).max(0.5);
+            (lo - pad, hi + pad)
+        } else {
+            (0.0, 1.0)
+        };
+        let mut builder = ChartBuilder::on(panel);
+        builder.margin(15);
+        if text {
+            builder
+                .caption(format!("speed-up vs AR against {name}"), ("sans-serif", 18))
+                .x_label_area_size(40)
+                .y_label_area_size(55);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(0.0..max_speed, lo..hi)
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc("speed-up vs AR (median latency)").y_desc(name);
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(|e| anyhow!("plot: {e}"))?;
+        let sweep: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.method == "mulo")
+            .filter_map(|r| pick(r).map(|v| (r.speedup_vs_ar, v)))
+            .collect();
+        if sweep.len() > 1 {
+            let mut sorted = sweep.clone();
+            sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(sorted, BLUE.mix(0.5)))
+                .map_err(|e| anyhow!("plot: {e}"))?;
+        }
+        for r in rows {
+            let Some(v) = pick(r) else { continue };
+            let color = match r.method.as_str() {
+                "ar" => BLACK,
+                "sd" => RED,
+                "lantern" => GREEN,
+                _ => BLUE,
+            };
+            let font = ("sans-serif", 13).into_font().color(&color);
+            let name = if text { label(r) } else { String::new() };
+            chart
+                .draw_series(std::iter::once(
+                    EmptyElement::at((r.speedup_vs_ar, v))
+                        + Circle::new((0, 0), 5, color.filled())
+                        + Text::new(name, (7, -14), font),
+                ))
+                .map_err(|e| anyhow!("plot: {e}"))?;
+        }
+    }
+    root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    Ok(())
+}
