@@ -138,23 +138,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     // A text prompt goes through the model's own caption tokenizer, when it has one.
     let cond = match mulo_engine::prompt::load_tokenizer(&tokenizer_dir)? {
-        Some(tok) => {
-            let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(&tok, cond);
-            if !unknown.is_empty() {
-                eprintln!(
-                    "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
-                    unknown.len(),
-                    unknown.join(", ")
-                );
-            }
-            if truncated > 0 {
-                eprintln!(
-                    "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped)",
-                    tok.max_len
-                );
-            }
-            cond
-        }
+        Some(tok) => tokenize_with_warnings(&tok, cond),
         None => cond,
     };
     let params = worker.run({
@@ -213,6 +197,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Tokenizes a prompt condition, warning about unknown words and words past the caption length.
+fn tokenize_with_warnings(
+    tok: &mulo_core::caption::CaptionTokenizer,
+    cond: Condition,
+) -> Condition {
+    let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(tok, cond);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
+            unknown.len(),
+            unknown.join(", ")
+        );
+    }
+    if truncated > 0 {
+        eprintln!(
+            "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped)",
+            tok.max_len
+        );
+    }
+    cond
+}
+
 /// Generation with a model family: every method through the coordinator and the in-process roles.
 fn run_family(
     args: &GenerateArgs,
@@ -244,23 +250,9 @@ fn run_family(
             4,
         )?)
     })?);
-    if let Condition::Prompt(text) = &cond {
-        if let Some(tok) = mulo_engine::prompt::load_tokenizer(&family.path(Member::Target)?)? {
-            let (_, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(&tok, cond.clone());
-            if !unknown.is_empty() {
-                eprintln!(
-                    "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
-                    unknown.len(),
-                    unknown.join(", ")
-                );
-            }
-            if truncated > 0 {
-                eprintln!(
-                    "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped): {text}",
-                    tok.max_len
-                );
-            }
-        }
+    // Each role tokenizes the prompt with its own model's vocabulary; warn once, for the target's.
+    if let Some(tok) = mulo_engine::prompt::load_tokenizer(&family.path(Member::Target)?)? {
+        let _ = tokenize_with_warnings(&tok, cond.clone());
     }
     let local = Local::new(worker.clone());
     let req = mulo_engine::GenerateRequest {

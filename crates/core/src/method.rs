@@ -82,7 +82,7 @@ pub struct LanternParams {
     pub gamma: usize,
     /// Candidates of the proximity set: the draft token's `k` nearest codes (`k >= 1`).
     pub k: usize,
-    /// Largest distance (of L2-normalised code vectors, in [0, 2]) of a code in the set.
+    /// Largest target mass of the neighbours added to the draft token's own (in [0, 1]).
     pub delta: f64,
 }
 
@@ -90,8 +90,8 @@ impl Default for LanternParams {
     fn default() -> Self {
         Self {
             gamma: 4,
-            k: 8,
-            delta: 0.4,
+            k: 1000,
+            delta: 0.1,
         }
     }
 }
@@ -274,11 +274,11 @@ impl Method {
             Self::Lantern(p) => {
                 at_least_one("gamma", p.gamma)?;
                 at_least_one("k", p.k)?;
-                if !(0.0..=2.0).contains(&p.delta) {
+                if !(0.0..=1.0).contains(&p.delta) {
                     return Err(ParamError::new(
                         "delta",
                         format!(
-                            "must be in [0, 2] (distance of unit vectors), got {}",
+                            "must be in [0, 1] (probability mass of the neighbours), got {}",
                             p.delta
                         ),
                     ));

@@ -211,17 +211,24 @@ pub fn sd_residual(p: &[f32], q: &[f32]) -> Vec<f32> {
     r.iter().map(|&x| (f64::from(x) / s) as f32).collect()
 }
 
-/// LANTERN's proximity set of `x`: the codes among its `k` nearest (itself included) whose
-/// normalised code vector lies within distance `delta` of `x`'s. `pool` is `x`'s row of the
-/// nearest-code table, `dist2(a, b)` the squared distance of normalised codes.
-pub fn proximity_set(pool: &[u32], delta: f64, dist2: impl Fn(u32, u32) -> f64) -> Vec<u32> {
-    let Some(&x) = pool.first() else {
+/// LANTERN's proximity set of draft token `x` (DESIGN §2.4): `x` itself, then the largest prefix
+/// of its nearest codes whose summed target mass stays `<= delta`. `pool` is `x`'s row of the
+/// nearest-code table (`x` first, then its neighbours by distance, `k` in all), `p` the target's
+/// processed distribution.
+pub fn proximity_set(pool: &[u32], p: &[f32], delta: f64) -> Vec<u32> {
+    let Some((&x, rest)) = pool.split_first() else {
         return Vec::new();
     };
-    pool.iter()
-        .copied()
-        .filter(|&v| v == x || dist2(x, v) <= delta * delta)
-        .collect()
+    let mut set = vec![x];
+    let mut mass = 0.0;
+    for &v in rest {
+        mass += f64::from(p.get(v as usize).copied().unwrap_or(0.0));
+        if mass > delta {
+            break;
+        }
+        set.push(v);
+    }
+    set
 }
 
 /// LANTERN's relaxed acceptance of draft token `x` with proximity set `set`: accept when
@@ -246,6 +253,25 @@ mod tests {
             rows,
             cols,
         }
+    }
+
+    #[test]
+    fn proximity_sets_are_mass_bounded_prefixes() {
+        let p = [0.5f32, 0.05, 0.03, 0.2, 0.22];
+        // x = 0, neighbours 1, 2, 3, 4 by distance.
+        assert_eq!(proximity_set(&[0, 1, 2, 3, 4], &p, 0.1), vec![0, 1, 2]);
+        assert_eq!(proximity_set(&[0, 1, 2, 3, 4], &p, 0.0), vec![0]);
+        assert_eq!(
+            proximity_set(&[0, 3, 1], &p, 0.1),
+            vec![0],
+            "a heavy first neighbour stops it"
+        );
+        assert_eq!(proximity_set(&[0, 1, 2, 3, 4], &p, 1.0).len(), 5);
+        assert!(proximity_set(&[], &p, 1.0).is_empty());
+        // Relaxed acceptance uses the set's mass.
+        let q = [0.9f32, 0.0, 0.0, 0.05, 0.05];
+        assert!(lantern_accept(&p, &q, 0, &[0, 1, 2], 0.6));
+        assert!(!sd_accept(&p, &q, 0, 0.6));
     }
 
     #[test]

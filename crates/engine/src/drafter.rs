@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mulo_core::{GridSize, ParamError, SamplingParams};
-use mulo_model::sampling::{process_probs, sample_from_probs, TokenRng};
-use mulo_model::{Gpt, KvCache, Upsampler, VqModel};
+use mulo_model::sampling::{sample_from_probs, TokenRng};
+use mulo_model::{Gpt, Upsampler, VqModel};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::EngineError;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SlotBook};
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a draft call.
@@ -53,10 +53,7 @@ struct Session {
     epoch: u64,
     params: SamplingParams,
     rng: TokenRng,
-    cache: KvCache,
-    book: SlotBook,
-    first: Tensor,
-    batch: i64,
+    stream: Stream,
     /// High-res tokens the caller has committed (realigned into `book`).
     committed_high: Vec<i64>,
     last_used: Instant,
@@ -79,24 +76,6 @@ impl std::fmt::Debug for DrafterCore {
             .field("sessions", &self.sessions.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Bool `[S, W]` mask: input `s` at grid position `positions[s]` sees the condition and every
-/// grid slot `j ≤ positions[s]` that holds its current value (`ready[j]`).
-fn ready_mask(cls: i64, positions: &[usize], ready: &[bool], device: Device) -> Tensor {
-    let w = cls as usize + positions.iter().max().map_or(0, |m| m + 1);
-    let mut m = vec![false; positions.len() * w];
-    for (s, &p) in positions.iter().enumerate() {
-        for j in 0..w {
-            m[s * w + j] = j < cls as usize || {
-                let g = j - cls as usize;
-                g <= p && (ready[g] || g == p)
-            };
-        }
-    }
-    Tensor::from_slice(&m)
-        .view([positions.len() as i64, w as i64])
-        .to_device(device)
 }
 
 impl DrafterCore {
@@ -188,15 +167,10 @@ impl DrafterCore {
             &condition_for(&spec.condition, self.tokenizer.as_ref()),
             spec.sampling.uses_cfg(),
         )?;
-        let cls = self.drafter.config().cls_token_num;
-        let n = info.low.len();
-        let mut cache = self.drafter.new_cache(cond.batch(), cls + n as i64)?;
-        let logits = self.drafter.prefill(&cond, &mut cache)?;
-        let mut book = SlotBook::new(n);
+        let mut stream = Stream::open(&self.drafter, &cond, &spec.sampling)?;
         if !committed.is_empty() {
-            let low = self.downsample(committed, 0)?;
-            book.tokens = low;
-            book.committed = book.tokens.len();
+            stream.book.tokens = self.downsample(committed, 0)?;
+            stream.book.committed = stream.book.tokens.len();
         }
         self.sessions.insert(
             spec.id.clone(),
@@ -204,10 +178,7 @@ impl DrafterCore {
                 epoch: spec.epoch,
                 params: spec.sampling,
                 rng: TokenRng::new(spec.seed ^ 0x9e37_79b9_7f4a_7c15),
-                first: process_probs(&logits.unsqueeze(1), &spec.sampling),
-                batch: cond.batch(),
-                cache,
-                book,
+                stream,
                 committed_high: committed.to_vec(),
                 last_used: Instant::now(),
             },
@@ -264,7 +235,7 @@ impl DrafterCore {
                 .get(&r.id)
                 .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
             check_ref(r, s.epoch, s.committed_high.len())?;
-            (s.committed_high.len(), s.book.pending())
+            (s.committed_high.len(), s.stream.book.pending())
         };
         if realign.len() != pending * scale * scale {
             return Err(EngineError::Precondition(format!(
@@ -296,17 +267,17 @@ impl DrafterCore {
             .get_mut(&r.id)
             .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
         s.last_used = Instant::now();
-        let before: Vec<i64> = s.book.tokens[s.book.committed..].to_vec();
+        let before: Vec<i64> = s.stream.book.tokens[s.stream.book.committed..].to_vec();
         let realigned = before
             .iter()
             .zip(&realigned_low)
             .filter(|(a, b)| a != b)
             .count();
         if pending > 0 {
-            s.book.commit(&realigned_low)?;
+            s.stream.book.commit(&realigned_low)?;
         }
         s.committed_high.extend_from_slice(realign);
-        let first = s.book.committed;
+        let first = s.stream.book.committed;
         let n = info.low.len();
         if rows == 0 || first + rows * w > n {
             return Err(ParamError::new(
@@ -317,8 +288,7 @@ impl DrafterCore {
         }
         // Draft.
         let t1 = Instant::now();
-        s.book.forget_from(first);
-        let cls = drafter.config().cls_token_num;
+        s.stream.book.forget_from(first);
         let first_row = first / w;
         let mut next_col = vec![0usize; rows];
         let mut passes = 0;
@@ -328,7 +298,7 @@ impl DrafterCore {
         } else {
             zipar_window
         };
-        s.book.tokens.resize(first + rows * w, -1);
+        s.stream.book.tokens.resize(first + rows * w, -1);
         while next_col[rows - 1] < w {
             // Open rows: row j+1 opens once row j has `window` tokens (or is done).
             let mut queries = Vec::new();
@@ -344,64 +314,15 @@ impl DrafterCore {
                     break;
                 }
             }
-            let start = s.book.refresh_start();
-            let mut feed: Vec<usize> = (start..s.book.committed).collect();
-            feed.extend(previous.iter().copied());
-            feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
-            feed.sort_unstable();
-            feed.dedup();
-            let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
-            let mut probs = Vec::new();
-            if queries.first() == Some(&0) {
-                probs.push(s.first.shallow_clone());
-            }
-            if !feed.is_empty() {
-                // ZipAR: a row opened before the row above is finished reads the last token
-                // drafted above in place of the missing predecessor (its slot is rewritten once
-                // the real token exists).
-                let values: Vec<i64> = feed
-                    .iter()
-                    .map(|&p| {
-                        let row_start = p - p % w;
-                        (row_start..=p)
-                            .rev()
-                            .map(|i| s.book.tokens[i])
-                            .find(|&t| t >= 0)
-                            .unwrap_or(0)
-                    })
-                    .collect();
-                let abs: Vec<i64> = feed.iter().map(|&p| cls + p as i64).collect();
-                let x = drafter.embed_tokens(&values, s.batch)?;
-                let mask = if zipar_window == 0 {
-                    None
-                } else {
-                    let ready: Vec<bool> = (0..n)
-                        .map(|j| j < s.book.tokens.len() && s.book.fed[j] == Some(s.book.tokens[j]))
-                        .collect();
-                    let mut ready = ready;
-                    for &f in &feed {
-                        ready[f] = s.book.tokens[f] >= 0;
-                    }
-                    Some(ready_mask(cls, &feed, &ready, drafter.device()))
-                };
-                let h = drafter.forward(&x, &abs, mask.as_ref(), &mut s.cache)?;
-                s.book.mark_fed(&feed);
-                let idx: Vec<i64> = read
-                    .iter()
-                    .map(|q| feed.iter().position(|p| p == q).unwrap_or(0) as i64)
-                    .collect();
-                let rows_h = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
-                probs.push(process_probs(&drafter.head(&rows_h), &s.params));
-                if start < s.book.committed {
-                    s.book.refreshed();
-                }
-            }
-            let p = Tensor::cat(&probs, 0);
+            let rows_of = (zipar_window > 0).then_some(w);
+            let (p, _) = s
+                .stream
+                .query(drafter, &s.params, &previous, &queries, rows_of)?;
             let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
             let drawn =
                 Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
             for (&q, &t) in queries.iter().zip(&drawn) {
-                s.book.tokens[q] = t;
+                s.stream.book.tokens[q] = t;
                 next_col[q / w - first_row] += 1;
             }
             previous = queries;
@@ -411,7 +332,7 @@ impl DrafterCore {
         // Up-sample every low-res row so far; keep the block's high-res rows.
         let t2 = Instant::now();
         let end_row = first_row + rows;
-        let low_t = Tensor::from_slice(&s.book.tokens[..end_row * w])
+        let low_t = Tensor::from_slice(&s.stream.book.tokens[..end_row * w])
             .view([1, end_row as i64, w as i64])
             .to_device(upsampler.var_store().device());
         let high = upsampler.upsample(&low_t)?;
@@ -422,7 +343,7 @@ impl DrafterCore {
         let high = Vec::<i64>::try_from(block.to_kind(Kind::Int64).to_device(Device::Cpu))?;
         debug_assert_eq!(high.len() as i64, (rows * scale) as i64 * hc);
         Ok(DraftReply {
-            low: s.book.tokens[first..].to_vec(),
+            low: s.stream.book.tokens[first..].to_vec(),
             high,
             passes,
             realigned,

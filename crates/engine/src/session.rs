@@ -3,7 +3,11 @@
 //! stale (DESIGN §2.2 step 6 and §5.2).
 
 use mulo_core::{Condition, SamplingParams};
+use mulo_model::gpt::Conditioning;
+use mulo_model::sampling::process_probs;
+use mulo_model::{Gpt, KvCache};
 use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
 
 use crate::error::EngineError;
 
@@ -123,6 +127,134 @@ impl SlotBook {
             self.changed_from = None;
         }
     }
+}
+
+/// A GPT with one session's cache, condition and slot bookkeeping: the one place where both roles
+/// feed tokens and read processed `p`.
+pub(crate) struct Stream {
+    pub cache: KvCache,
+    pub book: SlotBook,
+    /// Processed `p` `[1, V]` of grid position 0 (from the prefill).
+    pub first: Tensor,
+    batch: i64,
+}
+
+impl Stream {
+    /// Prefills the condition.
+    pub fn open(
+        model: &Gpt,
+        cond: &Conditioning,
+        params: &SamplingParams,
+    ) -> Result<Self, EngineError> {
+        let n = model.config().grid.len();
+        let cls = model.config().cls_token_num;
+        let mut cache = model.new_cache(cond.batch(), cls + n as i64)?;
+        let logits = model.prefill(cond, &mut cache)?;
+        Ok(Self {
+            first: process_probs(&logits.unsqueeze(1), params),
+            cache,
+            book: SlotBook::new(n),
+            batch: cond.batch(),
+        })
+    }
+
+    /// Feeds the values at `positions` (ascending) in one forward and returns the processed `p`
+    /// predicting position `q + 1` for each `q` in `read` (a subset of `positions`):
+    /// `[read.len(), V]`. With `rows = Some(w)` (ZipAR drafting on rows of `w`), a position not
+    /// drafted yet is fed the last token drafted before it in its row, and every input sees only
+    /// the slots that hold current values (and its own).
+    pub fn feed(
+        &mut self,
+        model: &Gpt,
+        params: &SamplingParams,
+        positions: &[usize],
+        read: &[usize],
+        rows: Option<usize>,
+    ) -> Result<Tensor, EngineError> {
+        let cls = model.config().cls_token_num;
+        let tokens = &self.book.tokens;
+        let values: Vec<i64> = positions
+            .iter()
+            .map(|&p| match rows {
+                Some(w) => (p - p % w..=p)
+                    .rev()
+                    .map(|i| tokens[i])
+                    .find(|&t| t >= 0)
+                    .unwrap_or(0),
+                None => tokens[p],
+            })
+            .collect();
+        let abs: Vec<i64> = positions.iter().map(|&p| cls + p as i64).collect();
+        let mask = rows.map(|_| {
+            let mut ready: Vec<bool> = (0..self.book.fed.len())
+                .map(|j| j < tokens.len() && self.book.fed[j] == Some(tokens[j]))
+                .collect();
+            for &f in positions {
+                ready[f] = tokens[f] >= 0;
+            }
+            ready_mask(cls, positions, &ready, model.device())
+        });
+        let x = model.embed_tokens(&values, self.batch)?;
+        let h = model.forward(&x, &abs, mask.as_ref(), &mut self.cache)?;
+        self.book.mark_fed(positions);
+        let idx: Vec<i64> = read
+            .iter()
+            .map(|r| positions.iter().position(|p| p == r).unwrap_or(0) as i64)
+            .collect();
+        let rows = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
+        Ok(process_probs(&model.head(&rows), params))
+    }
+
+    /// Processed `p` for each grid position in `queries` (ascending), feeding the stale committed
+    /// slots first (the merged refresh), the `extra` positions and each query's predecessor in
+    /// one forward. Returns `(p [queries, V], refreshed)`.
+    pub fn query(
+        &mut self,
+        model: &Gpt,
+        params: &SamplingParams,
+        extra: &[usize],
+        queries: &[usize],
+        rows: Option<usize>,
+    ) -> Result<(Tensor, usize), EngineError> {
+        let start = self.book.refresh_start();
+        let mut feed: Vec<usize> = (start..self.book.committed).collect();
+        let refreshed = feed.len();
+        feed.extend(extra.iter().copied());
+        feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
+        feed.sort_unstable();
+        feed.dedup();
+        let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
+        let mut out = Vec::new();
+        if queries.first() == Some(&0) {
+            out.push(self.first.shallow_clone());
+        }
+        if !feed.is_empty() {
+            out.push(self.feed(model, params, &feed, &read, rows)?);
+        }
+        if start < self.book.committed {
+            self.book.refreshed();
+        }
+        Ok((Tensor::cat(&out, 0), refreshed))
+    }
+}
+
+/// Bool `[S, W]` mask: input `s` at grid position `positions[s]` sees the condition and every
+/// grid slot `j ≤ positions[s]` that holds its current value (`ready[j]`), and its own slot.
+fn ready_mask(cls: i64, positions: &[usize], ready: &[bool], device: Device) -> Tensor {
+    let cls = cls as usize;
+    let w = cls + positions.iter().max().map_or(0, |m| m + 1);
+    let mut m = vec![false; positions.len() * w];
+    for (s, &p) in positions.iter().enumerate() {
+        for j in 0..w {
+            m[s * w + j] = j < cls || {
+                let g = j - cls;
+                g <= p && (ready[g] || g == p)
+            };
+        }
+    }
+    Tensor::from_slice(&m)
+        .view([positions.len() as i64, w as i64])
+        .to_device(device)
 }
 
 /// The condition as `model`'s caption tokenizer sees it: a text prompt becomes that model's word

@@ -10,14 +10,13 @@ use std::time::Instant;
 
 use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
 use mulo_core::{ParamError, SamplingParams};
-use mulo_model::gpt::Conditioning;
-use mulo_model::sampling::{process_probs, sample_from_probs, TokenRng};
+use mulo_model::sampling::{sample_from_probs, TokenRng};
 use mulo_model::{Gpt, KvCache};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::EngineError;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SlotBook};
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a verify call.
@@ -94,90 +93,6 @@ pub struct VerifierInfo {
     pub draft_model: bool,
 }
 
-/// A GPT with one session's cache, condition and slot bookkeeping.
-struct Stream {
-    cache: KvCache,
-    book: SlotBook,
-    /// Processed `p` `[1, V]` of grid position 0 (from the prefill).
-    first: Tensor,
-    batch: i64,
-}
-
-impl Stream {
-    fn open(
-        model: &Gpt,
-        cond: &Conditioning,
-        params: &SamplingParams,
-    ) -> Result<Self, EngineError> {
-        let n = model.config().grid.len();
-        let cls = model.config().cls_token_num;
-        let mut cache = model.new_cache(cond.batch(), cls + n as i64)?;
-        let logits = model.prefill(cond, &mut cache)?;
-        Ok(Self {
-            first: process_probs(&logits.unsqueeze(1), params),
-            cache,
-            book: SlotBook::new(n),
-            batch: cond.batch(),
-        })
-    }
-
-    /// Feeds the values at `positions` (ascending, each `< tokens.len()`) in one forward and
-    /// returns the processed `p` predicting position `q + 1` for each `q` in `read` (a subset of
-    /// `positions`): `[read.len(), V]`.
-    fn feed(
-        &mut self,
-        model: &Gpt,
-        params: &SamplingParams,
-        positions: &[usize],
-        read: &[usize],
-    ) -> Result<Tensor, EngineError> {
-        let cls = model.config().cls_token_num;
-        let values: Vec<i64> = positions.iter().map(|&p| self.book.tokens[p]).collect();
-        let abs: Vec<i64> = positions.iter().map(|&p| cls + p as i64).collect();
-        let x = model.embed_tokens(&values, self.batch)?;
-        let h = model.forward(&x, &abs, None, &mut self.cache)?;
-        self.book.mark_fed(positions);
-        let idx: Vec<i64> = read
-            .iter()
-            .map(|r| positions.iter().position(|p| p == r).unwrap_or(0) as i64)
-            .collect();
-        let rows = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
-        Ok(process_probs(&model.head(&rows), params))
-    }
-
-    /// Processed `p` for each grid position in `queries` (ascending, contiguous or not), feeding
-    /// the stale committed slots first (the merged refresh) and each query's predecessor.
-    /// Returns `(p [queries, V], refreshed)`.
-    fn query(
-        &mut self,
-        model: &Gpt,
-        params: &SamplingParams,
-        extra: &[usize],
-        queries: &[usize],
-    ) -> Result<(Tensor, usize), EngineError> {
-        let start = self.book.refresh_start();
-        let mut feed: Vec<usize> = (start..self.book.committed).collect();
-        let refreshed = feed.len();
-        feed.extend(extra.iter().copied());
-        feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
-        feed.sort_unstable();
-        feed.dedup();
-        let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
-        let mut rows = Vec::new();
-        if queries.first() == Some(&0) {
-            rows.push(self.first.shallow_clone());
-        }
-        if !feed.is_empty() {
-            let p = self.feed(model, params, &feed, &read)?;
-            rows.push(p);
-        }
-        if start < self.book.committed {
-            self.book.refreshed();
-        }
-        Ok((Tensor::cat(&rows, 0), refreshed))
-    }
-}
-
 struct Session {
     epoch: u64,
     params: SamplingParams,
@@ -185,6 +100,19 @@ struct Session {
     target: Stream,
     draft: Option<Stream>,
     last_used: Instant,
+}
+
+/// The session `r` names, checked against its epoch and committed length, marked as used.
+fn session<'a>(
+    sessions: &'a mut HashMap<String, Session>,
+    r: &SessionRef,
+) -> Result<&'a mut Session, EngineError> {
+    let s = sessions
+        .get_mut(&r.id)
+        .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+    check_ref(r, s.epoch, s.target.book.committed)?;
+    s.last_used = Instant::now();
+    Ok(s)
 }
 
 /// The verifier's models and sessions (lives on the torch thread).
@@ -423,11 +351,7 @@ impl VerifierCore {
         let Self {
             target, sessions, ..
         } = self;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        check_ref(r, s.epoch, s.target.book.committed)?;
-        s.last_used = Instant::now();
+        let s = session(sessions, r)?;
         let book = &mut s.target.book;
         if !commit.is_empty() || book.pending() > 0 {
             book.commit(commit)?;
@@ -452,7 +376,7 @@ impl VerifierCore {
         book.forget_from(first);
         let queries: Vec<usize> = (first..first + proposals.len()).collect();
         let extra: Vec<usize> = (first..first + proposals.len() - 1).collect();
-        let (p, refreshed) = s.target.query(target, &s.params, &extra, &queries)?;
+        let (p, refreshed) = s.target.query(target, &s.params, &extra, &queries, None)?;
         let idx = pool.index_select(0, &Tensor::from_slice(proposals).to_device(pool.device()));
         let mass = p
             .gather(1, &idx, false)
@@ -477,11 +401,7 @@ impl VerifierCore {
         let Self {
             target, sessions, ..
         } = self;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        check_ref(r, s.epoch, s.target.book.committed)?;
-        s.last_used = Instant::now();
+        let s = session(sessions, r)?;
         let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
         let mut seen = std::collections::HashSet::new();
         for p in passes.iter().flatten() {
@@ -501,7 +421,9 @@ impl VerifierCore {
             if queries.is_empty() {
                 continue;
             }
-            let (p, _) = s.target.query(target, &s.params, &previous, &queries)?;
+            let (p, _) = s
+                .target
+                .query(target, &s.params, &previous, &queries, None)?;
             let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
             let drawn =
                 Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
@@ -526,16 +448,13 @@ impl VerifierCore {
         let Self {
             target, sessions, ..
         } = self;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        check_ref(r, s.epoch, s.target.book.committed)?;
+        let s = session(sessions, r)?;
         s.target.book.commit(values)?;
         let from = s.target.book.refresh_start();
         let all: Vec<usize> = (from..s.target.book.committed).collect();
         if !all.is_empty() {
             let last = *all.last().unwrap_or(&0);
-            let _ = s.target.feed(target, &s.params, &all, &[last])?;
+            let _ = s.target.feed(target, &s.params, &all, &[last], None)?;
             s.target.book.refreshed();
         }
         Ok(all.len())
@@ -554,10 +473,7 @@ impl VerifierCore {
         let Self {
             target, sessions, ..
         } = self;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        check_ref(r, s.epoch, s.target.book.committed)?;
+        let s = session(sessions, r)?;
         if s.target.book.pending() > 0 {
             return Err(EngineError::Precondition(
                 "a block is pending: commit it before decoding".into(),
@@ -574,7 +490,7 @@ impl VerifierCore {
         let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let q = first + i;
-            let (p, _) = s.target.query(target, &s.params, &[], &[q])?;
+            let (p, _) = s.target.query(target, &s.params, &[], &[q], None)?;
             let t = i64::try_from(sample_from_probs(&p, &[s.rng.next_uniform()]).get(0))?;
             s.target.book.tokens.push(t);
             s.target.book.committed += 1;
@@ -601,6 +517,12 @@ impl VerifierCore {
         if gamma == 0 {
             return Err(ParamError::new("gamma", "must be at least 1").into());
         }
+        // LANTERN's k counts candidates; a codebook smaller than k offers all of its codes.
+        let vocab = self.target.config().vocab_size as usize;
+        let relax = relax.map(|x| Relaxation {
+            k: x.k.min(vocab),
+            ..x
+        });
         let pool = match relax {
             Some(x) => Some(self.pool(x.k)?.0.clone()),
             None => None,
@@ -610,19 +532,13 @@ impl VerifierCore {
             target,
             draft,
             sessions,
-            codes,
-            code_dim,
             wrong_residual,
             ..
         } = self;
         let draft_model = draft
             .as_ref()
             .ok_or_else(|| EngineError::Unsupported("no small draft model loaded".into()))?;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        check_ref(r, s.epoch, s.target.book.committed)?;
-        s.last_used = Instant::now();
+        let s = session(sessions, r)?;
         let ds = s.draft.as_mut().ok_or_else(|| {
             EngineError::Precondition("the session was opened without the draft model".into())
         })?;
@@ -636,7 +552,7 @@ impl VerifierCore {
         let mut qs: Vec<Vec<f32>> = Vec::with_capacity(g);
         let mut drafts = Vec::with_capacity(g);
         for i in 0..g {
-            let (q, _) = ds.query(draft_model, &s.params, &[], &[first + i])?;
+            let (q, _) = ds.query(draft_model, &s.params, &[], &[first + i], None)?;
             let t = i64::try_from(sample_from_probs(&q, &[s.rng.next_uniform()]).get(0))?;
             qs.push(probs_row(&q, 0)?);
             ds.book.tokens.push(t);
@@ -657,7 +573,7 @@ impl VerifierCore {
         } else {
             extra[..g - 1].to_vec()
         };
-        let (p, _) = s.target.query(target, &s.params, &extra, &queries)?;
+        let (p, _) = s.target.query(target, &s.params, &extra, &queries, None)?;
         let p_host = Vec::<f32>::try_from(p.to_device(Device::Cpu).reshape([-1]))?;
         let v = target.config().vocab_size as usize;
         let row = |i: usize| &p_host[i * v..(i + 1) * v];
@@ -670,13 +586,7 @@ impl VerifierCore {
                 (Some(rx), Some(table)) => {
                     let k = rx.k;
                     let near = &table[x * k..(x + 1) * k];
-                    let d = *code_dim;
-                    let set = proximity_set(near, rx.delta, |a, b| {
-                        let (a, b) = (a as usize * d, b as usize * d);
-                        (0..d)
-                            .map(|j| f64::from(codes[a + j] - codes[b + j]).powi(2))
-                            .sum()
-                    });
+                    let set = proximity_set(near, row(i), rx.delta);
                     (lantern_accept(row(i), &qs[i], x, &set, u), set)
                 }
                 _ => (sd_accept(row(i), &qs[i], x, u), Vec::new()),

@@ -67,6 +67,14 @@ impl<S: 'static> TorchWorker<S> {
         }
     }
 
+    fn send(&self, job: Job<S>) -> Result<(), EngineError> {
+        self.tx
+            .as_ref()
+            .ok_or(EngineError::WorkerGone)?
+            .send(job)
+            .map_err(|_| EngineError::WorkerGone)
+    }
+
     /// Runs `f` on the torch thread and waits for its result.
     pub fn run<R, F>(&self, f: F) -> Result<R, EngineError>
     where
@@ -74,14 +82,9 @@ impl<S: 'static> TorchWorker<S> {
         F: FnOnce(&mut S) -> R + Send + 'static,
     {
         let (rtx, rrx) = mpsc::channel();
-        let job: Job<S> = Box::new(move |s| {
+        self.send(Box::new(move |s| {
             let _ = rtx.send(f(s));
-        });
-        self.tx
-            .as_ref()
-            .ok_or(EngineError::WorkerGone)?
-            .send(job)
-            .map_err(|_| EngineError::WorkerGone)?;
+        }))?;
         rrx.recv().map_err(|_| EngineError::WorkerGone)
     }
 
@@ -93,14 +96,9 @@ impl<S: 'static> TorchWorker<S> {
         F: FnOnce(&mut S) -> R + Send + 'static,
     {
         let (rtx, rrx) = tokio::sync::oneshot::channel();
-        let job: Job<S> = Box::new(move |s| {
+        self.send(Box::new(move |s| {
             let _ = rtx.send(f(s));
-        });
-        self.tx
-            .as_ref()
-            .ok_or(EngineError::WorkerGone)?
-            .send(job)
-            .map_err(|_| EngineError::WorkerGone)?;
+        }))?;
         rrx.await.map_err(|_| EngineError::WorkerGone)
     }
 }
