@@ -237,6 +237,18 @@ impl DrafterCore {
             check_ref(r, s.epoch, s.committed_high.len())?;
             (s.committed_high.len(), s.stream.book.pending())
         };
+        // Checked before anything changes: a refused call leaves the session as it was.
+        let low_after = high_committed / (scale * scale) + pending;
+        if rows == 0 || low_after + rows * w > info.low.len() {
+            return Err(ParamError::new(
+                "rows",
+                format!(
+                    "{rows} low-res rows after {low_after} tokens overflow the {}-token grid",
+                    info.low.len()
+                ),
+            )
+            .into());
+        }
         if realign.len() != pending * scale * scale {
             return Err(EngineError::Precondition(format!(
                 "realignment of {} high-res tokens, but {} low-res tokens ({} high-res) are pending",
@@ -278,14 +290,6 @@ impl DrafterCore {
         }
         s.committed_high.extend_from_slice(realign);
         let first = s.stream.book.committed;
-        let n = info.low.len();
-        if rows == 0 || first + rows * w > n {
-            return Err(ParamError::new(
-                "rows",
-                format!("{rows} low-res rows after {first} tokens overflow the {n}-token grid"),
-            )
-            .into());
-        }
         // Draft.
         let t1 = Instant::now();
         s.stream.book.forget_from(first);

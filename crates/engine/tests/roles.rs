@@ -212,6 +212,29 @@ fn stale_and_unknown_calls_are_refused() {
     assert!(!v.release("s"));
 }
 
+#[test]
+fn a_refused_draft_leaves_the_drafter_session_unchanged() {
+    let mut e = engine();
+    let d = e.drafter.as_mut().unwrap();
+    d.open(&spec("d", 2, 1.0), &[]).unwrap();
+    let first = d.draft(&at("d", 0), &[], 1, 0).unwrap();
+    assert_eq!((first.low.len(), first.high.len()), (2, 8));
+    // Two more low-res rows do not fit the 2-row grid: refused, and nothing is realigned.
+    let realign: Vec<i64> = vec![1, 2, 3, 4, 5, 6, 7, 8];
+    let e1 = d
+        .draft(&at("d", 0), &realign, 2, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e1.contains("rows"), "{e1}");
+    // The same realignment with one row still applies at committed length 0.
+    let second = d.draft(&at("d", 0), &realign, 1, 0).unwrap();
+    assert_eq!(second.high.len(), 8);
+    assert!(
+        d.draft(&at("d", 8), &second.high, 1, 0).is_err(),
+        "grid full"
+    );
+}
+
 /// Tiny target and draft model on a 1×2 grid with a 6-token vocabulary.
 fn pair_verifier() -> VerifierCore {
     let g = GridSize { rows: 1, cols: 2 };
