@@ -371,8 +371,16 @@ async fn every_method_runs_through_the_roles() {
     ] {
         let a = run(&roles, m, 9).await;
         assert_eq!(a.tokens, run(&roles, m, 9).await.tokens, "{m} is seeded");
+        // MuLo: one prefill, one verify per cycle, and at most one pass per resampled token
+        // (passes per cycle = largest island; raster rejection of a whole block makes it the
+        // block). SD / LANTERN: never more than AR's 16 passes plus the prefill.
+        let most = if m.starts_with("mulo") {
+            1 + a.stats.cycles + a.stats.resampled
+        } else {
+            17
+        };
         assert!(
-            a.stats.target_passes >= 2 && a.stats.target_passes <= 17,
+            a.stats.target_passes >= 2 && a.stats.target_passes <= most,
             "{m}: {:?}",
             a.stats
         );
