@@ -4,7 +4,6 @@
 //!
 //! Everything here runs on the process's torch thread.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use mulo_core::{GridSize, ParamError, SamplingParams};
@@ -14,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::EngineError;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, Stream};
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a draft call.
@@ -56,7 +55,6 @@ struct Session {
     stream: Stream,
     /// High-res tokens the caller has committed (realigned into `book`).
     committed_high: Vec<i64>,
-    last_used: Instant,
 }
 
 /// The drafter's models and sessions (lives on the torch thread).
@@ -65,8 +63,7 @@ pub struct DrafterCore {
     upsampler: Upsampler,
     vq: VqModel,
     scale: usize,
-    sessions: HashMap<String, Session>,
-    max_sessions: usize,
+    sessions: SessionTable<Session>,
     tokenizer: Option<CaptionTokenizer>,
 }
 
@@ -101,8 +98,7 @@ impl DrafterCore {
             upsampler,
             vq,
             scale,
-            sessions: HashMap::new(),
-            max_sessions: max_sessions.max(1),
+            sessions: SessionTable::new("drafter", max_sessions),
             tokenizer: None,
         })
     }
@@ -145,12 +141,7 @@ impl DrafterCore {
         committed: &[i64],
     ) -> Result<DrafterInfo, EngineError> {
         spec.sampling.validate()?;
-        if !self.sessions.contains_key(&spec.id) && self.sessions.len() >= self.max_sessions {
-            return Err(EngineError::Capacity(format!(
-                "the drafter holds {} sessions, its limit",
-                self.max_sessions
-            )));
-        }
+        self.sessions.check_room(&spec.id)?;
         let info = self.info();
         let row = info.high.cols * self.scale;
         if !committed.len().is_multiple_of(row) || committed.len() > info.high.len() {
@@ -173,14 +164,13 @@ impl DrafterCore {
             stream.book.committed = stream.book.tokens.len();
         }
         self.sessions.insert(
-            spec.id.clone(),
+            &spec.id,
             Session {
                 epoch: spec.epoch,
                 params: spec.sampling,
                 rng: TokenRng::new(spec.seed ^ 0x9e37_79b9_7f4a_7c15),
                 stream,
                 committed_high: committed.to_vec(),
-                last_used: Instant::now(),
             },
         );
         Ok(info)
@@ -188,14 +178,12 @@ impl DrafterCore {
 
     /// Frees a session (idempotent).
     pub fn release(&mut self, id: &str) -> bool {
-        self.sessions.remove(id).is_some()
+        self.sessions.release(id)
     }
 
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.last_used.elapsed() <= ttl);
-        before - self.sessions.len()
+        self.sessions.expire(ttl)
     }
 
     /// `D_r` of whole committed high-res rows starting at high-res row `first_row`: decodes them
@@ -230,10 +218,7 @@ impl DrafterCore {
         // Realign: D_r of the committed rows (with one low-res row of context above).
         let t0 = Instant::now();
         let (high_committed, pending) = {
-            let s = self
-                .sessions
-                .get(&r.id)
-                .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+            let s = self.sessions.peek(&r.id)?;
             check_ref(r, s.epoch, s.committed_high.len())?;
             (s.committed_high.len(), s.stream.book.pending())
         };
@@ -275,10 +260,7 @@ impl DrafterCore {
             sessions,
             ..
         } = self;
-        let s = sessions
-            .get_mut(&r.id)
-            .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
-        s.last_used = Instant::now();
+        let s = sessions.get_mut(&r.id)?;
         let before: Vec<i64> = s.stream.book.tokens[s.stream.book.committed..].to_vec();
         let realigned = before
             .iter()
@@ -358,10 +340,7 @@ impl DrafterCore {
     }
 
     fn committed_high(&self, id: &str, rows: usize) -> Result<Vec<i64>, EngineError> {
-        let s = self
-            .sessions
-            .get(id)
-            .ok_or_else(|| EngineError::UnknownSession(id.to_string()))?;
+        let s = self.sessions.peek(id)?;
         let row = self.info().high.cols;
         let n = s.committed_high.len();
         Ok(s.committed_high[n - rows * row..].to_vec())

@@ -269,6 +269,74 @@ pub(crate) fn condition_for(
     }
 }
 
+/// A role's live sessions by id, with a capacity and an idle clock per session.
+pub(crate) struct SessionTable<S> {
+    role: &'static str,
+    max: usize,
+    map: std::collections::HashMap<String, (S, std::time::Instant)>,
+}
+
+impl<S> SessionTable<S> {
+    /// An empty table of room `max` (at least 1) for the named role.
+    pub(crate) fn new(role: &'static str, max: usize) -> Self {
+        Self {
+            role,
+            max: max.max(1),
+            map: std::collections::HashMap::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Refuses a new id when the table is full (re-opening a live id is always allowed).
+    pub(crate) fn check_room(&self, id: &str) -> Result<(), EngineError> {
+        if !self.map.contains_key(id) && self.map.len() >= self.max {
+            return Err(EngineError::Capacity(format!(
+                "the {} holds {} sessions, its limit",
+                self.role, self.max
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn insert(&mut self, id: &str, s: S) {
+        self.map
+            .insert(id.to_string(), (s, std::time::Instant::now()));
+    }
+
+    /// Frees a session (idempotent).
+    pub(crate) fn release(&mut self, id: &str) -> bool {
+        self.map.remove(id).is_some()
+    }
+
+    /// Frees sessions idle for longer than `ttl`; returns how many.
+    pub(crate) fn expire(&mut self, ttl: std::time::Duration) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, (_, used)| used.elapsed() <= ttl);
+        before - self.map.len()
+    }
+
+    /// The session, without touching its idle clock.
+    pub(crate) fn peek(&self, id: &str) -> Result<&S, EngineError> {
+        self.map
+            .get(id)
+            .map(|(s, _)| s)
+            .ok_or_else(|| EngineError::UnknownSession(id.to_string()))
+    }
+
+    /// The session, marked as used now.
+    pub(crate) fn get_mut(&mut self, id: &str) -> Result<&mut S, EngineError> {
+        let (s, used) = self
+            .map
+            .get_mut(id)
+            .ok_or_else(|| EngineError::UnknownSession(id.to_string()))?;
+        *used = std::time::Instant::now();
+        Ok(s)
+    }
+}
+
 /// Checks a call's session reference against the role's session.
 pub(crate) fn check_ref(r: &SessionRef, epoch: u64, committed: usize) -> Result<(), EngineError> {
     if r.epoch != epoch {

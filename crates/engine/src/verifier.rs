@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::EngineError;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, Stream};
+use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a verify call.
@@ -99,19 +99,15 @@ struct Session {
     rng: TokenRng,
     target: Stream,
     draft: Option<Stream>,
-    last_used: Instant,
 }
 
 /// The session `r` names, checked against its epoch and committed length, marked as used.
 fn session<'a>(
-    sessions: &'a mut HashMap<String, Session>,
+    sessions: &'a mut SessionTable<Session>,
     r: &SessionRef,
 ) -> Result<&'a mut Session, EngineError> {
-    let s = sessions
-        .get_mut(&r.id)
-        .ok_or_else(|| EngineError::UnknownSession(r.id.clone()))?;
+    let s = sessions.get_mut(&r.id)?;
     check_ref(r, s.epoch, s.target.book.committed)?;
-    s.last_used = Instant::now();
     Ok(s)
 }
 
@@ -124,8 +120,7 @@ pub struct VerifierCore {
     code_dim: usize,
     /// `[V, k]` nearest-code tables by `k`, int64 on the device.
     pools: HashMap<usize, (Vec<u32>, Tensor)>,
-    sessions: HashMap<String, Session>,
-    max_sessions: usize,
+    sessions: SessionTable<Session>,
     target_tokenizer: Option<CaptionTokenizer>,
     draft_tokenizer: Option<CaptionTokenizer>,
     wrong_residual: bool,
@@ -194,8 +189,7 @@ impl VerifierCore {
             target,
             draft,
             pools: HashMap::new(),
-            sessions: HashMap::new(),
-            max_sessions: max_sessions.max(1),
+            sessions: SessionTable::new("verifier", max_sessions),
             target_tokenizer: None,
             draft_tokenizer: None,
             wrong_residual: false,
@@ -269,12 +263,7 @@ impl VerifierCore {
         committed: &[i64],
     ) -> Result<VerifierInfo, EngineError> {
         spec.sampling.validate()?;
-        if !self.sessions.contains_key(&spec.id) && self.sessions.len() >= self.max_sessions {
-            return Err(EngineError::Capacity(format!(
-                "the verifier holds {} sessions, its limit",
-                self.max_sessions
-            )));
-        }
+        self.sessions.check_room(&spec.id)?;
         if with_draft && self.draft.is_none() {
             return Err(EngineError::Unsupported(
                 "this verifier has no small draft model (SD and LANTERN need one)".into(),
@@ -309,14 +298,13 @@ impl VerifierCore {
             _ => None,
         };
         self.sessions.insert(
-            spec.id.clone(),
+            &spec.id,
             Session {
                 epoch: spec.epoch,
                 params: spec.sampling,
                 rng: TokenRng::new(spec.seed),
                 target,
                 draft,
-                last_used: Instant::now(),
             },
         );
         Ok(self.info())
@@ -324,14 +312,12 @@ impl VerifierCore {
 
     /// Frees a session (unknown ids are fine: release is idempotent).
     pub fn release(&mut self, id: &str) -> bool {
-        self.sessions.remove(id).is_some()
+        self.sessions.release(id)
     }
 
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.last_used.elapsed() <= ttl);
-        before - self.sessions.len()
+        self.sessions.expire(ttl)
     }
 
     /// Commits the pending block (`commit`: its final values, empty when nothing is pending) and
@@ -638,13 +624,14 @@ impl VerifierCore {
 
     /// The session's target KV cache (for checks against a fresh prefill).
     pub fn cache(&self, id: &str) -> Option<&KvCache> {
-        self.sessions.get(id).map(|s| &s.target.cache)
+        self.sessions.peek(id).ok().map(|s| &s.target.cache)
     }
 
     /// The session's committed tokens.
     pub fn committed(&self, id: &str) -> Option<&[i64]> {
         self.sessions
-            .get(id)
+            .peek(id)
+            .ok()
             .map(|s| &s.target.book.tokens[..s.target.book.committed])
     }
 }
