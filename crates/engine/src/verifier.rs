@@ -235,11 +235,14 @@ impl VerifierCore {
         self.sessions.len()
     }
 
+    /// The `[V, k]` nearest-code table; `k` larger than the codebook means the whole codebook
+    /// (every code is within the pool: the pooled mass is 1), so it is clamped to `V`.
     fn pool(&mut self, k: usize) -> Result<&(Vec<u32>, Tensor), EngineError> {
         let v = self.target.config().vocab_size as usize;
-        if k == 0 || k > v {
-            return Err(ParamError::new("pool_k", format!("must be in 1..={v}, got {k}")).into());
+        if k == 0 {
+            return Err(ParamError::new("pool_k", format!("must be at least 1, got {k}")).into());
         }
+        let k = k.min(v);
         if !self.pools.contains_key(&k) {
             let table = nearest_codes(&self.codes, self.code_dim, k);
             let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();

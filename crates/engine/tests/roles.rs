@@ -357,6 +357,10 @@ async fn every_method_runs_through_the_roles() {
     assert_eq!((all.stats.accepted, all.stats.resampled), (16, 0));
     assert_eq!(all.stats.cycles, 2);
     assert_eq!(all.stats.target_passes, 1 + 2);
+    // A pool larger than the codebook is the whole codebook: pooled mass 1 (to float error),
+    // so even τ = 0.99 accepts everything.
+    let whole = run(&roles, "mulo:tau=0.99,pool_k=1000,block_rows=1", 3).await;
+    assert_eq!((whole.stats.accepted, whole.stats.resampled), (16, 0));
     // τ = 1 rejects (almost) everything; radius 3 covers each block: islands are whole blocks.
     let none = run(&roles, "mulo:tau=1,radius=3,block_rows=1", 3).await;
     assert!(none.stats.resampled >= 8, "{:?}", none.stats);
