@@ -69,6 +69,13 @@ pub struct BenchArgs {
     pub runtime: RuntimeArgs,
 }
 
+/// The prompt row of the `i`-th generation of a run whose first `warmup` ones are untimed:
+/// measured image `j` uses row `j` (wrapping) and seed `seed + j`, as `mulo eval` does, so its
+/// quality is scored against that row's labels; the warm-up reuses the first rows.
+fn prompt_index(i: usize, warmup: usize, rows: usize) -> usize {
+    i.checked_sub(warmup).unwrap_or(i) % rows.max(1)
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     Method::parse(s).map_err(|e| e.to_string())
 }
@@ -242,7 +249,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let local = Local::new(worker.clone());
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let conds: Vec<Condition> = (0..a.n + a.warmup)
-        .map(|i| Condition::Prompt(rows[i % rows.len()].prompt.clone()))
+        .map(|i| Condition::Prompt(rows[prompt_index(i, a.warmup, rows.len())].prompt.clone()))
         .collect();
     let total = (a.n + a.warmup) * methods.len();
     let bar = ProgressBar::new(total as u64);
@@ -468,6 +475,14 @@ fn print_table(rows: &[BenchRow]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn measured_images_use_the_prompt_of_their_index() {
+        // Two warm-up images, then image j = prompt j (the labels it is scored against).
+        let got: Vec<usize> = (0..7).map(|i| prompt_index(i, 2, 4)).collect();
+        assert_eq!(got, vec![0, 1, 0, 1, 2, 3, 0]);
+        assert_eq!(prompt_index(0, 0, 1), 0);
+    }
 
     #[test]
     fn method_lists_start_with_ar_and_add_the_sweep() {

@@ -235,6 +235,36 @@ fn toy_family_trains_evaluates_and_generates() {
         }
         assert!(m["params"]["cfg"].is_number());
     }
+    let eval_ar = methods[0].clone();
+    // The benchmark scores image j against prompt j, like `mulo eval`, whatever the warm-up:
+    // its AR row has eval's FID-emoji and adherence (a shifted prompt list would not).
+    let bench_ar = d.join("bench-ar.json");
+    ok(&[
+        "bench",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--prompts",
+        s(&prompts),
+        "--n",
+        "3",
+        "--warmup",
+        "1",
+        "--method",
+        "ar",
+        "--json",
+        s(&bench_ar),
+    ]);
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(&bench_ar).unwrap()).unwrap();
+    let ar = &b["methods"][0];
+    let close = |k: &str, l: &str| (ar[k].as_f64().unwrap() - eval_ar[l].as_f64().unwrap()).abs();
+    assert!(close("fid_emoji", "fid_emoji") < 1e-3, "{ar} vs {eval_ar}");
+    assert!(
+        close("adherence_category", "adherence_category") < 1e-9,
+        "{ar} vs {eval_ar}"
+    );
+    assert!(close("adherence_subcategory", "adherence_subcategory") < 1e-9);
     // 2 columns, 3 images: two generated rows, each above a real row.
     let g = image::open(&grid).unwrap();
     assert_eq!((g.width(), g.height()), (128, 256));
