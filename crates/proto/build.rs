@@ -2,7 +2,13 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["mulo/v1/info.proto"];
+    let files = [
+        "mulo/v1/info.proto",
+        "mulo/v1/common.proto",
+        "mulo/v1/drafter.proto",
+        "mulo/v1/verifier.proto",
+        "mulo/v1/gateway.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

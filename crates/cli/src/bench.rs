@@ -18,7 +18,7 @@ use mulo_engine::{
     RoleSet, TorchWorker,
 };
 use mulo_model::evaluator::Evaluator;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::common::{cache_root, RuntimeArgs, SamplingArgs};
@@ -63,6 +63,9 @@ pub struct BenchArgs {
     /// Skip FID-emoji and adherence (speed only; no evaluator or data needed).
     #[arg(long)]
     pub no_quality: bool,
+    /// Run nothing: draw `--plot` from the JSON report of an earlier run.
+    #[arg(long, value_name = "REPORT.json", requires = "plot")]
+    pub replot: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -81,7 +84,7 @@ fn parse_method(s: &str) -> Result<Method, String> {
 }
 
 /// One method's row of the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BenchRow {
     /// Method name.
     pub method: String,
@@ -192,6 +195,19 @@ struct Extra {
 
 /// Runs `mulo bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let (Some(report), Some(plot)) = (&a.replot, &a.plot) {
+        #[derive(Deserialize)]
+        struct Report {
+            methods: Vec<BenchRow>,
+        }
+        let text = std::fs::read_to_string(report)
+            .with_context(|| format!("reading {}", report.display()))?;
+        let r: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a `mulo bench` report", report.display()))?;
+        crate::plot::speed_quality(plot, &r.methods)?;
+        println!("wrote {}", plot.display());
+        return Ok(());
+    }
     a.sampling.check()?;
     if a.n < 2 && !a.no_quality {
         bail!(
@@ -489,7 +505,7 @@ mod tests {
         let l = method_list(&[], None).unwrap();
         let names: Vec<&str> = l.iter().map(|m| m.name()).collect();
         assert_eq!(names, ["ar", "sd", "lantern", "mulo"]);
-        let base = Method::parse("mulo:radius=2").unwrap();
+        let base = Method::parse("mulo:radius=2,tau=0.1").unwrap();
         // The sweep varies the first mulo method; a value equal to it adds nothing.
         let l = method_list(&[base], Some("tau=0.2, 0.3,0.1")).unwrap();
         assert_eq!(l.len(), 4, "{l:?}");

@@ -54,6 +54,10 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Send the request to a running `mulo-gateway` at ADDR (`host:port`) instead of running the
+    /// models here; the same seed and parameters give the same tokens either way.
+    #[arg(long, env = "MULO_GATEWAY", value_name = "ADDR", conflicts_with_all = ["model", "family", "vq"])]
+    pub gateway: Option<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -87,6 +91,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(_)) => None,
         (None, None) => Some(PathBuf::from("image.png")),
     };
+    if let Some(addr) = &args.gateway {
+        return run_gateway(&args, addr, &cond, out);
+    }
     let model_dir = match &args.model {
         Some(m) => m.clone(),
         None => {
@@ -298,6 +305,89 @@ fn run_family(
         "{} (seed {}); wrote {}",
         outcome.stats.line(),
         args.seed,
+        wrote.join(", ")
+    );
+    Ok(())
+}
+
+/// `mulo generate --gateway ADDR`: the request through a running gateway, streamed for progress.
+fn run_gateway(
+    args: &GenerateArgs,
+    addr: &str,
+    cond: &mulo_core::Condition,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use mulo_server::convert::{condition_out, stats_in};
+    use mulo_server::proto::gateway_client::GatewayClient;
+    use mulo_server::proto::{generate_event, GenerateRequest, Sampling};
+    let s = &args.sampling;
+    let req = GenerateRequest {
+        request_id: String::new(),
+        condition: Some(condition_out(cond).map_err(|e| anyhow::anyhow!("{}", e.message()))?),
+        method: args.method.to_string(),
+        sampling: Some(Sampling {
+            cfg_scale: s.cfg_scale,
+            temperature: s.temperature,
+            top_k: s.top_k.map(|k| k as u32),
+            top_p: s.top_p,
+        }),
+        seed: args.seed,
+        return_tokens: args.tokens_out.is_some(),
+        skip_png: out.is_none(),
+    };
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} tokens  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let done = rt.block_on(async {
+        let channel = mulo_server::client::channel(addr)?;
+        let mut client = GatewayClient::new(channel);
+        let mut stream = client
+            .generate_stream(req)
+            .await
+            .map_err(|e| anyhow::anyhow!("gateway {addr}: {}: {}", e.code(), e.message()))?
+            .into_inner();
+        while let Some(ev) = stream
+            .message()
+            .await
+            .map_err(|e| anyhow::anyhow!("gateway {addr}: {}: {}", e.code(), e.message()))?
+        {
+            match ev.kind {
+                Some(generate_event::Kind::Block(b)) => {
+                    bar.set_length(u64::from(b.total));
+                    bar.set_position(u64::from(b.committed));
+                }
+                Some(generate_event::Kind::Done(d)) => return Ok(d),
+                None => {}
+            }
+        }
+        bail!("gateway {addr}: the stream ended without a result")
+    })?;
+    bar.finish_and_clear();
+    if let Some(path) = &args.tokens_out {
+        let tokens: Vec<i64> = done.tokens.iter().map(|&t| i64::from(t)).collect();
+        write_tokens(path, &tokens)?;
+    }
+    if let Some(path) = &out {
+        std::fs::write(path, &done.png).with_context(|| format!("{}", path.display()))?;
+    }
+    let mut wrote: Vec<String> = Vec::new();
+    wrote.extend(out.iter().map(|p| p.display().to_string()));
+    wrote.extend(args.tokens_out.iter().map(|p| p.display().to_string()));
+    let stats = stats_in(done.stats.unwrap_or_default());
+    println!(
+        "{} (seed {}, gateway {addr}, request {}); wrote {}",
+        stats.line(),
+        args.seed,
+        done.request_id,
         wrote.join(", ")
     );
     Ok(())

@@ -27,22 +27,42 @@ fn register_font() -> bool {
     false
 }
 
-/// Label of a point: the method and the parameters that differ from the first `mulo` row.
-fn label(r: &BenchRow) -> String {
-    if r.method == "mulo" {
-        r.params
-            .iter()
-            .filter(|(k, _)| ["tau", "pool_k", "radius", "block_rows"].contains(&k.as_str()))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+/// The parameters whose values differ between the `mulo` rows (what a sweep varies).
+fn varying(rows: &[BenchRow]) -> Vec<String> {
+    let mulo: Vec<&BenchRow> = rows.iter().filter(|r| r.method == "mulo").collect();
+    let Some(first) = mulo.first() else {
+        return Vec::new();
+    };
+    first
+        .params
+        .keys()
+        .filter(|k| {
+            mulo.iter()
+                .any(|r| r.params.get(*k) != first.params.get(*k))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Label of a point: the method, or for `mulo` the parameters that vary between the `mulo` rows
+/// (all of them would not fit).
+fn label(r: &BenchRow, keys: &[String]) -> String {
+    if r.method != "mulo" {
+        return r.method.clone();
+    }
+    let varied: Vec<String> = keys
+        .iter()
+        .filter_map(|k| r.params.get(k).map(|v| format!("{k}={v}")))
+        .collect();
+    if varied.is_empty() {
+        "mulo".into()
     } else {
-        r.method.clone()
+        varied.join(" ")
     }
 }
 
 /// Two panels: speed-up vs AR against FID-emoji (lower is better) and against category
-/// adherence (higher is better); `mulo` rows are joined in order (the sweep).
+/// adherence (higher is better); the `mulo` rows of a one-parameter sweep are joined.
 pub fn speed_quality(path: &Path, rows: &[BenchRow]) -> Result<()> {
     let text = register_font();
     if !text {
@@ -104,12 +124,14 @@ fn draw(buf: &mut [u8], size: (u32, u32), rows: &[BenchRow], text: bool) -> Resu
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| anyhow!("plot: {e}"))?;
+        let keys = varying(rows);
         let sweep: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.method == "mulo")
             .filter_map(|r| pick(r).map(|v| (r.speedup_vs_ar, v)))
             .collect();
-        if sweep.len() > 1 {
+        // A line only through a one-parameter sweep (other variants are separate points).
+        if sweep.len() > 1 && keys.len() == 1 {
             let mut sorted = sweep.clone();
             sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
             chart
@@ -125,7 +147,7 @@ fn draw(buf: &mut [u8], size: (u32, u32), rows: &[BenchRow], text: bool) -> Resu
                 _ => BLUE,
             };
             let font = ("sans-serif", 13).into_font().color(&color);
-            let name = if text { label(r) } else { String::new() };
+            let name = if text { label(r, &keys) } else { String::new() };
             chart
                 .draw_series(std::iter::once(
                     EmptyElement::at((r.speedup_vs_ar, v))
@@ -137,4 +159,41 @@ fn draw(buf: &mut [u8], size: (u32, u32), rows: &[BenchRow], text: bool) -> Resu
     }
     root.present().map_err(|e| anyhow!("plot: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, params: &[(&str, &str)]) -> BenchRow {
+        BenchRow {
+            method: method.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..BenchRow::default()
+        }
+    }
+
+    #[test]
+    fn mulo_points_are_labelled_by_what_the_sweep_varies() {
+        let rows = [
+            row("ar", &[]),
+            row(
+                "mulo",
+                &[("tau", "0.05"), ("pool_k", "256"), ("radius", "1")],
+            ),
+            row(
+                "mulo",
+                &[("tau", "0.1"), ("pool_k", "256"), ("radius", "1")],
+            ),
+        ];
+        let keys = varying(&rows);
+        assert_eq!(keys, vec!["tau".to_string()]);
+        assert_eq!(label(&rows[0], &keys), "ar");
+        assert_eq!(label(&rows[2], &keys), "tau=0.1");
+        // A single mulo row varies nothing: it is just "mulo".
+        assert_eq!(label(&rows[1], &varying(&rows[..2])), "mulo");
+    }
 }

@@ -374,7 +374,7 @@ pub struct TrainGptArgs {
     /// Hidden width.
     #[arg(long, default_value_t = 256)]
     pub dim: i64,
-    /// Transformer blocks (default 6; 1 for draft-small).
+    /// Transformer blocks (default: 6 for the target, 3 for the drafter, 1 for draft-small).
     #[arg(long)]
     pub n_layer: Option<i64>,
     /// Attention heads.
@@ -544,7 +544,7 @@ fn run_stage(cmd: TrainCommand, command: &str) -> Result<()> {
         TrainCommand::Vq(a) => run_vq(a, command),
         TrainCommand::VqDecoder(a) => run_vq_decoder(a, command),
         TrainCommand::Target(a) => run_gpt("target", 64, 6, a, command),
-        TrainCommand::Drafter(a) => run_gpt("drafter", 32, 6, a, command),
+        TrainCommand::Drafter(a) => run_gpt("drafter", 32, 3, a, command),
         TrainCommand::DraftSmall(a) => run_gpt("draft-small", 64, 1, a, command),
         TrainCommand::Upsampler(a) => run_upsampler(a, command),
         TrainCommand::Evaluator(a) => run_evaluator(a, command),

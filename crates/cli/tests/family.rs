@@ -378,6 +378,13 @@ fn toy_family_trains_evaluates_and_generates() {
     let all = rows.iter().find(|r| r["params"]["tau"] == "0").unwrap();
     assert_eq!(all["acceptance_rate"].as_f64(), Some(1.0), "{all}");
     assert!(image::open(&plot).unwrap().width() > 100);
+    // The plot again from the report alone.
+    let replot = d.join("replot.png");
+    ok(&["bench", "--replot", s(&bench), "--plot", s(&replot)]);
+    assert_eq!(
+        image::open(&replot).unwrap().to_rgb8(),
+        image::open(&plot).unwrap().to_rgb8()
+    );
 
     let info = ok(&["info", s(&fam.join("upsampler"))]);
     assert!(info.contains("up-sampler") && info.contains("x2"), "{info}");

@@ -50,13 +50,15 @@ pub struct MuloParams {
 }
 
 impl Default for MuloParams {
+    /// Picked from the sweep on the bundled emoji family (docs/methods.md): the fastest setting
+    /// whose FID-emoji and category adherence stayed at AR's.
     fn default() -> Self {
         Self {
-            tau: 0.1,
-            pool_k: 8,
+            tau: 0.03,
+            pool_k: 256,
             radius: 1,
             block_rows: 2,
-            zipar_window: 0,
+            zipar_window: 2,
             rejection: Rejection::Local,
         }
     }

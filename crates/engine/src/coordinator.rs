@@ -111,6 +111,8 @@ pub struct BlockEvent {
     pub total: usize,
     /// First grid position of the block.
     pub start: usize,
+    /// The block's committed tokens (positions `start..committed`).
+    pub tokens: Vec<i64>,
     /// The block's accept map (true = proposal accepted), empty for AR.
     pub accepted: Vec<bool>,
     /// The block's resample map (true = resampled by the target).
@@ -229,6 +231,7 @@ impl Run<'_> {
             committed: self.committed.len(),
             total: self.total,
             start: done,
+            tokens: reply.tokens,
             accepted: Vec::new(),
             resampled: Vec::new(),
         });
@@ -261,6 +264,7 @@ impl Run<'_> {
                 committed: self.committed.len(),
                 total: self.total,
                 start: done,
+                tokens: r.tokens,
                 resampled: accepted.iter().map(|a| !a).collect(),
                 accepted,
             });
@@ -357,6 +361,7 @@ impl Run<'_> {
                 committed: self.committed.len() + pending.len(),
                 total: self.total,
                 start: block.grid_index(0),
+                tokens: pending.clone(),
                 accepted,
                 resampled: plan.mask,
             });

@@ -37,6 +37,16 @@ pub enum EngineError {
     /// The role does not hold the model a call needs (e.g. SD without a draft model).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A remote role failed or could not be reached (the caller falls back or migrates).
+    #[error("{peer}: {code}: {message}")]
+    Peer {
+        /// The peer's address.
+        peer: String,
+        /// The gRPC status code.
+        code: String,
+        /// The peer's message.
+        message: String,
+    },
     /// The torch worker thread is gone (it panicked or was shut down).
     #[error("the torch worker thread has stopped")]
     WorkerGone,

@@ -174,6 +174,35 @@ impl Engine {
             .ok_or_else(|| EngineError::Unsupported("this process runs no verifier".into()))
     }
 
+    /// A stable hash (FNV-1a 64, hex) of the VQ codebook, so that services can check in the
+    /// capability handshake that they share one codebook.
+    pub fn codebook_hash(&self) -> Result<String, EngineError> {
+        let vq = self
+            .vq
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("this process holds no VQ model".into()))?;
+        let codes = Vec::<f32>::try_from(
+            vq.codes()
+                .to_kind(tch::Kind::Float)
+                .to_device(Device::Cpu)
+                .reshape([-1]),
+        )?;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in codes.iter().flat_map(|x| x.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(format!("{h:016x}"))
+    }
+
+    /// Live sessions of the drafter and the verifier (0 for a role this process does not run).
+    pub fn live_sessions(&self) -> (usize, usize) {
+        (
+            self.drafter.as_ref().map_or(0, DrafterCore::sessions),
+            self.verifier.as_ref().map_or(0, VerifierCore::sessions),
+        )
+    }
+
     /// Decodes a square token grid to pixels `[1, 3, H, W]` in [-1, 1].
     pub fn decode_tensor(&self, tokens: &[i64]) -> Result<tch::Tensor, EngineError> {
         let vq = self

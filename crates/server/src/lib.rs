@@ -1,25 +1,85 @@
-//! Scaffolding shared by the `mulo-drafter`, `mulo-verifier` and `mulo-gateway` binaries: flags,
-//! the `Capabilities/Info` handshake, `grpc.health.v1`, server reflection and a graceful drain on
-//! SIGTERM / Ctrl-C. The roles' own APIs are added by later work; today each service answers only
-//! these.
+//! mulo's services (DESIGN §5): the drafter and verifier roles behind gRPC, the gateway that runs
+//! the engine's coordinator over gRPC clients of them, and what every service shares — flags, the
+//! `Capabilities/Info` handshake, `grpc.health.v1`, server reflection and a graceful drain on
+//! SIGTERM / Ctrl-C.
+
+pub mod client;
+pub mod convert;
+pub mod drafter;
+pub mod gateway;
+pub mod runtime;
+pub mod verifier;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use clap::Parser;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+use mulo_engine::{default_family_dir, Engine, Family, Local, Member, RoleSet, TorchWorker};
 use mulo_proto::v1::capabilities_server::{Capabilities, CapabilitiesServer};
 use mulo_proto::v1::{InfoRequest, InfoResponse};
+use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 
+pub use mulo_proto::v1 as proto;
+pub use runtime::RuntimeArgs;
+
 /// Flags every service takes.
-#[derive(Debug, Clone, Parser)]
-pub struct ServiceArgs {
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
     /// Address to listen on for gRPC.
     #[arg(long, env = "MULO_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MULO_LOG", default_value = "info")]
     pub log: String,
+    /// Model family directory with family.json (default: the bundled emoji family).
+    #[arg(long, env = "MULO_FAMILY", value_name = "DIR")]
+    pub family: Option<PathBuf>,
+}
+
+/// Flags of `mulo-drafter` and `mulo-verifier`.
+#[derive(Debug, Clone, Parser)]
+pub struct RoleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Sessions (requests) this replica holds at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Seconds after which an idle session (its gateway gone) is freed.
+    #[arg(long, env = "MULO_SESSION_TTL", default_value_t = 60.0)]
+    pub session_ttl: f64,
+    /// Verifier only: also load the family's small draft model (the SD and LANTERN baselines).
+    #[arg(long, env = "MULO_DRAFT_MODEL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub draft_model: bool,
+}
+
+/// Flags of `mulo-gateway`.
+#[derive(Debug, Clone, Parser)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Drafter endpoints (`host:port`, comma-separated or repeated); none = every request runs as
+    /// AR on a verifier.
+    #[arg(long = "drafter", env = "MULO_DRAFTERS", value_delimiter = ',')]
+    pub drafters: Vec<String>,
+    /// Verifier endpoints (`host:port`, comma-separated or repeated); at least one.
+    #[arg(
+        long = "verifier",
+        env = "MULO_VERIFIERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub verifiers: Vec<String>,
+    /// Requests generated at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug)]
@@ -60,34 +120,171 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received: draining");
 }
 
-/// Serves a role until SIGTERM or Ctrl-C, then drains in-flight calls and returns.
-pub async fn serve(role: &'static str, args: ServiceArgs) -> Result<()> {
+fn init_logs(filter: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .try_init();
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<CapabilitiesServer<InfoService>>()
-        .await;
+}
+
+/// Serves `role` with health, reflection and Info plus the routes `add` puts on, until SIGTERM
+/// or Ctrl-C; then stops accepting and lets in-flight calls finish.
+async fn serve(
+    role: &'static str,
+    listen: SocketAddr,
+    add: impl FnOnce(Router) -> Router,
+) -> Result<()> {
+    let (_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    tracing::info!(role, listen = %args.listen, "serving");
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(CapabilitiesServer::new(InfoService { role }))
-        .serve_with_shutdown(args.listen, shutdown_signal())
+        .add_service(CapabilitiesServer::new(InfoService { role }));
+    let router = add(router);
+    tracing::info!(role, %listen, "serving");
+    router
+        .serve_with_shutdown(listen, shutdown_signal())
         .await
-        .with_context(|| format!("serving on {}", args.listen))?;
+        .with_context(|| format!("serving on {listen}"))?;
     Ok(())
 }
 
-/// The whole `main` of a service binary.
-pub fn main(role: &'static str) -> std::process::ExitCode {
-    let args = ServiceArgs::parse();
+fn family(dir: &Option<PathBuf>) -> Result<Family> {
+    let dir = dir.clone().unwrap_or_else(default_family_dir);
+    Family::load(&dir).with_context(|| format!("model family {}", dir.display()))
+}
+
+/// Loads the roles on one torch thread.
+fn engine(
+    fam: &Family,
+    roles: RoleSet,
+    runtime: &RuntimeArgs,
+    sessions: usize,
+) -> Result<Arc<TorchWorker<Engine>>> {
+    let runtime = runtime.clone();
+    let fam = fam.clone();
+    Ok(Arc::new(TorchWorker::spawn(
+        "torch",
+        move || -> Result<Engine> {
+            let device = runtime.setup()?;
+            Ok(Engine::load(
+                &fam,
+                roles,
+                device,
+                runtime.dtype_for(device),
+                sessions,
+            )?)
+        },
+    )?))
+}
+
+/// Frees idle sessions every quarter of the TTL.
+fn expire_idle(worker: Arc<TorchWorker<Engine>>, ttl: f64) {
+    let ttl = Duration::from_secs_f64(ttl.max(0.01));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ttl / 4).await;
+            let freed = worker
+                .call(move |e: &mut Engine| {
+                    e.drafter.as_mut().map_or(0, |d| d.expire(ttl))
+                        + e.verifier.as_mut().map_or(0, |v| v.expire(ttl))
+                })
+                .await;
+            match freed {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "freed idle sessions"),
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+/// The drafter or verifier service until SIGTERM.
+pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
+    init_logs(&args.common.log);
+    if args.max_sessions == 0 {
+        bail!("invalid --max-sessions: must be at least 1");
+    }
+    if !args.session_ttl.is_finite() || args.session_ttl <= 0.0 {
+        bail!("invalid --session-ttl: must be a positive number of seconds");
+    }
+    let fam = family(&args.common.family)?;
+    let roles = match role {
+        "drafter" => RoleSet {
+            drafter: true,
+            verifier: false,
+            draft_small: false,
+        },
+        _ => RoleSet {
+            drafter: false,
+            verifier: true,
+            draft_small: args.draft_model && fam.path(Member::DraftSmall).is_ok(),
+        },
+    };
+    let worker = engine(&fam, roles, &args.runtime, args.max_sessions)?;
+    let local = Local::new(worker.clone());
+    expire_idle(worker, args.session_ttl);
+    if role == "drafter" {
+        let svc = drafter::DrafterService::new(local, args.max_sessions).await?;
+        serve(role, args.common.listen, |r| {
+            r.add_service(mulo_proto::v1::drafter_server::DrafterServer::new(svc))
+        })
+        .await
+    } else {
+        let svc = verifier::VerifierService::new(local, args.max_sessions).await?;
+        serve(role, args.common.listen, |r| {
+            r.add_service(mulo_proto::v1::verifier_server::VerifierServer::new(svc))
+        })
+        .await
+    }
+}
+
+/// The gateway service until SIGTERM.
+pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
+    init_logs(&args.common.log);
+    if args.max_in_flight == 0 {
+        bail!("invalid --max-in-flight: must be at least 1");
+    }
+    let fam = family(&args.common.family)?;
+    let target = mulo_model::ModelConfig::load_gpt(&fam.path(Member::Target)?)?;
+    let info = gateway::FamilyInfo {
+        name: fam.file.name.clone(),
+        rows: target.grid.rows,
+        cols: target.grid.cols,
+        sampling: target.default_sampling(),
+        condition: match target.condition {
+            mulo_model::config::ConditionConfig::Class { .. } => "class".into(),
+            mulo_model::config::ConditionConfig::Caption { .. } => "caption".into(),
+        },
+    };
+    let drafters = args
+        .drafters
+        .iter()
+        .map(|a| client::RemoteDrafter::new(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let verifiers = args
+        .verifiers
+        .iter()
+        .map(|a| client::RemoteVerifier::new(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Its own VQ decoder, for the image when no drafter answers.
+    let none = RoleSet {
+        drafter: false,
+        verifier: false,
+        draft_small: false,
+    };
+    let vq = engine(&fam, none, &args.runtime, 1)?;
+    let svc = gateway::GatewayService::new(info, drafters, verifiers, args.max_in_flight, Some(vq));
+    serve("gateway", args.common.listen, |r| {
+        r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
+    })
+    .await
+}
+
+fn run(f: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -95,11 +292,23 @@ pub fn main(role: &'static str) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(role, args)) {
+    match rt.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The whole `main` of `mulo-drafter` / `mulo-verifier`.
+pub fn main_role(role: &'static str) -> std::process::ExitCode {
+    let args = RoleArgs::parse();
+    run(serve_role(role, args))
+}
+
+/// The whole `main` of `mulo-gateway`.
+pub fn main_gateway() -> std::process::ExitCode {
+    let args = GatewayArgs::parse();
+    run(serve_gateway(args))
 }

@@ -1,6 +1,6 @@
-//! `mulo-drafter`: the drafter role of mulo (see DESIGN §5). Today it answers the Info handshake, gRPC
-//! health and reflection; the role's API arrives with the services work.
+//! `mulo-drafter`: the drafter role of mulo behind gRPC (`mulo.v1.Drafter`, DESIGN §5), with
+//! the Info handshake, gRPC health, reflection and a graceful drain on SIGTERM.
 
 fn main() -> std::process::ExitCode {
-    mulo_server::main("drafter")
+    mulo_server::main_role("drafter")
 }

@@ -1,6 +1,6 @@
-//! `mulo-gateway`: the gateway role of mulo (see DESIGN §5). Today it answers the Info handshake, gRPC
-//! health and reflection; the role's API arrives with the services work.
+//! `mulo-gateway`: the public API of mulo (`mulo.v1.Gateway`, DESIGN §5): owns each request, runs
+//! the cycle over the drafter and verifier replicas, falls back when one fails.
 
 fn main() -> std::process::ExitCode {
-    mulo_server::main("gateway")
+    mulo_server::main_gateway()
 }

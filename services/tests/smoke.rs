@@ -22,7 +22,12 @@ fn free_port() -> u16 {
 async fn gateway_answers_info_and_health_then_drains_on_sigterm() {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mulo-gateway"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--verifier",
+            "127.0.0.1:1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -1,0 +1,361 @@
+//! The role traits over gRPC: what the gateway hands the coordinator, so the cycle code is the
+//! engine's own whether the roles live in this process or behind the network.
+
+use async_trait::async_trait;
+use mulo_core::GridSize;
+use mulo_engine::drafter::{DraftReply, DrafterInfo};
+use mulo_engine::verifier::{
+    DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierInfo, VerifyReply,
+};
+use mulo_engine::{DrafterRole, EngineError, SessionRef, SessionSpec, VerifierRole};
+use mulo_proto::v1 as pb;
+use mulo_proto::v1::drafter_client::DrafterClient;
+use mulo_proto::v1::verifier_client::VerifierClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{engine_error, ref_out, spec_out, tokens_in};
+
+fn ids(v: &[i64]) -> Result<Vec<u32>, EngineError> {
+    v.iter()
+        .map(|&t| {
+            u32::try_from(t)
+                .map_err(|_| EngineError::Precondition(format!("token id {t} cannot be sent")))
+        })
+        .collect()
+}
+
+fn spec_pb(spec: &SessionSpec) -> Result<pb::SessionSpec, EngineError> {
+    spec_out(spec).map_err(|s| EngineError::Unsupported(s.message().to_string()))
+}
+
+/// A lazily connected channel to `addr` (`host:port` or `http://host:port`).
+pub fn channel(addr: &str) -> Result<Channel, EngineError> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let ep = Endpoint::from_shared(uri).map_err(|e| EngineError::Peer {
+        peer: addr.to_string(),
+        code: "invalid address".into(),
+        message: e.to_string(),
+    })?;
+    Ok(ep
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+fn grid_in(g: Option<pb::Grid>) -> GridSize {
+    let g = g.unwrap_or_default();
+    GridSize {
+        rows: g.rows as usize,
+        cols: g.cols as usize,
+    }
+}
+
+/// A drafter behind gRPC.
+#[derive(Debug, Clone)]
+pub struct RemoteDrafter {
+    addr: String,
+    client: DrafterClient<Channel>,
+}
+
+impl RemoteDrafter {
+    /// A client of the drafter at `addr` (connects on first use).
+    pub fn new(addr: &str) -> Result<Self, EngineError> {
+        Ok(Self {
+            addr: addr.to_string(),
+            client: DrafterClient::new(channel(addr)?),
+        })
+    }
+
+    /// The drafter's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The raw client (info, status, image decoding).
+    pub fn client(&self) -> DrafterClient<Channel> {
+        self.client.clone()
+    }
+}
+
+fn drafter_info(i: Option<pb::DrafterInfoResponse>) -> DrafterInfo {
+    let i = i.unwrap_or_default();
+    DrafterInfo {
+        low: grid_in(i.low),
+        high: grid_in(i.high),
+        scale: i.scale as usize,
+        vocab: i.vocab as usize,
+    }
+}
+
+#[async_trait]
+impl DrafterRole for RemoteDrafter {
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        committed: Vec<i64>,
+    ) -> Result<DrafterInfo, EngineError> {
+        let req = pb::DrafterOpenRequest {
+            spec: Some(spec_pb(&spec)?),
+            committed: ids(&committed)?,
+        };
+        let r = self
+            .client
+            .clone()
+            .open(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(drafter_info(r.info))
+    }
+
+    async fn draft(
+        &self,
+        session: SessionRef,
+        realign: Vec<i64>,
+        rows: usize,
+        zipar_window: usize,
+    ) -> Result<DraftReply, EngineError> {
+        let req = pb::DraftRequest {
+            session: Some(ref_out(&session)),
+            realign: ids(&realign)?,
+            rows: rows as u32,
+            zipar_window: zipar_window as u32,
+        };
+        let peer = |s: tonic::Status| engine_error(&self.addr, &s);
+        let mut stream = self
+            .client
+            .clone()
+            .draft(req)
+            .await
+            .map_err(peer)?
+            .into_inner();
+        let mut reply = DraftReply::default();
+        let mut done = false;
+        while let Some(chunk) = stream.message().await.map_err(peer)? {
+            match chunk.kind {
+                Some(pb::draft_chunk::Kind::Row(r)) => {
+                    reply.low.extend(tokens_in(&r.low));
+                    reply.high.extend(tokens_in(&r.high));
+                }
+                Some(pb::draft_chunk::Kind::Stats(s)) => {
+                    reply.passes = s.passes as usize;
+                    reply.realigned = s.realigned as usize;
+                    reply.draft_seconds = s.draft_seconds;
+                    reply.upsample_seconds = s.upsample_seconds;
+                    reply.realign_seconds = s.realign_seconds;
+                    done = true;
+                }
+                None => {}
+            }
+        }
+        if !done {
+            return Err(EngineError::Peer {
+                peer: self.addr.clone(),
+                code: "incomplete".into(),
+                message: "the draft stream ended before its stats".into(),
+            });
+        }
+        Ok(reply)
+    }
+
+    async fn release(&self, id: String) -> Result<(), EngineError> {
+        self.client
+            .clone()
+            .release(pb::ReleaseRequest { session_id: id })
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?;
+        Ok(())
+    }
+}
+
+/// A verifier behind gRPC.
+#[derive(Debug, Clone)]
+pub struct RemoteVerifier {
+    addr: String,
+    client: VerifierClient<Channel>,
+}
+
+impl RemoteVerifier {
+    /// A client of the verifier at `addr` (connects on first use).
+    pub fn new(addr: &str) -> Result<Self, EngineError> {
+        Ok(Self {
+            addr: addr.to_string(),
+            client: VerifierClient::new(channel(addr)?),
+        })
+    }
+
+    /// The verifier's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The raw client (info, status).
+    pub fn client(&self) -> VerifierClient<Channel> {
+        self.client.clone()
+    }
+}
+
+#[async_trait]
+impl VerifierRole for RemoteVerifier {
+    async fn open(
+        &self,
+        spec: SessionSpec,
+        with_draft: bool,
+        committed: Vec<i64>,
+    ) -> Result<VerifierInfo, EngineError> {
+        let req = pb::VerifierOpenRequest {
+            spec: Some(spec_pb(&spec)?),
+            with_draft,
+            committed: ids(&committed)?,
+        };
+        let r = self
+            .client
+            .clone()
+            .open(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        let i = r.info.unwrap_or_default();
+        let g = grid_in(i.grid);
+        Ok(VerifierInfo {
+            rows: g.rows,
+            cols: g.cols,
+            vocab: i.vocab as usize,
+            draft_model: i.draft_model,
+        })
+    }
+
+    async fn verify(
+        &self,
+        session: SessionRef,
+        commit: Vec<i64>,
+        proposals: Vec<i64>,
+        pool_k: usize,
+    ) -> Result<VerifyReply, EngineError> {
+        let req = pb::VerifyRequest {
+            session: Some(ref_out(&session)),
+            commit: ids(&commit)?,
+            proposals: ids(&proposals)?,
+            pool_k: u32::try_from(pool_k).unwrap_or(u32::MAX),
+        };
+        let r = self
+            .client
+            .clone()
+            .verify(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(VerifyReply {
+            mass: r.mass,
+            refreshed: r.refreshed as usize,
+            seconds: r.seconds,
+        })
+    }
+
+    async fn resample(
+        &self,
+        session: SessionRef,
+        passes: Vec<Vec<usize>>,
+    ) -> Result<ResampleReply, EngineError> {
+        let req = pb::ResampleRequest {
+            session: Some(ref_out(&session)),
+            passes: passes
+                .into_iter()
+                .map(|p| pb::ResamplePass {
+                    positions: p.into_iter().map(|x| x as u32).collect(),
+                })
+                .collect(),
+        };
+        let r = self
+            .client
+            .clone()
+            .resample(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(ResampleReply {
+            tokens: tokens_in(&r.tokens),
+            passes: r.passes as usize,
+            seconds: r.seconds,
+        })
+    }
+
+    async fn commit(&self, session: SessionRef, values: Vec<i64>) -> Result<usize, EngineError> {
+        let req = pb::CommitRequest {
+            session: Some(ref_out(&session)),
+            values: ids(&values)?,
+        };
+        let r = self
+            .client
+            .clone()
+            .commit(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(r.refreshed as usize)
+    }
+
+    async fn decode(&self, session: SessionRef, count: usize) -> Result<DecodeReply, EngineError> {
+        let req = pb::DecodeRequest {
+            session: Some(ref_out(&session)),
+            count: count as u32,
+        };
+        let r = self
+            .client
+            .clone()
+            .decode(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(DecodeReply {
+            tokens: tokens_in(&r.tokens),
+            passes: r.passes as usize,
+            seconds: r.seconds,
+        })
+    }
+
+    async fn speculate(
+        &self,
+        session: SessionRef,
+        gamma: usize,
+        relax: Option<Relaxation>,
+    ) -> Result<SpeculateReply, EngineError> {
+        let req = pb::SpeculateRequest {
+            session: Some(ref_out(&session)),
+            gamma: gamma as u32,
+            relaxation: relax.map(|r| pb::Relaxation {
+                k: u32::try_from(r.k).unwrap_or(u32::MAX),
+                delta: r.delta,
+            }),
+        };
+        let r = self
+            .client
+            .clone()
+            .speculate(req)
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?
+            .into_inner();
+        Ok(SpeculateReply {
+            tokens: tokens_in(&r.tokens),
+            proposed: r.proposed as usize,
+            accepted: r.accepted as usize,
+            target_passes: r.target_passes as usize,
+            draft_passes: r.draft_passes as usize,
+            draft_seconds: r.draft_seconds,
+            verify_seconds: r.verify_seconds,
+        })
+    }
+
+    async fn release(&self, id: String) -> Result<(), EngineError> {
+        self.client
+            .clone()
+            .release(pb::ReleaseRequest { session_id: id })
+            .await
+            .map_err(|s| engine_error(&self.addr, &s))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The drafter's gRPC service (`mulo.v1.Drafter`) over the in-process role on the torch thread.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use mulo_core::GridSize;
+use mulo_engine::drafter::DrafterInfo;
+use mulo_engine::{DrafterRole, Engine, EngineError, Local};
+use mulo_proto::v1 as pb;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{ref_in, spec_in, status, tokens_in, tokens_out};
+
+/// `mulo.v1.Drafter` served from this process's torch thread.
+#[derive(Debug, Clone)]
+pub struct DrafterService {
+    local: Local,
+    max_sessions: usize,
+    codebook_hash: String,
+}
+
+fn grid(g: GridSize) -> pb::Grid {
+    pb::Grid {
+        rows: g.rows as u32,
+        cols: g.cols as u32,
+    }
+}
+
+impl DrafterService {
+    /// The service over `local` (whose engine holds a drafter).
+    pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
+        let codebook_hash = local
+            .worker()
+            .call(|e: &mut Engine| e.codebook_hash())
+            .await??;
+        Ok(Self {
+            local,
+            max_sessions,
+            codebook_hash,
+        })
+    }
+
+    fn info_out(&self, i: &DrafterInfo) -> pb::DrafterInfoResponse {
+        pb::DrafterInfoResponse {
+            low: Some(grid(i.low)),
+            high: Some(grid(i.high)),
+            scale: i.scale as u32,
+            vocab: i.vocab as u32,
+            codebook_hash: self.codebook_hash.clone(),
+            max_sessions: self.max_sessions as u32,
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DraftChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::drafter_server::Drafter for DrafterService {
+    async fn info(
+        &self,
+        _req: Request<pb::DrafterInfoRequest>,
+    ) -> Result<Response<pb::DrafterInfoResponse>, Status> {
+        let info = self
+            .local
+            .worker()
+            .call(|e: &mut Engine| e.drafter.as_ref().map(|d| d.info()))
+            .await
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| Status::unimplemented("this process runs no drafter"))?;
+        Ok(Response::new(self.info_out(&info)))
+    }
+
+    async fn open(
+        &self,
+        req: Request<pb::DrafterOpenRequest>,
+    ) -> Result<Response<pb::DrafterOpenResponse>, Status> {
+        let r = req.into_inner();
+        let spec = spec_in(r.spec)?;
+        let t = Instant::now();
+        let info = DrafterRole::open(&self.local, spec, tokens_in(&r.committed))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DrafterOpenResponse {
+            info: Some(self.info_out(&info)),
+            seconds: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    type DraftStream = ChunkStream;
+
+    async fn draft(
+        &self,
+        req: Request<pb::DraftRequest>,
+    ) -> Result<Response<Self::DraftStream>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        if r.rows == 0 {
+            return Err(crate::convert::invalid("rows", "must be at least 1"));
+        }
+        // High-res tokens before the new rows: the committed ones and the block realigned now.
+        let before = session.committed + r.realign.len();
+        let reply = self
+            .local
+            .draft(
+                session,
+                tokens_in(&r.realign),
+                r.rows as usize,
+                r.zipar_window as usize,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        // One message per drafted low-res row, then the stats. (The rows of a block are sent when
+        // the block is drafted: the gateway verifies whole blocks.)
+        let rows = r.rows as usize;
+        let (low_w, high_w) = (reply.low.len() / rows, reply.high.len() / rows);
+        let first_low_row = (before / high_w.max(1)) as u32;
+        let mut chunks = Vec::with_capacity(rows + 1);
+        for i in 0..rows {
+            chunks.push(Ok(pb::DraftChunk {
+                kind: Some(pb::draft_chunk::Kind::Row(pb::DraftRow {
+                    low_row: first_low_row + i as u32,
+                    low: tokens_out(&reply.low[i * low_w..(i + 1) * low_w])?,
+                    high: tokens_out(&reply.high[i * high_w..(i + 1) * high_w])?,
+                })),
+            }));
+        }
+        chunks.push(Ok(pb::DraftChunk {
+            kind: Some(pb::draft_chunk::Kind::Stats(pb::DraftStats {
+                passes: reply.passes as u32,
+                realigned: reply.realigned as u32,
+                draft_seconds: reply.draft_seconds,
+                upsample_seconds: reply.upsample_seconds,
+                realign_seconds: reply.realign_seconds,
+            })),
+        }));
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn decode_image(
+        &self,
+        req: Request<pb::DecodeImageRequest>,
+    ) -> Result<Response<pb::DecodeImageResponse>, Status> {
+        let tokens = tokens_in(&req.into_inner().tokens);
+        let t = Instant::now();
+        let png = self
+            .local
+            .worker()
+            .call(move |e: &mut Engine| -> Result<Vec<u8>, EngineError> {
+                let vocab = e
+                    .drafter
+                    .as_ref()
+                    .map(|d| d.info())
+                    .ok_or_else(|| EngineError::Unsupported("no drafter".into()))?;
+                if tokens.len() != vocab.high.len() {
+                    return Err(mulo_core::ParamError::new(
+                        "tokens",
+                        format!("{} tokens, the grid has {}", tokens.len(), vocab.high.len()),
+                    )
+                    .into());
+                }
+                if let Some(bad) = tokens.iter().find(|&&t| t >= vocab.vocab as i64) {
+                    return Err(mulo_core::ParamError::new(
+                        "tokens",
+                        format!("id {bad} is outside the codebook of {}", vocab.vocab),
+                    )
+                    .into());
+                }
+                let image = e.decode_tensor(&tokens)?;
+                Ok(mulo_model::image_io::png_bytes(&image.squeeze_dim(0))?)
+            })
+            .await
+            .map_err(|e| status(&e))?
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DecodeImageResponse {
+            png,
+            seconds: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let id = req.into_inner().session_id;
+        let released = self
+            .local
+            .worker()
+            .call(move |e: &mut Engine| e.drafter.as_mut().is_some_and(|d| d.release(&id)))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (live, _) = self
+            .local
+            .worker()
+            .call(|e: &mut Engine| e.live_sessions())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::StatusResponse {
+            live_sessions: live as u32,
+            max_sessions: self.max_sessions as u32,
+            in_flight: 0,
+            draining: false,
+        }))
+    }
+}

@@ -1,0 +1,349 @@
+//! The gateway's gRPC service (`mulo.v1.Gateway`): owns each request, runs the engine's one
+//! coordinator over gRPC clients of the drafter and verifier replicas, and answers with the image.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mulo_core::{Method, SamplingParams};
+use mulo_engine::{generate, BlockEvent, Engine, EngineError, GenerateRequest, Outcome};
+use mulo_engine::{DrafterRole, TorchWorker, VerifierRole};
+use mulo_proto::v1 as pb;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::client::{RemoteDrafter, RemoteVerifier};
+use crate::convert::{
+    condition_in, invalid, pack_bits, sampling_in, stats_out, status, tokens_out,
+};
+
+/// What the gateway serves: the family's name, grid and sampling defaults.
+#[derive(Debug, Clone)]
+pub struct FamilyInfo {
+    /// Family name.
+    pub name: String,
+    /// Target grid rows.
+    pub rows: usize,
+    /// Target grid columns.
+    pub cols: usize,
+    /// The target's sampling defaults.
+    pub sampling: SamplingParams,
+    /// "caption" or "class".
+    pub condition: String,
+}
+
+/// `mulo.v1.Gateway` (cheap to clone: the state is shared).
+#[derive(Debug, Clone)]
+pub struct GatewayService(Arc<GatewayState>);
+
+impl std::ops::Deref for GatewayService {
+    type Target = GatewayState;
+    fn deref(&self) -> &GatewayState {
+        &self.0
+    }
+}
+
+/// The gateway's replicas, admission and family.
+pub struct GatewayState {
+    family: FamilyInfo,
+    drafters: Vec<RemoteDrafter>,
+    verifiers: Vec<RemoteVerifier>,
+    next: AtomicUsize,
+    ids: AtomicU64,
+    admission: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// A VQ decoder of its own, for the PNG when no drafter answers.
+    vq: Option<Arc<TorchWorker<Engine>>>,
+}
+
+impl std::fmt::Debug for GatewayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayState")
+            .field("drafters", &self.drafters.len())
+            .field("verifiers", &self.verifiers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated request and what the caller wants back.
+struct Job {
+    req: GenerateRequest,
+    return_tokens: bool,
+    skip_png: bool,
+}
+
+impl GatewayService {
+    /// A gateway over the given replicas, admitting `max_in_flight` requests at once.
+    pub fn new(
+        family: FamilyInfo,
+        drafters: Vec<RemoteDrafter>,
+        verifiers: Vec<RemoteVerifier>,
+        max_in_flight: usize,
+        vq: Option<Arc<TorchWorker<Engine>>>,
+    ) -> Self {
+        Self(Arc::new(GatewayState {
+            family,
+            drafters,
+            verifiers,
+            next: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+            admission: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            max_in_flight: max_in_flight.max(1),
+            vq,
+        }))
+    }
+}
+
+impl GatewayState {
+    fn job(&self, r: pb::GenerateRequest) -> Result<Job, Status> {
+        let id = if r.request_id.is_empty() {
+            format!("gw-{}", self.ids.fetch_add(1, Ordering::Relaxed))
+        } else {
+            if r.request_id.len() > 128
+                || !r
+                    .request_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                return Err(invalid(
+                    "request_id",
+                    "at most 128 characters of [A-Za-z0-9._-]",
+                ));
+            }
+            r.request_id
+        };
+        let method = if r.method.trim().is_empty() {
+            Method::parse("mulo")
+        } else {
+            Method::parse(r.method.trim())
+        }
+        .map_err(|e| invalid("method", e))?;
+        let sampling = sampling_in("sampling", r.sampling, self.family.sampling)?;
+        let condition = condition_in("condition", r.condition)?;
+        Ok(Job {
+            req: GenerateRequest {
+                id,
+                condition,
+                sampling,
+                seed: r.seed,
+                method,
+            },
+            return_tokens: r.return_tokens,
+            skip_png: r.skip_png,
+        })
+    }
+
+    /// Runs one request on a verifier (and a drafter, round-robin).
+    async fn run(
+        &self,
+        req: &GenerateRequest,
+        on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+    ) -> Result<Outcome, Status> {
+        if self.verifiers.is_empty() {
+            return Err(Status::unavailable("the gateway has no verifier"));
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let verifier = &self.verifiers[turn % self.verifiers.len()];
+        let drafter: Option<&dyn DrafterRole> = if self.drafters.is_empty() {
+            None
+        } else {
+            Some(&self.drafters[turn % self.drafters.len()])
+        };
+        // Dropped before the generation ends (client cancel, deadline): free both sessions now
+        // rather than at the roles' idle TTL.
+        let mut guard = ReleaseOnDrop {
+            id: req.id.clone(),
+            drafter: drafter.map(|_| self.drafters[turn % self.drafters.len()].clone()),
+            verifier: verifier.clone(),
+            armed: true,
+        };
+        let out = generate(drafter, verifier, req, on_event).await;
+        guard.armed = false;
+        out.map_err(|e| status(&e))
+    }
+
+    /// PNG bytes of a finished grid: a drafter decodes it, else the gateway's own VQ.
+    async fn png(&self, tokens: &[i64]) -> Result<Vec<u8>, Status> {
+        let ids = tokens_out(tokens)?;
+        let mut last = None;
+        for d in &self.drafters {
+            match d
+                .client()
+                .decode_image(pb::DecodeImageRequest {
+                    tokens: ids.clone(),
+                })
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().png),
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(vq) = &self.vq {
+            let tokens = tokens.to_vec();
+            return vq
+                .call(move |e: &mut Engine| -> Result<Vec<u8>, EngineError> {
+                    let image = e.decode_tensor(&tokens)?;
+                    Ok(mulo_model::image_io::png_bytes(&image.squeeze_dim(0))?)
+                })
+                .await
+                .map_err(|e| status(&e))?
+                .map_err(|e| status(&e));
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no drafter to decode the image")))
+    }
+
+    async fn response(&self, job: &Job, out: Outcome) -> Result<pb::GenerateResponse, Status> {
+        let png = if job.skip_png {
+            Vec::new()
+        } else {
+            self.png(&out.tokens).await?
+        };
+        let s = out.stats;
+        Ok(pb::GenerateResponse {
+            request_id: job.req.id.clone(),
+            png,
+            tokens: if job.return_tokens {
+                tokens_out(&out.tokens)?
+            } else {
+                Vec::new()
+            },
+            grid: Some(pb::Grid {
+                rows: self.family.rows as u32,
+                cols: self.family.cols as u32,
+            }),
+            stats: Some(stats_out(s, 0)),
+        })
+    }
+
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the gateway is running {} requests, its limit",
+                self.max_in_flight
+            ))
+        })
+    }
+}
+
+/// Releases a request's sessions when its generation is dropped half-way.
+struct ReleaseOnDrop {
+    id: String,
+    drafter: Option<RemoteDrafter>,
+    verifier: RemoteVerifier,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (id, drafter, verifier) = (self.id.clone(), self.drafter.take(), self.verifier.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            tracing::info!(%id, "request ended early: releasing its sessions");
+            rt.spawn(async move {
+                let _ = verifier.release(id.clone()).await;
+                if let Some(d) = drafter {
+                    let _ = d.release(id).await;
+                }
+            });
+        }
+    }
+}
+
+fn block_out(e: &BlockEvent) -> Result<pb::BlockEvent, Status> {
+    Ok(pb::BlockEvent {
+        start: e.start as u32,
+        committed: e.committed as u32,
+        total: e.total as u32,
+        tokens: tokens_out(&e.tokens)?,
+        accepted: pack_bits(&e.accepted),
+        resampled: pack_bits(&e.resampled),
+    })
+}
+
+type EventStream = ReceiverStream<Result<pb::GenerateEvent, Status>>;
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayService {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let job = self.job(req.into_inner())?;
+        let _permit = self.admit()?;
+        let t = Instant::now();
+        let out = self.run(&job.req, &mut |_| {}).await?;
+        let resp = self.response(&job, out).await?;
+        tracing::info!(id = %job.req.id, seconds = t.elapsed().as_secs_f64(), "generated");
+        Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let job = self.job(req.into_inner())?;
+        let permit = self.admit()?;
+        // Bounded: one event per block of the grid, plus the result.
+        let (tx, rx) = mpsc::channel(self.family.rows * self.family.cols + 2);
+        let me = Arc::clone(&self.0);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let events = tx.clone();
+            let mut on_event = move |e: &BlockEvent| {
+                let ev = block_out(e).map(|b| pb::GenerateEvent {
+                    kind: Some(pb::generate_event::Kind::Block(b)),
+                });
+                let _ = events.try_send(ev);
+            };
+            let gone = tx.clone();
+            let result = tokio::select! {
+                r = me.run(&job.req, &mut on_event) => r,
+                // The client cancelled: dropping the generation releases its sessions.
+                () = gone.closed() => return,
+            };
+            let result = match result {
+                Ok(out) => me.response(&job, out).await.map(|r| pb::GenerateEvent {
+                    kind: Some(pb::generate_event::Kind::Done(r)),
+                }),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(result).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let default = Method::parse("mulo").map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ListModelsResponse {
+            family: self.family.name.clone(),
+            grid: Some(pb::Grid {
+                rows: self.family.rows as u32,
+                cols: self.family.cols as u32,
+            }),
+            methods: ["ar", "sd", "lantern", "mulo"].map(String::from).to_vec(),
+            default_method: default.to_string(),
+            condition: self.family.condition.clone(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let in_flight = self.max_in_flight - self.admission.available_permits();
+        Ok(Response::new(pb::StatusResponse {
+            live_sessions: in_flight as u32,
+            max_sessions: self.max_in_flight as u32,
+            in_flight: in_flight as u32,
+            draining: false,
+        }))
+    }
+}

@@ -1,0 +1,239 @@
+//! The verifier's gRPC service (`mulo.v1.Verifier`) over the in-process role on the torch thread.
+
+use std::time::Instant;
+
+use mulo_engine::verifier::{Relaxation, VerifierInfo};
+use mulo_engine::{Engine, EngineError, Local, VerifierRole};
+use mulo_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{invalid, ref_in, spec_in, status, tokens_in, tokens_out};
+
+/// `mulo.v1.Verifier` served from this process's torch thread.
+#[derive(Debug, Clone)]
+pub struct VerifierService {
+    local: Local,
+    max_sessions: usize,
+    codebook_hash: String,
+}
+
+impl VerifierService {
+    /// The service over `local` (whose engine holds a verifier).
+    pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
+        let codebook_hash = local
+            .worker()
+            .call(|e: &mut Engine| e.codebook_hash())
+            .await??;
+        Ok(Self {
+            local,
+            max_sessions,
+            codebook_hash,
+        })
+    }
+
+    fn info_out(&self, i: &VerifierInfo) -> pb::VerifierInfoResponse {
+        pb::VerifierInfoResponse {
+            grid: Some(pb::Grid {
+                rows: i.rows as u32,
+                cols: i.cols as u32,
+            }),
+            vocab: i.vocab as u32,
+            draft_model: i.draft_model,
+            codebook_hash: self.codebook_hash.clone(),
+            max_sessions: self.max_sessions as u32,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::verifier_server::Verifier for VerifierService {
+    async fn info(
+        &self,
+        _req: Request<pb::VerifierInfoRequest>,
+    ) -> Result<Response<pb::VerifierInfoResponse>, Status> {
+        let info = self
+            .local
+            .worker()
+            .call(|e: &mut Engine| e.verifier.as_ref().map(|v| v.info()))
+            .await
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| Status::unimplemented("this process runs no verifier"))?;
+        Ok(Response::new(self.info_out(&info)))
+    }
+
+    async fn open(
+        &self,
+        req: Request<pb::VerifierOpenRequest>,
+    ) -> Result<Response<pb::VerifierOpenResponse>, Status> {
+        let r = req.into_inner();
+        let spec = spec_in(r.spec)?;
+        let t = Instant::now();
+        let info = VerifierRole::open(&self.local, spec, r.with_draft, tokens_in(&r.committed))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::VerifierOpenResponse {
+            info: Some(self.info_out(&info)),
+            seconds: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        if r.proposals.is_empty() {
+            return Err(invalid("proposals", "at least one proposal"));
+        }
+        let reply = self
+            .local
+            .verify(
+                session,
+                tokens_in(&r.commit),
+                tokens_in(&r.proposals),
+                r.pool_k as usize,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::VerifyResponse {
+            mass: reply.mass,
+            refreshed: reply.refreshed as u32,
+            seconds: reply.seconds,
+        }))
+    }
+
+    async fn resample(
+        &self,
+        req: Request<pb::ResampleRequest>,
+    ) -> Result<Response<pb::ResampleResponse>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        let passes: Vec<Vec<usize>> = r
+            .passes
+            .into_iter()
+            .map(|p| p.positions.into_iter().map(|x| x as usize).collect())
+            .collect();
+        let reply = self
+            .local
+            .resample(session, passes)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ResampleResponse {
+            tokens: tokens_out(&reply.tokens)?,
+            passes: reply.passes as u32,
+            seconds: reply.seconds,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        let t = Instant::now();
+        let refreshed = self
+            .local
+            .commit(session, tokens_in(&r.values))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::CommitResponse {
+            refreshed: refreshed as u32,
+            seconds: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    async fn decode(
+        &self,
+        req: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        if r.count == 0 {
+            return Err(invalid("count", "must be at least 1"));
+        }
+        let reply = self
+            .local
+            .decode(session, r.count as usize)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DecodeResponse {
+            tokens: tokens_out(&reply.tokens)?,
+            passes: reply.passes as u32,
+            seconds: reply.seconds,
+        }))
+    }
+
+    async fn speculate(
+        &self,
+        req: Request<pb::SpeculateRequest>,
+    ) -> Result<Response<pb::SpeculateResponse>, Status> {
+        let r = req.into_inner();
+        let session = ref_in(r.session)?;
+        if r.gamma == 0 {
+            return Err(invalid("gamma", "must be at least 1"));
+        }
+        let relax = match r.relaxation {
+            Some(x) => {
+                if x.k == 0 {
+                    return Err(invalid("relaxation.k", "must be at least 1"));
+                }
+                if !(0.0..=1.0).contains(&x.delta) {
+                    return Err(invalid("relaxation.delta", "must be in [0, 1]"));
+                }
+                Some(Relaxation {
+                    k: x.k as usize,
+                    delta: x.delta,
+                })
+            }
+            None => None,
+        };
+        let reply = self
+            .local
+            .speculate(session, r.gamma as usize, relax)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SpeculateResponse {
+            tokens: tokens_out(&reply.tokens)?,
+            proposed: reply.proposed as u32,
+            accepted: reply.accepted as u32,
+            target_passes: reply.target_passes as u32,
+            draft_passes: reply.draft_passes as u32,
+            draft_seconds: reply.draft_seconds,
+            verify_seconds: reply.verify_seconds,
+        }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let id = req.into_inner().session_id;
+        let released = self
+            .local
+            .worker()
+            .call(move |e: &mut Engine| e.verifier.as_mut().is_some_and(|v| v.release(&id)))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (_, live) = self
+            .local
+            .worker()
+            .call(|e: &mut Engine| e.live_sessions())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::StatusResponse {
+            live_sessions: live as u32,
+            max_sessions: self.max_sessions as u32,
+            in_flight: 0,
+            draining: false,
+        }))
+    }
+}

@@ -1,0 +1,171 @@
+//! The three services as separate processes on loopback ports, on the bundled family: generation
+//! through the gateway (unary and streaming) gives the tokens of embedded mode for the same seed and
+//! parameters, and sessions are released on both roles afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use mulo_core::{Condition, Method};
+use mulo_engine::{generate, Engine, Family, GenerateRequest, Local, Member, RoleSet, TorchWorker};
+use mulo_proto::v1 as pb;
+use mulo_proto::v1::gateway_client::GatewayClient;
+
+/// The tokens of embedded mode (every role in this process).
+fn embedded(method: &str, prompt: &str, seed: u64) -> Vec<i64> {
+    let fam = Family::load(&common::family()).unwrap();
+    let target = mulo_model::ModelConfig::load_gpt(&fam.path(Member::Target).unwrap()).unwrap();
+    let worker = Arc::new(
+        TorchWorker::spawn("torch", move || {
+            tch::set_num_threads(1);
+            Engine::load(
+                &fam,
+                RoleSet::ALL,
+                tch::Device::Cpu,
+                Some(mulo_model::DType::Fp32),
+                2,
+            )
+        })
+        .unwrap(),
+    );
+    let local = Local::new(worker);
+    let req = GenerateRequest {
+        id: "embedded".into(),
+        condition: Condition::Prompt(prompt.into()),
+        sampling: target.default_sampling(),
+        seed,
+        method: Method::parse(method).unwrap(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(generate(Some(&local), &local, &req, &mut |_| {}))
+        .unwrap()
+        .tokens
+}
+
+fn request(method: &str, prompt: &str, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: String::new(),
+        condition: Some(pb::Condition {
+            kind: Some(pb::condition::Kind::Prompt(prompt.into())),
+        }),
+        method: method.into(),
+        sampling: None,
+        seed,
+        return_tokens: true,
+        skip_png: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_gives_the_tokens_of_embedded_mode() {
+    let (drafter, verifier, _gateway, ch) = common::cluster().await;
+    let mut gw = GatewayClient::new(ch);
+    for (method, seed) in [("mulo", 3), ("ar", 4), ("sd:gamma=3", 5)] {
+        let want = tokio::task::spawn_blocking(move || embedded(method, "red apple", seed))
+            .await
+            .unwrap();
+        let got = gw
+            .generate(request(method, "red apple", seed))
+            .await
+            .unwrap()
+            .into_inner();
+        let tokens: Vec<i64> = got.tokens.iter().map(|&t| i64::from(t)).collect();
+        assert_eq!(tokens, want, "{method}");
+        assert!(got.png.starts_with(b"\x89PNG"), "{method}");
+        let stats = got.stats.unwrap();
+        assert_eq!(stats.tokens as usize, want.len());
+        assert!(stats.fallback.is_empty(), "{method}: {}", stats.fallback);
+        assert!(stats.method.starts_with(method.split(':').next().unwrap()));
+    }
+
+    // Streaming: an event per committed block, then the same result.
+    let want = tokio::task::spawn_blocking(|| embedded("mulo", "snowman", 7))
+        .await
+        .unwrap();
+    let mut stream = gw
+        .generate_stream(request("mulo", "snowman", 7))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut blocks, mut streamed, mut done) = (0, Vec::new(), None);
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.kind.unwrap() {
+            pb::generate_event::Kind::Block(b) => {
+                assert_eq!(b.start as usize, streamed.len(), "blocks arrive in order");
+                streamed.extend(b.tokens.iter().map(|&t| i64::from(t)));
+                assert_eq!(b.committed as usize, streamed.len());
+                blocks += 1;
+            }
+            pb::generate_event::Kind::Done(d) => done = Some(d),
+        }
+    }
+    let done = done.expect("a final event");
+    assert!(blocks >= 2, "{blocks} blocks");
+    assert_eq!(streamed, want);
+    let tokens: Vec<i64> = done.tokens.iter().map(|&t| i64::from(t)).collect();
+    assert_eq!(tokens, want);
+
+    // `mulo generate --gateway` sends the same request: the tokens of embedded mode again.
+    let dir = std::env::temp_dir().join(format!("mulo-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (png, json) = (dir.join("a.png"), dir.join("a.json"));
+    let out = std::process::Command::new(common::mulo_cli())
+        .args([
+            "generate",
+            "red apple",
+            "--method",
+            "mulo",
+            "--seed",
+            "3",
+            "--no-progress",
+        ])
+        .args(["--gateway", &_gateway.addr, "--out", png.to_str().unwrap()])
+        .args(["--tokens-out", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("target passes") && stdout.contains("gateway"),
+        "{stdout}"
+    );
+    let via_cli: Vec<i64> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let want = tokio::task::spawn_blocking(|| embedded("mulo", "red apple", 3))
+        .await
+        .unwrap();
+    assert_eq!(via_cli, want);
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Every session was released on both roles.
+    for (p, is_drafter) in [(&drafter, true), (&verifier, false)] {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let live = if is_drafter {
+            pb::drafter_client::DrafterClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .live_sessions
+        } else {
+            pb::verifier_client::VerifierClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .live_sessions
+        };
+        assert_eq!(live, 0, "sessions left on {}", p.addr);
+    }
+}
