@@ -17,6 +17,7 @@ use crate::client::{RemoteDrafter, RemoteVerifier};
 use crate::convert::{
     condition_in, invalid, pack_bits, sampling_in, stats_out, status, tokens_out,
 };
+use crate::failover::Failover;
 
 /// What the gateway serves: the family's name, grid and sampling defaults.
 #[derive(Debug, Clone)]
@@ -48,7 +49,7 @@ impl std::ops::Deref for GatewayService {
 pub struct GatewayState {
     family: FamilyInfo,
     drafters: Vec<RemoteDrafter>,
-    verifiers: Vec<RemoteVerifier>,
+    verifiers: Arc<Failover>,
     next: AtomicUsize,
     ids: AtomicU64,
     admission: Arc<Semaphore>,
@@ -61,7 +62,7 @@ impl std::fmt::Debug for GatewayState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayState")
             .field("drafters", &self.drafters.len())
-            .field("verifiers", &self.verifiers.len())
+            .field("verifiers", &self.verifiers.replicas().len())
             .finish_non_exhaustive()
     }
 }
@@ -74,18 +75,20 @@ struct Job {
 }
 
 impl GatewayService {
-    /// A gateway over the given replicas, admitting `max_in_flight` requests at once.
+    /// A gateway over the given replicas, admitting `max_in_flight` requests at once and moving a
+    /// request to another verifier replica at most `max_migrations` times.
     pub fn new(
         family: FamilyInfo,
         drafters: Vec<RemoteDrafter>,
         verifiers: Vec<RemoteVerifier>,
         max_in_flight: usize,
+        max_migrations: u32,
         vq: Option<Arc<TorchWorker<Engine>>>,
     ) -> Self {
         Self(Arc::new(GatewayState {
             family,
             drafters,
-            verifiers,
+            verifiers: Arc::new(Failover::new(verifiers, max_migrations)),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
             admission: Arc::new(Semaphore::new(max_in_flight.max(1))),
@@ -134,33 +137,32 @@ impl GatewayState {
         })
     }
 
-    /// Runs one request on a verifier (and a drafter, round-robin).
+    /// Runs one request on a verifier replica (moving it when one is lost) and a drafter
+    /// (round-robin); returns the outcome and the verifier migrations.
     async fn run(
         &self,
         req: &GenerateRequest,
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
-    ) -> Result<Outcome, Status> {
-        if self.verifiers.is_empty() {
+    ) -> Result<(Outcome, u32), Status> {
+        if self.verifiers.replicas().is_empty() {
             return Err(Status::unavailable("the gateway has no verifier"));
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let verifier = &self.verifiers[turn % self.verifiers.len()];
-        let drafter: Option<&dyn DrafterRole> = if self.drafters.is_empty() {
-            None
-        } else {
-            Some(&self.drafters[turn % self.drafters.len()])
-        };
+        let drafter =
+            (!self.drafters.is_empty()).then(|| self.drafters[turn % self.drafters.len()].clone());
         // Dropped before the generation ends (client cancel, deadline): free both sessions now
         // rather than at the roles' idle TTL.
         let mut guard = ReleaseOnDrop {
             id: req.id.clone(),
-            drafter: drafter.map(|_| self.drafters[turn % self.drafters.len()].clone()),
-            verifier: verifier.clone(),
+            drafter: drafter.clone(),
+            verifier: self.verifiers.clone(),
             armed: true,
         };
-        let out = generate(drafter, verifier, req, on_event).await;
+        let d: Option<&dyn DrafterRole> = drafter.as_ref().map(|d| d as &dyn DrafterRole);
+        let out = generate(d, self.verifiers.as_ref(), req, on_event).await;
         guard.armed = false;
-        out.map_err(|e| status(&e))
+        let migrations = self.verifiers.take_migrations(&req.id);
+        out.map(|o| (o, migrations)).map_err(|e| status(&e))
     }
 
     /// PNG bytes of a finished grid: a drafter decodes it, else the gateway's own VQ.
@@ -193,7 +195,11 @@ impl GatewayState {
         Err(last.unwrap_or_else(|| Status::unavailable("no drafter to decode the image")))
     }
 
-    async fn response(&self, job: &Job, out: Outcome) -> Result<pb::GenerateResponse, Status> {
+    async fn response(
+        &self,
+        job: &Job,
+        (out, migrations): (Outcome, u32),
+    ) -> Result<pb::GenerateResponse, Status> {
         let png = if job.skip_png {
             Vec::new()
         } else {
@@ -212,7 +218,7 @@ impl GatewayState {
                 rows: self.family.rows as u32,
                 cols: self.family.cols as u32,
             }),
-            stats: Some(stats_out(s, 0)),
+            stats: Some(stats_out(s, migrations)),
         })
     }
 
@@ -230,7 +236,7 @@ impl GatewayState {
 struct ReleaseOnDrop {
     id: String,
     drafter: Option<RemoteDrafter>,
-    verifier: RemoteVerifier,
+    verifier: Arc<Failover>,
     armed: bool,
 }
 

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod convert;
 pub mod drafter;
+pub mod failover;
 pub mod gateway;
 pub mod runtime;
 pub mod verifier;
@@ -80,6 +81,10 @@ pub struct GatewayArgs {
     /// Requests generated at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MULO_MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
+    /// Times one request may move to another verifier replica when the one serving it is lost
+    /// (it is re-prefilled there with the committed tokens); past that it fails UNAVAILABLE.
+    #[arg(long, env = "MULO_MAX_MIGRATIONS", default_value_t = 2)]
+    pub max_migrations: u32,
 }
 
 #[derive(Debug)]
@@ -277,7 +282,14 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
         draft_small: false,
     };
     let vq = engine(&fam, none, &args.runtime, 1)?;
-    let svc = gateway::GatewayService::new(info, drafters, verifiers, args.max_in_flight, Some(vq));
+    let svc = gateway::GatewayService::new(
+        info,
+        drafters,
+        verifiers,
+        args.max_in_flight,
+        args.max_migrations,
+        Some(vq),
+    );
     serve("gateway", args.common.listen, |r| {
         r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
     })
