@@ -118,3 +118,30 @@ async fn a_lost_verifier_or_drafter_does_not_lose_the_request() {
         .into_inner();
     assert_eq!(r.tokens.len(), 256);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_request_to_completion() {
+    let (_drafter, _verifier, gateway, ch) = common::cluster().await;
+    let mut gw = GatewayClient::new(ch);
+    let mut stream = gw.generate_stream(gen(4)).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // The request in flight completes...
+    let (_, done) = finish(&mut stream).await;
+    assert_eq!(done.tokens.len(), 256);
+    // ...and then the gateway exits cleanly.
+    let mut gateway = gateway;
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(code) = gateway.child.try_wait().unwrap() {
+            assert!(code.success(), "exit after SIGTERM: {code:?}");
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 10, "no exit within 10 s of SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

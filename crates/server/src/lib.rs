@@ -138,7 +138,7 @@ async fn serve(
     listen: SocketAddr,
     add: impl FnOnce(Router) -> Router,
 ) -> Result<()> {
-    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -150,8 +150,16 @@ async fn serve(
         .add_service(CapabilitiesServer::new(InfoService { role }));
     let router = add(router);
     tracing::info!(role, %listen, "serving");
+    // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
+    // the calls in flight (streams included) finish, then return.
+    let drain = async move {
+        shutdown_signal().await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
     router
-        .serve_with_shutdown(listen, shutdown_signal())
+        .serve_with_shutdown(listen, drain)
         .await
         .with_context(|| format!("serving on {listen}"))?;
     Ok(())
