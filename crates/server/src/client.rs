@@ -46,6 +46,33 @@ pub fn channel(addr: &str) -> Result<Channel, EngineError> {
         .connect_lazy())
 }
 
+/// Attempts of an idempotent call (open, release, info, status, image decoding) when the peer is
+/// unreachable; the waits between them grow and are jittered so that gateways do not retry in step.
+pub const ATTEMPTS: u32 = 3;
+
+/// Runs an idempotent call, again after a jittered back-off (20 ms, then 60 ms, times 0.5–1.5)
+/// while the peer answers UNAVAILABLE (not reachable, reset, draining). Other errors, and the last
+/// failure, are returned as they are.
+pub async fn retry<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut wait = std::time::Duration::from_millis(20);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && attempt < ATTEMPTS => {
+                let jitter = 0.5 + rand::random::<f64>();
+                tokio::time::sleep(wait.mul_f64(jitter)).await;
+                wait *= 3;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn grid_in(g: Option<pb::Grid>) -> GridSize {
     let g = g.unwrap_or_default();
     GridSize {
@@ -102,13 +129,13 @@ impl DrafterRole for RemoteDrafter {
             spec: Some(spec_pb(&spec)?),
             committed: ids(&committed)?,
         };
-        let r = self
-            .client
-            .clone()
-            .open(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
+        let r = retry(|| {
+            let (mut c, req) = (self.client.clone(), req.clone());
+            async move { c.open(req).await }
+        })
+        .await
+        .map_err(|s| engine_error(&self.addr, &s))?
+        .into_inner();
         Ok(drafter_info(r.info))
     }
 
@@ -163,11 +190,13 @@ impl DrafterRole for RemoteDrafter {
     }
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
-        self.client
-            .clone()
-            .release(pb::ReleaseRequest { session_id: id })
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?;
+        let req = pb::ReleaseRequest { session_id: id };
+        retry(|| {
+            let (mut c, req) = (self.client.clone(), req.clone());
+            async move { c.release(req).await }
+        })
+        .await
+        .map_err(|s| engine_error(&self.addr, &s))?;
         Ok(())
     }
 }
@@ -212,13 +241,13 @@ impl VerifierRole for RemoteVerifier {
             with_draft,
             committed: ids(&committed)?,
         };
-        let r = self
-            .client
-            .clone()
-            .open(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
+        let r = retry(|| {
+            let (mut c, req) = (self.client.clone(), req.clone());
+            async move { c.open(req).await }
+        })
+        .await
+        .map_err(|s| engine_error(&self.addr, &s))?
+        .into_inner();
         let i = r.info.unwrap_or_default();
         let g = grid_in(i.grid);
         Ok(VerifierInfo {
@@ -351,11 +380,53 @@ impl VerifierRole for RemoteVerifier {
     }
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
-        self.client
-            .clone()
-            .release(pb::ReleaseRequest { session_id: id })
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?;
+        let req = pb::ReleaseRequest { session_id: id };
+        retry(|| {
+            let (mut c, req) = (self.client.clone(), req.clone());
+            async move { c.release(req).await }
+        })
+        .await
+        .map_err(|s| engine_error(&self.addr, &s))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn unavailable_is_retried_and_other_errors_are_not() {
+        let calls = AtomicU32::new(0);
+        let r = retry(|| async {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            if n < 2 {
+                Err(tonic::Status::unavailable("down"))
+            } else {
+                Ok(n)
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 2);
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        // Gives up after ATTEMPTS.
+        calls.store(0, Ordering::Relaxed);
+        let r: Result<(), _> = retry(|| async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err(tonic::Status::unavailable("down"))
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(calls.load(Ordering::Relaxed), ATTEMPTS);
+        // A refusal is final.
+        calls.store(0, Ordering::Relaxed);
+        let r: Result<(), _> = retry(|| async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err(tonic::Status::invalid_argument("tau"))
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
     }
 }

@@ -170,12 +170,14 @@ impl GatewayState {
         let ids = tokens_out(tokens)?;
         let mut last = None;
         for d in &self.drafters {
-            match d
-                .client()
-                .decode_image(pb::DecodeImageRequest {
-                    tokens: ids.clone(),
-                })
-                .await
+            let req = pb::DecodeImageRequest {
+                tokens: ids.clone(),
+            };
+            match crate::client::retry(|| {
+                let (mut c, req) = (d.client(), req.clone());
+                async move { c.decode_image(req).await }
+            })
+            .await
             {
                 Ok(r) => return Ok(r.into_inner().png),
                 Err(e) => last = Some(e),

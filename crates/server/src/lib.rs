@@ -66,11 +66,13 @@ pub struct GatewayArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// Drafter endpoints (`host:port`, comma-separated or repeated); none = every request runs as
-    /// AR on a verifier.
+    /// Drafter endpoints (`host:port`, comma-separated or repeated; a name resolving to several
+    /// addresses, like a headless Service, gives one endpoint per address); none = every request
+    /// runs as AR on a verifier.
     #[arg(long = "drafter", env = "MULO_DRAFTERS", value_delimiter = ',')]
     pub drafters: Vec<String>,
-    /// Verifier endpoints (`host:port`, comma-separated or repeated); at least one.
+    /// Verifier endpoints (`host:port`, comma-separated or repeated; names expand as for
+    /// --drafter); at least one. A request whose replica is lost moves to the next one.
     #[arg(
         long = "verifier",
         env = "MULO_VERIFIERS",
@@ -255,6 +257,47 @@ pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
     }
 }
 
+/// One endpoint per address: a DNS name that resolves to several addresses (a Kubernetes
+/// headless Service: one per pod) becomes one endpoint each, so requests spread over the pods and
+/// each pod gets its own channel; a name that does not resolve yet is kept as it is (its channel
+/// resolves it when it connects). Duplicates are dropped, order is kept.
+pub async fn expand(endpoints: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in endpoints {
+        let e = e.trim();
+        if e.is_empty() {
+            continue;
+        }
+        let bare = e.split_once("://").map_or(e, |(_, rest)| rest);
+        let resolved: Vec<String> = if bare.parse::<SocketAddr>().is_ok() {
+            vec![bare.to_string()]
+        } else {
+            match tokio::net::lookup_host(bare).await {
+                Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+                Err(_) => vec![bare.to_string()],
+            }
+        };
+        let resolved = if resolved.is_empty() {
+            vec![bare.to_string()]
+        } else {
+            resolved
+        };
+        if resolved.len() > 1 {
+            tracing::info!(
+                name = e,
+                addresses = resolved.len(),
+                "endpoint name resolved"
+            );
+        }
+        for r in resolved {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
 /// The gateway service until SIGTERM.
 pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
     init_logs(&args.common.log);
@@ -273,13 +316,13 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
             mulo_model::config::ConditionConfig::Caption { .. } => "caption".into(),
         },
     };
-    let drafters = args
-        .drafters
+    let drafters = expand(&args.drafters)
+        .await
         .iter()
         .map(|a| client::RemoteDrafter::new(a))
         .collect::<Result<Vec<_>, _>>()?;
-    let verifiers = args
-        .verifiers
+    let verifiers = expand(&args.verifiers)
+        .await
         .iter()
         .map(|a| client::RemoteVerifier::new(a))
         .collect::<Result<Vec<_>, _>>()?;
@@ -331,4 +374,24 @@ pub fn main_role(role: &'static str) -> std::process::ExitCode {
 pub fn main_gateway() -> std::process::ExitCode {
     let args = GatewayArgs::parse();
     run(serve_gateway(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoint_names_expand_to_their_addresses() {
+        let got = expand(&["127.0.0.1:7000".into(), " 127.0.0.1:7000".into()]).await;
+        assert_eq!(got, vec!["127.0.0.1:7000".to_string()]);
+        let got = expand(&["localhost:7001".into()]).await;
+        assert!(!got.is_empty());
+        for a in &got {
+            let a: SocketAddr = a.parse().unwrap();
+            assert!(a.ip().is_loopback() && a.port() == 7001, "{a}");
+        }
+        // Unresolvable names stay for the channel to resolve later.
+        let got = expand(&["no-such-host.invalid:7002".into()]).await;
+        assert_eq!(got, vec!["no-such-host.invalid:7002".to_string()]);
+    }
 }
