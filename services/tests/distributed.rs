@@ -78,6 +78,12 @@ async fn the_gateway_gives_the_tokens_of_embedded_mode() {
         let stats = got.stats.unwrap();
         assert_eq!(stats.tokens as usize, want.len());
         assert!(stats.fallback.is_empty(), "{method}: {}", stats.fallback);
+        // Bytes exchanged with the roles: at least every token once, the PNG's decode included.
+        assert!(
+            stats.wire_bytes > 256 && stats.wire_bytes < 200_000,
+            "{method}: {} bytes",
+            stats.wire_bytes
+        );
         assert!(stats.method.starts_with(method.split(':').next().unwrap()));
     }
 

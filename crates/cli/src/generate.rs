@@ -382,9 +382,11 @@ fn run_gateway(
     let mut wrote: Vec<String> = Vec::new();
     wrote.extend(out.iter().map(|p| p.display().to_string()));
     wrote.extend(args.tokens_out.iter().map(|p| p.display().to_string()));
+    let wire = done.stats.as_ref().map_or(0, |s| s.wire_bytes);
+    let migrations = done.stats.as_ref().map_or(0, |s| s.migrations);
     let stats = stats_in(done.stats.unwrap_or_default());
     println!(
-        "{} (seed {}, gateway {addr}, request {}); wrote {}",
+        "{} (seed {}, gateway {addr}, request {}, {wire} bytes between gateway and roles, {migrations} migrations); wrote {}",
         stats.line(),
         args.seed,
         done.request_id,

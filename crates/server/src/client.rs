@@ -11,7 +11,20 @@ use mulo_engine::{DrafterRole, EngineError, SessionRef, SessionSpec, VerifierRol
 use mulo_proto::v1 as pb;
 use mulo_proto::v1::drafter_client::DrafterClient;
 use mulo_proto::v1::verifier_client::VerifierClient;
+use prost::Message;
 use tonic::transport::{Channel, Endpoint};
+
+tokio::task_local! {
+    /// Payload bytes of the messages exchanged with the roles by the current request (set by the
+    /// gateway around each generation).
+    pub static WIRE_BYTES: std::sync::Arc<std::sync::atomic::AtomicU64>;
+}
+
+/// Adds a message's encoded size to the current request's count (no-op outside a request).
+pub fn count_bytes<M: Message>(m: &M) {
+    let n = m.encoded_len() as u64;
+    let _ = WIRE_BYTES.try_with(|c| c.fetch_add(n, std::sync::atomic::Ordering::Relaxed));
+}
 
 use crate::convert::{engine_error, ref_out, spec_out, tokens_in};
 
@@ -129,6 +142,7 @@ impl DrafterRole for RemoteDrafter {
             spec: Some(spec_pb(&spec)?),
             committed: ids(&committed)?,
         };
+        count_bytes(&req);
         let r = retry(|| {
             let (mut c, req) = (self.client.clone(), req.clone());
             async move { c.open(req).await }
@@ -136,6 +150,7 @@ impl DrafterRole for RemoteDrafter {
         .await
         .map_err(|s| engine_error(&self.addr, &s))?
         .into_inner();
+        count_bytes(&r);
         Ok(drafter_info(r.info))
     }
 
@@ -152,6 +167,7 @@ impl DrafterRole for RemoteDrafter {
             rows: rows as u32,
             zipar_window: zipar_window as u32,
         };
+        count_bytes(&req);
         let peer = |s: tonic::Status| engine_error(&self.addr, &s);
         let mut stream = self
             .client
@@ -163,6 +179,7 @@ impl DrafterRole for RemoteDrafter {
         let mut reply = DraftReply::default();
         let mut done = false;
         while let Some(chunk) = stream.message().await.map_err(peer)? {
+            count_bytes(&chunk);
             match chunk.kind {
                 Some(pb::draft_chunk::Kind::Row(r)) => {
                     reply.low.extend(tokens_in(&r.low));
@@ -191,6 +208,7 @@ impl DrafterRole for RemoteDrafter {
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
         let req = pb::ReleaseRequest { session_id: id };
+        count_bytes(&req);
         retry(|| {
             let (mut c, req) = (self.client.clone(), req.clone());
             async move { c.release(req).await }
@@ -241,6 +259,7 @@ impl VerifierRole for RemoteVerifier {
             with_draft,
             committed: ids(&committed)?,
         };
+        count_bytes(&req);
         let r = retry(|| {
             let (mut c, req) = (self.client.clone(), req.clone());
             async move { c.open(req).await }
@@ -248,6 +267,7 @@ impl VerifierRole for RemoteVerifier {
         .await
         .map_err(|s| engine_error(&self.addr, &s))?
         .into_inner();
+        count_bytes(&r);
         let i = r.info.unwrap_or_default();
         let g = grid_in(i.grid);
         Ok(VerifierInfo {
@@ -271,6 +291,7 @@ impl VerifierRole for RemoteVerifier {
             proposals: ids(&proposals)?,
             pool_k: u32::try_from(pool_k).unwrap_or(u32::MAX),
         };
+        count_bytes(&req);
         let r = self
             .client
             .clone()
@@ -278,6 +299,7 @@ impl VerifierRole for RemoteVerifier {
             .await
             .map_err(|s| engine_error(&self.addr, &s))?
             .into_inner();
+        count_bytes(&r);
         Ok(VerifyReply {
             mass: r.mass,
             refreshed: r.refreshed as usize,
@@ -299,6 +321,7 @@ impl VerifierRole for RemoteVerifier {
                 })
                 .collect(),
         };
+        count_bytes(&req);
         let r = self
             .client
             .clone()
@@ -306,6 +329,7 @@ impl VerifierRole for RemoteVerifier {
             .await
             .map_err(|s| engine_error(&self.addr, &s))?
             .into_inner();
+        count_bytes(&r);
         Ok(ResampleReply {
             tokens: tokens_in(&r.tokens),
             passes: r.passes as usize,
@@ -318,6 +342,7 @@ impl VerifierRole for RemoteVerifier {
             session: Some(ref_out(&session)),
             values: ids(&values)?,
         };
+        count_bytes(&req);
         let r = self
             .client
             .clone()
@@ -325,6 +350,7 @@ impl VerifierRole for RemoteVerifier {
             .await
             .map_err(|s| engine_error(&self.addr, &s))?
             .into_inner();
+        count_bytes(&r);
         Ok(r.refreshed as usize)
     }
 
@@ -333,6 +359,7 @@ impl VerifierRole for RemoteVerifier {
             session: Some(ref_out(&session)),
             count: count as u32,
         };
+        count_bytes(&req);
         let r = self
             .client
             .clone()
@@ -340,6 +367,7 @@ impl VerifierRole for RemoteVerifier {
             .await
             .map_err(|s| engine_error(&self.addr, &s))?
             .into_inner();
+        count_bytes(&r);
         Ok(DecodeReply {
             tokens: tokens_in(&r.tokens),
             passes: r.passes as usize,
@@ -361,6 +389,7 @@ impl VerifierRole for RemoteVerifier {
                 delta: r.delta,
             }),
         };
+        count_bytes(&req);
         let r = self
             .client
             .clone()
@@ -368,6 +397,7 @@ impl VerifierRole for RemoteVerifier {
             .await
             .map_err(|s| engine_error(&self.addr, &s))?
             .into_inner();
+        count_bytes(&r);
         Ok(SpeculateReply {
             tokens: tokens_in(&r.tokens),
             proposed: r.proposed as usize,
@@ -381,6 +411,7 @@ impl VerifierRole for RemoteVerifier {
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
         let req = pb::ReleaseRequest { session_id: id };
+        count_bytes(&req);
         retry(|| {
             let (mut c, req) = (self.client.clone(), req.clone());
             async move { c.release(req).await }

@@ -214,7 +214,7 @@ pub fn ref_out(r: &SessionRef) -> pb::SessionRef {
 }
 
 /// A generation's stats to the wire.
-pub fn stats_out(s: MethodStats, migrations: u32) -> pb::GenerateStats {
+pub fn stats_out(s: MethodStats, migrations: u32, wire_bytes: u64) -> pb::GenerateStats {
     pb::GenerateStats {
         method: s.method,
         tokens: s.tokens as u32,
@@ -229,6 +229,7 @@ pub fn stats_out(s: MethodStats, migrations: u32) -> pb::GenerateStats {
         migrations,
         seconds: s.seconds,
         stages: s.stages.into_iter().collect(),
+        wire_bytes,
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::client::{RemoteDrafter, RemoteVerifier};
+use crate::client::{RemoteDrafter, RemoteVerifier, WIRE_BYTES};
 use crate::convert::{
     condition_in, invalid, pack_bits, sampling_in, stats_out, status, tokens_out,
 };
@@ -65,6 +65,13 @@ impl std::fmt::Debug for GatewayState {
             .field("verifiers", &self.verifiers.replicas().len())
             .finish_non_exhaustive()
     }
+}
+
+/// A finished generation: its outcome, verifier migrations and bytes exchanged with the roles.
+struct Run {
+    outcome: Outcome,
+    migrations: u32,
+    wire: Arc<AtomicU64>,
 }
 
 /// A validated request and what the caller wants back.
@@ -143,7 +150,7 @@ impl GatewayState {
         &self,
         req: &GenerateRequest,
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
-    ) -> Result<(Outcome, u32), Status> {
+    ) -> Result<Run, Status> {
         if self.verifiers.replicas().is_empty() {
             return Err(Status::unavailable("the gateway has no verifier"));
         }
@@ -159,10 +166,21 @@ impl GatewayState {
             armed: true,
         };
         let d: Option<&dyn DrafterRole> = drafter.as_ref().map(|d| d as &dyn DrafterRole);
-        let out = generate(d, self.verifiers.as_ref(), req, on_event).await;
+        let wire = Arc::new(AtomicU64::new(0));
+        let out = WIRE_BYTES
+            .scope(
+                wire.clone(),
+                generate(d, self.verifiers.as_ref(), req, on_event),
+            )
+            .await;
         guard.armed = false;
         let migrations = self.verifiers.take_migrations(&req.id);
-        out.map(|o| (o, migrations)).map_err(|e| status(&e))
+        out.map(|outcome| Run {
+            outcome,
+            migrations,
+            wire,
+        })
+        .map_err(|e| status(&e))
     }
 
     /// PNG bytes of a finished grid: a drafter decodes it, else the gateway's own VQ.
@@ -173,13 +191,18 @@ impl GatewayState {
             let req = pb::DecodeImageRequest {
                 tokens: ids.clone(),
             };
+            crate::client::count_bytes(&req);
             match crate::client::retry(|| {
                 let (mut c, req) = (d.client(), req.clone());
                 async move { c.decode_image(req).await }
             })
             .await
             {
-                Ok(r) => return Ok(r.into_inner().png),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    crate::client::count_bytes(&r);
+                    return Ok(r.png);
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -197,15 +220,18 @@ impl GatewayState {
         Err(last.unwrap_or_else(|| Status::unavailable("no drafter to decode the image")))
     }
 
-    async fn response(
-        &self,
-        job: &Job,
-        (out, migrations): (Outcome, u32),
-    ) -> Result<pb::GenerateResponse, Status> {
+    async fn response(&self, job: &Job, run: Run) -> Result<pb::GenerateResponse, Status> {
+        let Run {
+            outcome: out,
+            migrations,
+            wire,
+        } = run;
         let png = if job.skip_png {
             Vec::new()
         } else {
-            self.png(&out.tokens).await?
+            WIRE_BYTES
+                .scope(wire.clone(), self.png(&out.tokens))
+                .await?
         };
         let s = out.stats;
         Ok(pb::GenerateResponse {
@@ -220,7 +246,7 @@ impl GatewayState {
                 rows: self.family.rows as u32,
                 cols: self.family.cols as u32,
             }),
-            stats: Some(stats_out(s, migrations)),
+            stats: Some(stats_out(s, migrations, wire.load(Ordering::Relaxed))),
         })
     }
 
