@@ -175,3 +175,67 @@ async fn the_gateway_gives_the_tokens_of_embedded_mode() {
         assert_eq!(live, 0, "sessions left on {}", p.addr);
     }
 }
+
+#[test]
+fn bench_distributed_compares_the_services_with_embedded_mode() {
+    let dir = std::env::temp_dir().join(format!("mulo-bench-dist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let out = std::process::Command::new(common::mulo_cli())
+        .args([
+            "bench",
+            "--distributed",
+            "--no-quality",
+            "--n",
+            "2",
+            "--warmup",
+            "0",
+        ])
+        .args([
+            "--method",
+            "mulo",
+            "--threads",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("of embedded mode"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = r["methods"].as_array().unwrap();
+    let modes: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["method"].as_str().unwrap(), r["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("ar", "embedded"),
+            ("mulo", "embedded"),
+            ("ar", "distributed"),
+            ("mulo", "distributed")
+        ]
+    );
+    for row in &rows[2..] {
+        assert!(row["latency_vs_embedded"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            row["wire_bytes_per_image"].as_f64().unwrap() > 256.0,
+            "{row}"
+        );
+        assert!(row["spec"].as_str().unwrap().ends_with("@gateway"));
+    }
+    // The same requests give the same passes either way (same tokens, same engine).
+    assert_eq!(
+        rows[1]["target_passes_per_image"],
+        rows[3]["target_passes_per_image"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

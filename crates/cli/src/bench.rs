@@ -63,6 +63,16 @@ pub struct BenchArgs {
     /// Skip FID-emoji and adherence (speed only; no evaluator or data needed).
     #[arg(long)]
     pub no_quality: bool,
+    /// Also run every method through the three services as separate processes on loopback ports
+    /// (mulo-drafter, mulo-verifier, mulo-gateway next to this executable; one torch thread per
+    /// role, drafter and verifier pinned to different CPUs when `taskset` is there), interleaved
+    /// with the in-process runs: rows `METHOD@gateway` with their latency against embedded mode
+    /// and the bytes exchanged between gateway and roles per image.
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: do not pin the roles to CPUs.
+    #[arg(long, requires = "distributed")]
+    pub no_pin: bool,
     /// Run nothing: draw `--plot` from the JSON report of an earlier run.
     #[arg(long, value_name = "REPORT.json", requires = "plot")]
     pub replot: Option<PathBuf>,
@@ -85,9 +95,17 @@ fn parse_method(s: &str) -> Result<Method, String> {
 
 /// One method's row of the report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BenchRow {
     /// Method name.
     pub method: String,
+    /// `embedded` (every role in this process) or `distributed` (through the services).
+    pub mode: String,
+    /// Distributed rows: median latency over the same method's embedded median.
+    pub latency_vs_embedded: Option<f64>,
+    /// Distributed rows: bytes per image between the gateway and the roles (encoded messages,
+    /// image decoding included) plus this client's request and response.
+    pub wire_bytes_per_image: Option<f64>,
     /// Its parameters.
     pub params: BTreeMap<String, String>,
     /// The full spec (`mulo:tau=…`).
@@ -263,23 +281,56 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })?
     };
     let local = Local::new(worker.clone());
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Every method in process, and with --distributed through the services too.
+    let variants: Vec<(Method, bool)> = methods
+        .iter()
+        .map(|m| (*m, false))
+        .chain(methods.iter().filter(|_| a.distributed).map(|m| (*m, true)))
+        .collect();
+    let cluster = if a.distributed {
+        let threads = a.runtime.threads.unwrap_or(1);
+        Some(rt.block_on(crate::cluster::Cluster::start(
+            &family_dir,
+            threads,
+            !a.no_pin,
+        ))?)
+    } else {
+        None
+    };
+    let mut gateway = match &cluster {
+        Some(c) => {
+            // The channel's connector needs the runtime.
+            let _in_rt = rt.enter();
+            Some(mulo_server::proto::gateway_client::GatewayClient::new(
+                mulo_server::client::channel(&c.gateway)?,
+            ))
+        }
+        None => None,
+    };
+    let machine = match &cluster {
+        Some(c) => format!("{machine}; services: {}", c.placement),
+        None => machine,
+    };
+    let mut wire: Vec<u64> = vec![0; variants.len()];
     let conds: Vec<Condition> = (0..a.n + a.warmup)
         .map(|i| Condition::Prompt(rows[prompt_index(i, a.warmup, rows.len())].prompt.clone()))
         .collect();
-    let total = (a.n + a.warmup) * methods.len();
+    let total = (a.n + a.warmup) * variants.len();
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("bench {bar:40} {pos}/{len} images  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut stats: Vec<Vec<MethodStats>> = vec![Vec::new(); methods.len()];
-    let mut tokens: Vec<Vec<Vec<i64>>> = vec![Vec::new(); methods.len()];
+    let mut stats: Vec<Vec<MethodStats>> = vec![Vec::new(); variants.len()];
+    let mut tokens: Vec<Vec<Vec<i64>>> = vec![Vec::new(); variants.len()];
     // Interleaved: image i with every method before image i + 1, so that drifts of the machine
     // touch every method alike. Warm-up images (untimed) come first.
     for (i, cond) in conds.iter().enumerate() {
         let image = i.checked_sub(a.warmup);
-        for (mi, m) in methods.iter().enumerate() {
+        for (mi, (m, remote)) in variants.iter().enumerate() {
             let req = GenerateRequest {
                 id: format!("bench-{i}-{mi}"),
                 condition: cond.clone(),
@@ -287,14 +338,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 seed: a.seed + image.unwrap_or(i) as u64,
                 method: *m,
             };
-            let drafter: Option<&dyn mulo_engine::DrafterRole> =
-                if roles.drafter { Some(&local) } else { None };
-            let out = rt
-                .block_on(generate(drafter, &local, &req, &mut |_| {}))
-                .with_context(|| format!("{m} on prompt {}", i % rows.len() + 2))?;
+            let (out, bytes) = match (&mut gateway, remote) {
+                (Some(gw), true) => rt.block_on(remote_generate(gw, &req)).with_context(|| {
+                    format!("{m} through the gateway on prompt {}", i % rows.len() + 2)
+                })?,
+                _ => {
+                    let drafter: Option<&dyn mulo_engine::DrafterRole> =
+                        if roles.drafter { Some(&local) } else { None };
+                    let out = rt
+                        .block_on(generate(drafter, &local, &req, &mut |_| {}))
+                        .with_context(|| format!("{m} on prompt {}", i % rows.len() + 2))?;
+                    (out, 0)
+                }
+            };
             if image.is_some() {
                 stats[mi].push(out.stats);
                 tokens[mi].push(out.tokens);
+                wire[mi] += bytes;
             }
             bar.inc(1);
         }
@@ -303,7 +363,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     // Quality: decode every method's grids, score them against the real images.
     let quality: Vec<Option<(f64, f64, f64)>> = if a.no_quality {
-        vec![None; methods.len()]
+        vec![None; variants.len()]
     } else {
         let data_dir = a
             .data
@@ -379,7 +439,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let ar_median = median(&stats[0].iter().map(|s| s.seconds).collect::<Vec<_>>());
     let mut report_rows = Vec::new();
-    for (mi, m) in methods.iter().enumerate() {
+    for (mi, (m, remote)) in variants.iter().enumerate() {
         let st = &stats[mi];
         let n = st.len().max(1) as f64;
         let lat: Vec<f64> = st.iter().map(|s| s.seconds).collect();
@@ -404,14 +464,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .collect();
         let med = median(&lat);
         let q = quality[mi];
+        // The same method's embedded row (its index among the embedded variants).
+        let embedded_median = if *remote {
+            variants
+                .iter()
+                .position(|(x, r)| x == m && !r)
+                .map(|k| median(&stats[k].iter().map(|s| s.seconds).collect::<Vec<_>>()))
+        } else {
+            None
+        };
         report_rows.push(BenchRow {
             method: m.name().to_string(),
+            mode: if *remote { "distributed" } else { "embedded" }.into(),
+            latency_vs_embedded: embedded_median.filter(|e| *e > 0.0).map(|e| med / e),
+            wire_bytes_per_image: remote.then(|| wire[mi] as f64 / n),
             params: m
                 .params()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
-            spec: m.to_string(),
+            spec: if *remote {
+                format!("{m}@gateway")
+            } else {
+                m.to_string()
+            },
             n: st.len(),
             latency_median_s: med,
             latency_p90_s: quantile(&lat, 0.9),
@@ -451,6 +527,45 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// One generation through the gateway: the outcome (latency measured here, so it includes the
+/// hops) and the bytes on the wire (gateway ↔ roles, plus this request and its response).
+async fn remote_generate(
+    gw: &mut mulo_server::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+    req: &GenerateRequest,
+) -> Result<(mulo_engine::Outcome, u64)> {
+    use mulo_server::convert::{condition_out, sampling_out, stats_in};
+    use prost::Message;
+    let msg = mulo_server::proto::GenerateRequest {
+        request_id: req.id.clone(),
+        condition: Some(
+            condition_out(&req.condition).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+        ),
+        method: req.method.to_string(),
+        sampling: Some(sampling_out(&req.sampling)),
+        seed: req.seed,
+        return_tokens: true,
+        skip_png: true,
+    };
+    let sent = msg.encoded_len() as u64;
+    let t = std::time::Instant::now();
+    let r = gw
+        .generate(msg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e.message()))?
+        .into_inner();
+    let seconds = t.elapsed().as_secs_f64();
+    let bytes = sent + r.encoded_len() as u64 + r.stats.as_ref().map_or(0, |s| s.wire_bytes);
+    let mut stats = stats_in(r.stats.unwrap_or_default());
+    stats.seconds = seconds;
+    Ok((
+        mulo_engine::Outcome {
+            tokens: r.tokens.iter().map(|&t| i64::from(t)).collect(),
+            stats,
+        },
+        bytes,
+    ))
+}
+
 fn opt(v: Option<f64>, scale: f64, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{:.*}", digits, x * scale))
 }
@@ -484,6 +599,16 @@ fn print_table(rows: &[BenchRow]) {
             100.0 * r.resampled_fraction,
             opt(r.fid_emoji, 1.0, 2),
             opt(r.adherence, 100.0, 1)
+        );
+    }
+    for r in rows.iter().filter(|r| r.mode == "distributed") {
+        println!(
+            "{}: latency {} of embedded mode, {} bytes on the wire per image",
+            r.spec,
+            r.latency_vs_embedded
+                .map_or_else(|| "-".into(), |x| format!("{x:.3}x")),
+            r.wire_bytes_per_image
+                .map_or_else(|| "-".into(), |x| format!("{x:.0}"))
         );
     }
 }

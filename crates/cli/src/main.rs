@@ -3,6 +3,7 @@
 
 mod bench;
 mod card;
+mod cluster;
 mod common;
 mod convert;
 mod data;
