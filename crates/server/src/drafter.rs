@@ -182,31 +182,13 @@ impl pb::drafter_server::Drafter for DrafterService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let id = req.into_inner().session_id;
-        let released = self
-            .local
-            .worker()
-            .call(move |e: &mut Engine| e.drafter.as_mut().is_some_and(|d| d.release(&id)))
-            .await
-            .map_err(|e| status(&e))?;
-        Ok(Response::new(pb::ReleaseResponse { released }))
+        crate::release_session(&self.local, req.into_inner().session_id, true).await
     }
 
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let (live, _) = self
-            .local
-            .worker()
-            .call(|e: &mut Engine| e.live_sessions())
-            .await
-            .map_err(|e| status(&e))?;
-        Ok(Response::new(pb::StatusResponse {
-            live_sessions: live as u32,
-            max_sessions: self.max_sessions as u32,
-            in_flight: 0,
-            draining: false,
-        }))
+        crate::role_status(&self.local, self.max_sessions, true).await
     }
 }

@@ -377,7 +377,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             live_sessions: in_flight as u32,
             max_sessions: self.max_in_flight as u32,
             in_flight: in_flight as u32,
-            draining: false,
+            draining: crate::DRAINING.load(Ordering::Relaxed),
         }))
     }
 }

@@ -25,6 +25,48 @@ use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 
 pub use mulo_proto::v1 as proto;
+
+/// Set when SIGTERM / Ctrl-C arrived: the process drains (reported by every `Status` call).
+pub static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `Release` of a role: frees the session on the torch thread (idempotent).
+async fn release_session(
+    local: &Local,
+    id: String,
+    drafter: bool,
+) -> Result<tonic::Response<proto::ReleaseResponse>, Status> {
+    let released = local
+        .worker()
+        .call(move |e: &mut Engine| {
+            if drafter {
+                e.drafter.as_mut().is_some_and(|d| d.release(&id))
+            } else {
+                e.verifier.as_mut().is_some_and(|v| v.release(&id))
+            }
+        })
+        .await
+        .map_err(|e| convert::status(&e))?;
+    Ok(tonic::Response::new(proto::ReleaseResponse { released }))
+}
+
+/// `Status` of a role: its live sessions and limit, and whether it drains.
+async fn role_status(
+    local: &Local,
+    max_sessions: usize,
+    drafter: bool,
+) -> Result<tonic::Response<proto::StatusResponse>, Status> {
+    let (d, v) = local
+        .worker()
+        .call(|e: &mut Engine| e.live_sessions())
+        .await
+        .map_err(|e| convert::status(&e))?;
+    Ok(tonic::Response::new(proto::StatusResponse {
+        live_sessions: if drafter { d } else { v } as u32,
+        max_sessions: max_sessions as u32,
+        in_flight: 0,
+        draining: DRAINING.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+}
 pub use runtime::RuntimeArgs;
 
 /// Flags every service takes.
@@ -156,6 +198,7 @@ async fn serve(
     // the calls in flight (streams included) finish, then return.
     let drain = async move {
         shutdown_signal().await;
+        DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
