@@ -150,6 +150,35 @@ async fn the_gateway_gives_the_tokens_of_embedded_mode() {
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     let _ = std::fs::remove_dir_all(&dir);
 
+    // The capability handshake names the models each role holds.
+    for (p, want) in [
+        (&verifier, vec![("gpt", 16), ("gpt", 16), ("vq", 0)]),
+        (&drafter, vec![("gpt", 8), ("vq", 0)]),
+    ] {
+        let info = mulo_proto::v1::capabilities_client::CapabilitiesClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", p.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+        let got: Vec<(&str, u32)> = info
+            .models
+            .iter()
+            .map(|m| (m.model_type.as_str(), m.grid_rows))
+            .collect();
+        let want: Vec<(&str, u32)> = want.into_iter().collect();
+        assert_eq!(got, want, "{}: {info:?}", info.role);
+        assert!(info
+            .models
+            .iter()
+            .all(|m| m.vocab_size == 2048 && m.device == "cpu"));
+    }
+
     // Every session was released on both roles.
     for (p, is_drafter) in [(&drafter, true), (&verifier, false)] {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.addr))

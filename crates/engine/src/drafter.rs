@@ -127,6 +127,11 @@ impl DrafterCore {
         &self.vq
     }
 
+    /// The low-resolution GPT.
+    pub fn gpt(&self) -> &Gpt {
+        &self.drafter
+    }
+
     /// Live sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.len()

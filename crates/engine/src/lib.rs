@@ -20,7 +20,7 @@ pub use ar::{generate_ar, Generation, GenerationStats};
 pub use coordinator::{generate, BlockEvent, GenerateRequest, MethodStats, Outcome};
 pub use error::EngineError;
 pub use family::{default_family_dir, Family, Member};
-pub use roles::{DrafterRole, Engine, Local, RoleSet, VerifierRole};
+pub use roles::{DrafterRole, Engine, LoadedModel, Local, RoleSet, VerifierRole};
 pub use score::{score_tokens, Scores};
 pub use session::{SessionRef, SessionSpec};
 pub use worker::TorchWorker;

@@ -91,6 +91,55 @@ pub struct Engine {
     pub vq: Option<VqModel>,
 }
 
+/// A model a process holds, for the capability handshake.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoadedModel {
+    /// The config's name, else the role it plays.
+    pub id: String,
+    /// "gpt" or "vq".
+    pub model_type: String,
+    /// Token grid (GPT) or 0.
+    pub rows: usize,
+    /// Token grid (GPT) or 0.
+    pub cols: usize,
+    /// Vocabulary or codebook size.
+    pub vocab: usize,
+    /// Activation dtype it runs in: "fp32", "bf16" or "fp16".
+    pub dtype: String,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+}
+
+fn kind_name(k: tch::Kind) -> String {
+    match k {
+        tch::Kind::BFloat16 => "bf16".into(),
+        tch::Kind::Half => "fp16".into(),
+        tch::Kind::Float => "fp32".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn gpt_info(g: &Gpt, role: &str) -> LoadedModel {
+    let c = g.config();
+    LoadedModel {
+        id: c.name.clone().unwrap_or_else(|| role.to_string()),
+        model_type: "gpt".into(),
+        rows: c.grid.rows,
+        cols: c.grid.cols,
+        vocab: c.vocab_size as usize,
+        dtype: kind_name(g.kind()),
+        device: device_name(g.device()),
+    }
+}
+
 /// Which roles a process loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoleSet {
@@ -193,6 +242,39 @@ impl Engine {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         Ok(format!("{h:016x}"))
+    }
+
+    /// The models this process holds (target, small draft model, drafter, VQ).
+    pub fn models(&self) -> Vec<LoadedModel> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.verifier {
+            out.push(gpt_info(v.target(), "target"));
+            if let Some(d) = v.draft_model() {
+                out.push(gpt_info(d, "draft-small"));
+            }
+        }
+        if let Some(d) = &self.drafter {
+            out.push(gpt_info(d.gpt(), "drafter"));
+        }
+        if let Some(vq) = &self.vq {
+            let c = vq.config();
+            out.push(LoadedModel {
+                id: c.name.clone().unwrap_or_else(|| "vq".into()),
+                model_type: "vq".into(),
+                rows: 0,
+                cols: 0,
+                vocab: c.codebook_size as usize,
+                dtype: kind_name(
+                    vq.var_store()
+                        .variables()
+                        .values()
+                        .next()
+                        .map_or(tch::Kind::Float, tch::Tensor::kind),
+                ),
+                device: device_name(vq.var_store().device()),
+            });
+        }
+        out
     }
 
     /// Live sessions of the drafter and the verifier (0 for a role this process does not run).

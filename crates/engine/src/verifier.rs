@@ -230,6 +230,11 @@ impl VerifierCore {
         &self.target
     }
 
+    /// The small draft model of SD / LANTERN, when loaded.
+    pub fn draft_model(&self) -> Option<&Gpt> {
+        self.draft.as_ref()
+    }
+
     /// Live sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.len()

@@ -134,6 +134,7 @@ pub struct GatewayArgs {
 #[derive(Debug)]
 struct InfoService {
     role: &'static str,
+    models: Vec<mulo_proto::v1::ModelInfo>,
 }
 
 #[tonic::async_trait]
@@ -142,7 +143,7 @@ impl Capabilities for InfoService {
         Ok(Response::new(InfoResponse {
             role: self.role.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            models: Vec::new(),
+            models: self.models.clone(),
         }))
     }
 }
@@ -180,8 +181,23 @@ fn init_logs(filter: &str) {
 async fn serve(
     role: &'static str,
     listen: SocketAddr,
+    worker: &Arc<TorchWorker<Engine>>,
     add: impl FnOnce(Router) -> Router,
 ) -> Result<()> {
+    let models = worker
+        .call(|e: &mut Engine| e.models())
+        .await?
+        .into_iter()
+        .map(|m| mulo_proto::v1::ModelInfo {
+            id: m.id,
+            model_type: m.model_type,
+            grid_rows: m.rows as u32,
+            grid_cols: m.cols as u32,
+            vocab_size: m.vocab as u32,
+            dtype: m.dtype,
+            device: m.device,
+        })
+        .collect();
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
@@ -191,7 +207,7 @@ async fn serve(
     let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(CapabilitiesServer::new(InfoService { role }));
+        .add_service(CapabilitiesServer::new(InfoService { role, models }));
     let router = add(router);
     tracing::info!(role, %listen, "serving");
     // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
@@ -284,16 +300,16 @@ pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
     };
     let worker = engine(&fam, roles, &args.runtime, args.max_sessions)?;
     let local = Local::new(worker.clone());
-    expire_idle(worker, args.session_ttl);
+    expire_idle(worker.clone(), args.session_ttl);
     if role == "drafter" {
         let svc = drafter::DrafterService::new(local, args.max_sessions).await?;
-        serve(role, args.common.listen, |r| {
+        serve(role, args.common.listen, &worker, |r| {
             r.add_service(mulo_proto::v1::drafter_server::DrafterServer::new(svc))
         })
         .await
     } else {
         let svc = verifier::VerifierService::new(local, args.max_sessions).await?;
-        serve(role, args.common.listen, |r| {
+        serve(role, args.common.listen, &worker, |r| {
             r.add_service(mulo_proto::v1::verifier_server::VerifierServer::new(svc))
         })
         .await
@@ -376,6 +392,7 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
         draft_small: false,
     };
     let vq = engine(&fam, none, &args.runtime, 1)?;
+    let own = vq.clone();
     let svc = gateway::GatewayService::new(
         info,
         drafters,
@@ -384,7 +401,7 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
         args.max_migrations,
         Some(vq),
     );
-    serve("gateway", args.common.listen, |r| {
+    serve("gateway", args.common.listen, &own, |r| {
         r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
     })
     .await
