@@ -86,6 +86,34 @@ where
     }
 }
 
+/// One unary call to a role: counts the request and the answer on the wire, and maps a refusal
+/// or a lost peer to the engine's error; `idempotent` calls are retried (see [`retry`]).
+async fn unary<C, Req, Resp, F, Fut>(
+    addr: &str,
+    client: &C,
+    req: Req,
+    idempotent: bool,
+    call: F,
+) -> Result<Resp, EngineError>
+where
+    C: Clone,
+    Req: Message + Clone,
+    Resp: Message,
+    F: Fn(C, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    count_bytes(&req);
+    let r = if idempotent {
+        retry(|| call(client.clone(), req.clone())).await
+    } else {
+        call(client.clone(), req).await
+    }
+    .map_err(|s| engine_error(addr, &s))?
+    .into_inner();
+    count_bytes(&r);
+    Ok(r)
+}
+
 fn grid_in(g: Option<pb::Grid>) -> GridSize {
     let g = g.unwrap_or_default();
     GridSize {
@@ -142,15 +170,10 @@ impl DrafterRole for RemoteDrafter {
             spec: Some(spec_pb(&spec)?),
             committed: ids(&committed)?,
         };
-        count_bytes(&req);
-        let r = retry(|| {
-            let (mut c, req) = (self.client.clone(), req.clone());
-            async move { c.open(req).await }
+        let r = unary(&self.addr, &self.client, req, true, |mut c, r| async move {
+            c.open(r).await
         })
-        .await
-        .map_err(|s| engine_error(&self.addr, &s))?
-        .into_inner();
-        count_bytes(&r);
+        .await?;
         Ok(drafter_info(r.info))
     }
 
@@ -208,13 +231,10 @@ impl DrafterRole for RemoteDrafter {
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
         let req = pb::ReleaseRequest { session_id: id };
-        count_bytes(&req);
-        retry(|| {
-            let (mut c, req) = (self.client.clone(), req.clone());
-            async move { c.release(req).await }
+        unary(&self.addr, &self.client, req, true, |mut c, r| async move {
+            c.release(r).await
         })
-        .await
-        .map_err(|s| engine_error(&self.addr, &s))?;
+        .await?;
         Ok(())
     }
 }
@@ -259,15 +279,10 @@ impl VerifierRole for RemoteVerifier {
             with_draft,
             committed: ids(&committed)?,
         };
-        count_bytes(&req);
-        let r = retry(|| {
-            let (mut c, req) = (self.client.clone(), req.clone());
-            async move { c.open(req).await }
+        let r = unary(&self.addr, &self.client, req, true, |mut c, r| async move {
+            c.open(r).await
         })
-        .await
-        .map_err(|s| engine_error(&self.addr, &s))?
-        .into_inner();
-        count_bytes(&r);
+        .await?;
         let i = r.info.unwrap_or_default();
         let g = grid_in(i.grid);
         Ok(VerifierInfo {
@@ -291,15 +306,14 @@ impl VerifierRole for RemoteVerifier {
             proposals: ids(&proposals)?,
             pool_k: u32::try_from(pool_k).unwrap_or(u32::MAX),
         };
-        count_bytes(&req);
-        let r = self
-            .client
-            .clone()
-            .verify(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
-        count_bytes(&r);
+        let r = unary(
+            &self.addr,
+            &self.client,
+            req,
+            false,
+            |mut c, r| async move { c.verify(r).await },
+        )
+        .await?;
         Ok(VerifyReply {
             mass: r.mass,
             refreshed: r.refreshed as usize,
@@ -321,15 +335,14 @@ impl VerifierRole for RemoteVerifier {
                 })
                 .collect(),
         };
-        count_bytes(&req);
-        let r = self
-            .client
-            .clone()
-            .resample(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
-        count_bytes(&r);
+        let r = unary(
+            &self.addr,
+            &self.client,
+            req,
+            false,
+            |mut c, r| async move { c.resample(r).await },
+        )
+        .await?;
         Ok(ResampleReply {
             tokens: tokens_in(&r.tokens),
             passes: r.passes as usize,
@@ -342,15 +355,14 @@ impl VerifierRole for RemoteVerifier {
             session: Some(ref_out(&session)),
             values: ids(&values)?,
         };
-        count_bytes(&req);
-        let r = self
-            .client
-            .clone()
-            .commit(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
-        count_bytes(&r);
+        let r = unary(
+            &self.addr,
+            &self.client,
+            req,
+            false,
+            |mut c, r| async move { c.commit(r).await },
+        )
+        .await?;
         Ok(r.refreshed as usize)
     }
 
@@ -359,15 +371,14 @@ impl VerifierRole for RemoteVerifier {
             session: Some(ref_out(&session)),
             count: count as u32,
         };
-        count_bytes(&req);
-        let r = self
-            .client
-            .clone()
-            .decode(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
-        count_bytes(&r);
+        let r = unary(
+            &self.addr,
+            &self.client,
+            req,
+            false,
+            |mut c, r| async move { c.decode(r).await },
+        )
+        .await?;
         Ok(DecodeReply {
             tokens: tokens_in(&r.tokens),
             passes: r.passes as usize,
@@ -389,15 +400,14 @@ impl VerifierRole for RemoteVerifier {
                 delta: r.delta,
             }),
         };
-        count_bytes(&req);
-        let r = self
-            .client
-            .clone()
-            .speculate(req)
-            .await
-            .map_err(|s| engine_error(&self.addr, &s))?
-            .into_inner();
-        count_bytes(&r);
+        let r = unary(
+            &self.addr,
+            &self.client,
+            req,
+            false,
+            |mut c, r| async move { c.speculate(r).await },
+        )
+        .await?;
         Ok(SpeculateReply {
             tokens: tokens_in(&r.tokens),
             proposed: r.proposed as usize,
@@ -411,13 +421,10 @@ impl VerifierRole for RemoteVerifier {
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
         let req = pb::ReleaseRequest { session_id: id };
-        count_bytes(&req);
-        retry(|| {
-            let (mut c, req) = (self.client.clone(), req.clone());
-            async move { c.release(req).await }
+        unary(&self.addr, &self.client, req, true, |mut c, r| async move {
+            c.release(r).await
         })
-        .await
-        .map_err(|s| engine_error(&self.addr, &s))?;
+        .await?;
         Ok(())
     }
 }

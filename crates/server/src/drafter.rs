@@ -15,9 +15,7 @@ use crate::convert::{ref_in, spec_in, status, tokens_in, tokens_out};
 /// `mulo.v1.Drafter` served from this process's torch thread.
 #[derive(Debug, Clone)]
 pub struct DrafterService {
-    local: Local,
-    max_sessions: usize,
-    codebook_hash: String,
+    base: crate::RoleBase,
 }
 
 fn grid(g: GridSize) -> pb::Grid {
@@ -30,14 +28,8 @@ fn grid(g: GridSize) -> pb::Grid {
 impl DrafterService {
     /// The service over `local` (whose engine holds a drafter).
     pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
-        let codebook_hash = local
-            .worker()
-            .call(|e: &mut Engine| e.codebook_hash())
-            .await??;
         Ok(Self {
-            local,
-            max_sessions,
-            codebook_hash,
+            base: crate::RoleBase::new(local, max_sessions).await?,
         })
     }
 
@@ -47,8 +39,8 @@ impl DrafterService {
             high: Some(grid(i.high)),
             scale: i.scale as u32,
             vocab: i.vocab as u32,
-            codebook_hash: self.codebook_hash.clone(),
-            max_sessions: self.max_sessions as u32,
+            codebook_hash: self.base.codebook_hash.clone(),
+            max_sessions: self.base.max_sessions as u32,
         }
     }
 }
@@ -62,6 +54,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         _req: Request<pb::DrafterInfoRequest>,
     ) -> Result<Response<pb::DrafterInfoResponse>, Status> {
         let info = self
+            .base
             .local
             .worker()
             .call(|e: &mut Engine| e.drafter.as_ref().map(|d| d.info()))
@@ -78,7 +71,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         let r = req.into_inner();
         let spec = spec_in(r.spec)?;
         let t = Instant::now();
-        let info = DrafterRole::open(&self.local, spec, tokens_in(&r.committed))
+        let info = DrafterRole::open(&self.base.local, spec, tokens_in(&r.committed))
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DrafterOpenResponse {
@@ -101,6 +94,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         // High-res tokens before the new rows: the committed ones and the block realigned now.
         let before = session.committed + r.realign.len();
         let reply = self
+            .base
             .local
             .draft(
                 session,
@@ -144,6 +138,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         let tokens = tokens_in(&req.into_inner().tokens);
         let t = Instant::now();
         let png = self
+            .base
             .local
             .worker()
             .call(move |e: &mut Engine| -> Result<Vec<u8>, EngineError> {
@@ -182,13 +177,13 @@ impl pb::drafter_server::Drafter for DrafterService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        crate::release_session(&self.local, req.into_inner().session_id, true).await
+        crate::release_session(&self.base.local, req.into_inner().session_id, true).await
     }
 
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        crate::role_status(&self.local, self.max_sessions, true).await
+        crate::role_status(&self.base.local, self.base.max_sessions, true).await
     }
 }

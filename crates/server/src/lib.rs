@@ -29,6 +29,29 @@ pub use mulo_proto::v1 as proto;
 /// Set when SIGTERM / Ctrl-C arrived: the process drains (reported by every `Status` call).
 pub static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What the drafter and verifier services share: the in-process role, its session limit and the
+/// codebook hash of the capability handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct RoleBase {
+    pub(crate) local: Local,
+    pub(crate) max_sessions: usize,
+    pub(crate) codebook_hash: String,
+}
+
+impl RoleBase {
+    async fn new(local: Local, max_sessions: usize) -> Result<Self, mulo_engine::EngineError> {
+        let codebook_hash = local
+            .worker()
+            .call(|e: &mut Engine| e.codebook_hash())
+            .await??;
+        Ok(Self {
+            local,
+            max_sessions,
+            codebook_hash,
+        })
+    }
+}
+
 /// `Release` of a role: frees the session on the torch thread (idempotent).
 async fn release_session(
     local: &Local,

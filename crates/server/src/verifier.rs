@@ -12,22 +12,14 @@ use crate::convert::{invalid, ref_in, spec_in, status, tokens_in, tokens_out};
 /// `mulo.v1.Verifier` served from this process's torch thread.
 #[derive(Debug, Clone)]
 pub struct VerifierService {
-    local: Local,
-    max_sessions: usize,
-    codebook_hash: String,
+    base: crate::RoleBase,
 }
 
 impl VerifierService {
     /// The service over `local` (whose engine holds a verifier).
     pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
-        let codebook_hash = local
-            .worker()
-            .call(|e: &mut Engine| e.codebook_hash())
-            .await??;
         Ok(Self {
-            local,
-            max_sessions,
-            codebook_hash,
+            base: crate::RoleBase::new(local, max_sessions).await?,
         })
     }
 
@@ -39,8 +31,8 @@ impl VerifierService {
             }),
             vocab: i.vocab as u32,
             draft_model: i.draft_model,
-            codebook_hash: self.codebook_hash.clone(),
-            max_sessions: self.max_sessions as u32,
+            codebook_hash: self.base.codebook_hash.clone(),
+            max_sessions: self.base.max_sessions as u32,
         }
     }
 }
@@ -52,6 +44,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         _req: Request<pb::VerifierInfoRequest>,
     ) -> Result<Response<pb::VerifierInfoResponse>, Status> {
         let info = self
+            .base
             .local
             .worker()
             .call(|e: &mut Engine| e.verifier.as_ref().map(|v| v.info()))
@@ -68,9 +61,14 @@ impl pb::verifier_server::Verifier for VerifierService {
         let r = req.into_inner();
         let spec = spec_in(r.spec)?;
         let t = Instant::now();
-        let info = VerifierRole::open(&self.local, spec, r.with_draft, tokens_in(&r.committed))
-            .await
-            .map_err(|e| status(&e))?;
+        let info = VerifierRole::open(
+            &self.base.local,
+            spec,
+            r.with_draft,
+            tokens_in(&r.committed),
+        )
+        .await
+        .map_err(|e| status(&e))?;
         Ok(Response::new(pb::VerifierOpenResponse {
             info: Some(self.info_out(&info)),
             seconds: t.elapsed().as_secs_f64(),
@@ -87,6 +85,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             return Err(invalid("proposals", "at least one proposal"));
         }
         let reply = self
+            .base
             .local
             .verify(
                 session,
@@ -115,6 +114,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             .map(|p| p.positions.into_iter().map(|x| x as usize).collect())
             .collect();
         let reply = self
+            .base
             .local
             .resample(session, passes)
             .await
@@ -134,6 +134,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         let session = ref_in(r.session)?;
         let t = Instant::now();
         let refreshed = self
+            .base
             .local
             .commit(session, tokens_in(&r.values))
             .await
@@ -154,6 +155,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             return Err(invalid("count", "must be at least 1"));
         }
         let reply = self
+            .base
             .local
             .decode(session, r.count as usize)
             .await
@@ -190,6 +192,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             None => None,
         };
         let reply = self
+            .base
             .local
             .speculate(session, r.gamma as usize, relax)
             .await
@@ -209,13 +212,13 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        crate::release_session(&self.local, req.into_inner().session_id, false).await
+        crate::release_session(&self.base.local, req.into_inner().session_id, false).await
     }
 
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        crate::role_status(&self.local, self.max_sessions, false).await
+        crate::role_status(&self.base.local, self.base.max_sessions, false).await
     }
 }
