@@ -67,7 +67,8 @@ pub struct BenchArgs {
     /// (mulo-drafter, mulo-verifier, mulo-gateway next to this executable; one torch thread per
     /// role, drafter and verifier pinned to different CPUs when `taskset` is there), interleaved
     /// with the in-process runs: rows `METHOD@gateway` with their latency against embedded mode
-    /// and the bytes exchanged between gateway and roles per image.
+    /// and the bytes exchanged between gateway and roles per image. A pipelined `mulo` method
+    /// also runs with `pipeline=0` through the gateway, for the gain from pipelining.
     #[arg(long)]
     pub distributed: bool,
     /// With --distributed: do not pin the roles to CPUs.
@@ -93,6 +94,26 @@ fn parse_method(s: &str) -> Result<Method, String> {
     Method::parse(s).map_err(|e| e.to_string())
 }
 
+/// The `pipeline=0` twin of every pipelined `mulo` method that is not in the list already: with
+/// `--distributed` they run through the gateway only, for the gain from pipelining.
+fn unpipelined(methods: &[Method]) -> Vec<Method> {
+    let mut out: Vec<Method> = Vec::new();
+    for m in methods {
+        if let Method::Mulo(p) = m {
+            if p.pipeline {
+                let off = Method::Mulo(mulo_core::MuloParams {
+                    pipeline: false,
+                    ..*p
+                });
+                if !methods.contains(&off) && !out.contains(&off) {
+                    out.push(off);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One method's row of the report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -106,6 +127,9 @@ pub struct BenchRow {
     /// Distributed rows: bytes per image between the gateway and the roles (encoded messages,
     /// image decoding included) plus this client's request and response.
     pub wire_bytes_per_image: Option<f64>,
+    /// Distributed pipelined `mulo` rows: the median latency of the same method with
+    /// `pipeline=0` through the gateway over this row's.
+    pub pipelining_gain: Option<f64>,
     /// Its parameters.
     pub params: BTreeMap<String, String>,
     /// The full spec (`mulo:tau=…`).
@@ -289,6 +313,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|m| (*m, false))
         .chain(methods.iter().filter(|_| a.distributed).map(|m| (*m, true)))
+        .chain(
+            unpipelined(&methods)
+                .into_iter()
+                .filter(|_| a.distributed)
+                .map(|m| (m, true)),
+        )
         .collect();
     let cluster = if a.distributed {
         let threads = a.runtime.threads.unwrap_or(1);
@@ -473,7 +503,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         } else {
             None
         };
+        // Pipelined mulo through the gateway: the same method unpipelined, also through it.
+        let pipelining_gain = match m {
+            Method::Mulo(p) if *remote && p.pipeline => {
+                let off = Method::Mulo(mulo_core::MuloParams {
+                    pipeline: false,
+                    ..*p
+                });
+                variants
+                    .iter()
+                    .position(|(x, r)| *x == off && *r)
+                    .map(|k| median(&stats[k].iter().map(|s| s.seconds).collect::<Vec<_>>()))
+                    .filter(|_| med > 0.0)
+                    .map(|off_med| off_med / med)
+            }
+            _ => None,
+        };
         report_rows.push(BenchRow {
+            pipelining_gain,
             method: m.name().to_string(),
             mode: if *remote { "distributed" } else { "embedded" }.into(),
             latency_vs_embedded: embedded_median.filter(|e| *e > 0.0).map(|e| med / e),
@@ -610,6 +657,12 @@ fn print_table(rows: &[BenchRow]) {
             r.wire_bytes_per_image
                 .map_or_else(|| "-".into(), |x| format!("{x:.0}"))
         );
+        if let Some(g) = r.pipelining_gain {
+            println!(
+                "{}: pipelining gain {g:.2}x (the same method with pipeline=0 through the gateway over this one)",
+                r.spec
+            );
+        }
     }
 }
 
@@ -642,5 +695,14 @@ mod tests {
         assert!(method_list(&[], Some("tau")).is_err());
         assert!(method_list(&[], Some("gamma=3")).is_err());
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.9), 5.0);
+    }
+
+    #[test]
+    fn pipelined_mulo_gets_its_unpipelined_twin_once() {
+        let on = Method::parse("mulo:tau=0.1").unwrap();
+        let off = Method::parse("mulo:tau=0.1,pipeline=0").unwrap();
+        assert_eq!(unpipelined(&[Method::Ar, on, on]), vec![off]);
+        assert!(unpipelined(&[on, off]).is_empty(), "already listed");
+        assert!(unpipelined(&[Method::Ar, off]).is_empty());
     }
 }

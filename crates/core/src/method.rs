@@ -47,6 +47,11 @@ pub struct MuloParams {
     pub zipar_window: usize,
     /// Local (MuLo-SD) or raster (classic) rejection.
     pub rejection: Rejection,
+    /// Pipelined drafting: the drafter drafts block `b+1` while block `b` is verified, over its
+    /// own (not yet realigned) rows of block `b`; the next draft realigns them. Changes the
+    /// proposals (not the verification), so both settings are deterministic for a seed.
+    #[serde(default)]
+    pub pipeline: bool,
 }
 
 impl Default for MuloParams {
@@ -60,6 +65,7 @@ impl Default for MuloParams {
             block_rows: 2,
             zipar_window: 2,
             rejection: Rejection::Local,
+            pipeline: true,
         }
     }
 }
@@ -162,6 +168,7 @@ impl Method {
                 "block_rows",
                 "zipar_window",
                 "rejection",
+                "pipeline",
             ],
         }
     }
@@ -201,6 +208,18 @@ impl Method {
                 "radius" => p.radius = parse_value("radius", value)?,
                 "block_rows" => p.block_rows = parse_value("block_rows", value)?,
                 "zipar_window" => p.zipar_window = parse_value("zipar_window", value)?,
+                "pipeline" => {
+                    p.pipeline = match value.trim() {
+                        "1" | "true" | "on" => true,
+                        "0" | "false" | "off" => false,
+                        other => {
+                            return Err(ParamError::new(
+                                "pipeline",
+                                format!("expected 1 or 0 (on or off), got '{other}'"),
+                            ))
+                        }
+                    }
+                }
                 "rejection" => {
                     p.rejection = match value.trim() {
                         "local" => Rejection::Local,
@@ -256,6 +275,7 @@ impl Method {
                 out.insert("block_rows", p.block_rows.to_string());
                 out.insert("zipar_window", p.zipar_window.to_string());
                 out.insert("rejection", p.rejection.to_string());
+                out.insert("pipeline", u8::from(p.pipeline).to_string());
             }
         }
         out

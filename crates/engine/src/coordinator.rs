@@ -10,6 +10,7 @@ use mulo_core::spec::{blocks, Block};
 use mulo_core::{Condition, Method, MuloParams, SamplingParams};
 use serde::Serialize;
 
+use crate::drafter::DraftReply;
 use crate::error::EngineError;
 use crate::roles::{DrafterRole, VerifierRole};
 use crate::session::{SessionRef, SessionSpec};
@@ -298,13 +299,28 @@ impl Run<'_> {
             ));
             return self.ar(on_event).await;
         }
+        let blocks = blocks(rows, cols, dinfo.scale, p.block_rows);
+        let low_rows = |b: &Block| b.rows.div_ceil(dinfo.scale);
+        // `pending`: the final tokens of the last block, committed on the verifier by the next
+        // verify (and realigned on the drafter by the next draft).
         let mut pending: Vec<i64> = Vec::new();
-        for block in blocks(rows, cols, dinfo.scale, p.block_rows) {
+        // With pipelining, the next block's draft, made while this block was verified.
+        let mut next_draft: Option<Result<DraftReply, EngineError>> = None;
+        for (b, block) in blocks.iter().enumerate() {
             let done = self.committed.len();
-            let low_rows = block.rows.div_ceil(dinfo.scale);
-            let draft = drafter
-                .draft(self.at(done), pending.clone(), low_rows, p.zipar_window)
-                .await;
+            let draft = match next_draft.take() {
+                Some(d) => d,
+                None => {
+                    drafter
+                        .draft(
+                            self.at(done),
+                            pending.clone(),
+                            low_rows(block),
+                            p.zipar_window,
+                        )
+                        .await
+                }
+            };
             let draft = match draft {
                 Ok(d) => d,
                 Err(e) => {
@@ -330,46 +346,109 @@ impl Run<'_> {
                     block.len()
                 )));
             }
-            let v = self
-                .verifier
-                .verify(self.at(done), pending.clone(), proposals.clone(), p.pool_k)
-                .await?;
+            // Verify (and resample) this block; with pipelining, draft the next one meanwhile
+            // over the drafter's own rows of this block (the call after realigns them).
+            let checked = check_block(
+                self.verifier,
+                self.at(done),
+                pending.clone(),
+                proposals.clone(),
+                block,
+                p,
+            );
+            let checked = match blocks.get(b + 1).filter(|_| p.pipeline) {
+                Some(next) => {
+                    let ahead = drafter.draft(
+                        self.at(done),
+                        pending.clone(),
+                        low_rows(next),
+                        p.zipar_window,
+                    );
+                    let (checked, ahead) = tokio::join!(checked, ahead);
+                    next_draft = Some(ahead);
+                    checked?
+                }
+                None => checked.await?,
+            };
             self.committed.append(&mut pending);
-            self.stats.target_passes += 1;
-            self.stats.add("verify", v.seconds);
+            self.stats.target_passes += 1 + checked.resample_passes;
+            self.stats.add("verify", checked.verify_seconds);
+            self.stats.add("expand", checked.expand_seconds);
             self.stats.cycles += 1;
             self.stats.proposed += proposals.len();
-            let accepted: Vec<bool> = v.mass.iter().map(|&m| f64::from(m) >= p.tau).collect();
-            self.stats.accepted += accepted.iter().filter(|&&a| a).count();
-            let t = Instant::now();
-            let plan = plan_resample(&block, &accepted, p.radius, p.rejection);
-            self.stats.add("expand", t.elapsed().as_secs_f64());
-            pending = proposals;
-            if !plan.is_empty() {
-                let passes = grid_passes(&block, &plan.passes);
-                let r = self
-                    .verifier
-                    .resample(self.at(self.committed.len()), passes)
-                    .await?;
-                self.stats.target_passes += r.passes;
-                self.stats.resampled += plan.len();
-                self.stats.largest_island = self.stats.largest_island.max(plan.largest_island());
-                self.stats.add("resample", r.seconds);
-                pending = r.tokens;
+            self.stats.accepted += checked.accepted.iter().filter(|&&a| a).count();
+            if checked.resample_passes > 0 {
+                self.stats.resampled += checked.resampled.iter().filter(|&&r| r).count();
+                self.stats.largest_island = self.stats.largest_island.max(checked.largest_island);
+                self.stats.add("resample", checked.resample_seconds);
             }
+            pending = checked.tokens;
             on_event(&BlockEvent {
                 committed: self.committed.len() + pending.len(),
                 total: self.total,
                 start: block.grid_index(0),
                 tokens: pending.clone(),
-                accepted,
-                resampled: plan.mask,
+                accepted: checked.accepted,
+                resampled: checked.resampled,
             });
         }
         // The last block needs no commit pass: its values are final.
         self.committed.append(&mut pending);
         Ok(())
     }
+}
+
+/// One block's verification: its final tokens and what it took.
+struct Checked {
+    tokens: Vec<i64>,
+    accepted: Vec<bool>,
+    resampled: Vec<bool>,
+    resample_passes: usize,
+    largest_island: usize,
+    verify_seconds: f64,
+    resample_seconds: f64,
+    expand_seconds: f64,
+}
+
+/// Commits `pending` and scores `proposals` on the verifier in one pass, then resamples the
+/// rejected neighbourhoods.
+async fn check_block(
+    verifier: &dyn VerifierRole,
+    at: SessionRef,
+    pending: Vec<i64>,
+    proposals: Vec<i64>,
+    block: &Block,
+    p: &MuloParams,
+) -> Result<Checked, EngineError> {
+    let committed = at.committed + pending.len();
+    let v = verifier
+        .verify(at.clone(), pending, proposals.clone(), p.pool_k)
+        .await?;
+    let accepted: Vec<bool> = v.mass.iter().map(|&m| f64::from(m) >= p.tau).collect();
+    let t = Instant::now();
+    let plan = plan_resample(block, &accepted, p.radius, p.rejection);
+    let expand_seconds = t.elapsed().as_secs_f64();
+    let mut out = Checked {
+        tokens: proposals,
+        resampled: plan.mask.clone(),
+        accepted,
+        resample_passes: 0,
+        largest_island: 0,
+        verify_seconds: v.seconds,
+        resample_seconds: 0.0,
+        expand_seconds,
+    };
+    if !plan.is_empty() {
+        let passes = grid_passes(block, &plan.passes);
+        let r = verifier
+            .resample(SessionRef { committed, ..at }, passes)
+            .await?;
+        out.tokens = r.tokens;
+        out.resample_passes = r.passes;
+        out.largest_island = plan.largest_island();
+        out.resample_seconds = r.seconds;
+    }
+    Ok(out)
 }
 
 /// Block-local pass schedule → grid positions.

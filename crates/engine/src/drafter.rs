@@ -207,8 +207,10 @@ impl DrafterCore {
         )?)
     }
 
-    /// Realigns the pending low-res block with the caller's committed high-res rows (`realign`,
-    /// empty when nothing is pending), drafts `rows` low-res rows after it and up-samples them.
+    /// Realigns the oldest pending low-res rows with the caller's committed high-res rows
+    /// (`realign`: every pending row, or with pipelining every row but the block drafted last;
+    /// empty when nothing is final yet), drafts `rows` low-res rows after all pending rows and
+    /// up-samples them.
     /// `zipar_window` > 0 starts row `j+1` once row `j` has that many tokens and advances every
     /// open row by one token per pass.
     pub fn draft(
@@ -239,9 +241,13 @@ impl DrafterCore {
             )
             .into());
         }
-        if realign.len() != pending * scale * scale {
+        // The realigned rows are the oldest pending ones: all of them, or (pipelined drafting)
+        // all but the block drafted last, which stays pending until the next call.
+        let whole_rows = info.high.cols * scale;
+        if realign.len() > pending * scale * scale || !realign.len().is_multiple_of(whole_rows) {
             return Err(EngineError::Precondition(format!(
-                "realignment of {} high-res tokens, but {} low-res tokens ({} high-res) are pending",
+                "realignment of {} high-res tokens, but {} low-res tokens ({} high-res) are pending \
+                 (whole low-res rows of {whole_rows} high-res tokens expected)",
                 realign.len(),
                 pending,
                 pending * scale * scale
@@ -272,18 +278,18 @@ impl DrafterCore {
             .zip(&realigned_low)
             .filter(|(a, b)| a != b)
             .count();
-        if pending > 0 {
-            s.stream.book.commit(&realigned_low)?;
-        }
+        s.stream.book.commit_first(&realigned_low)?;
         s.committed_high.extend_from_slice(realign);
-        let first = s.stream.book.committed;
+        // A block still pending (pipelined) keeps its drafted values; its slots are re-fed with
+        // the first pass where they went stale (the realignment changed a row above them).
+        let mut previous: Vec<usize> = s.stream.book.stale_pending();
+        let first = s.stream.book.tokens.len();
         // Draft.
         let t1 = Instant::now();
         s.stream.book.forget_from(first);
         let first_row = first / w;
         let mut next_col = vec![0usize; rows];
         let mut passes = 0;
-        let mut previous: Vec<usize> = Vec::new();
         let window = if zipar_window == 0 {
             usize::MAX
         } else {
@@ -342,6 +348,19 @@ impl DrafterCore {
             upsample_seconds: t2.elapsed().as_secs_f64(),
             realign_seconds,
         })
+    }
+
+    /// The session's low-res KV cache (for checks against a fresh prefill).
+    pub fn cache(&self, id: &str) -> Option<&mulo_model::KvCache> {
+        self.sessions.peek(id).ok().map(|s| &s.stream.cache)
+    }
+
+    /// The session's low-res tokens: realigned (committed) rows, then pending drafted rows.
+    pub fn low_tokens(&self, id: &str) -> Option<(&[i64], usize)> {
+        self.sessions
+            .peek(id)
+            .ok()
+            .map(|s| (s.stream.book.tokens.as_slice(), s.stream.book.committed))
     }
 
     fn committed_high(&self, id: &str, rows: usize) -> Result<Vec<i64>, EngineError> {

@@ -28,8 +28,9 @@ pub trait DrafterRole: Send + Sync {
         spec: SessionSpec,
         committed: Vec<i64>,
     ) -> Result<DrafterInfo, EngineError>;
-    /// Realigns the pending block with `realign` (its committed high-res tokens), drafts `rows`
-    /// low-res rows and up-samples them.
+    /// Realigns the oldest pending rows with `realign` (their committed high-res tokens; with
+    /// pipelining the block drafted last stays pending), drafts `rows` low-res rows after every
+    /// pending row and up-samples them.
     async fn draft(
         &self,
         session: SessionRef,

@@ -114,11 +114,34 @@ impl SlotBook {
                 self.pending()
             )));
         }
+        self.commit_first(values)
+    }
+
+    /// Makes the first `values.len()` pending values final (a pipelined drafter keeps the block
+    /// after them pending); a changed value makes every slot from there on stale.
+    pub fn commit_first(&mut self, values: &[i64]) -> Result<(), EngineError> {
+        if values.len() > self.pending() {
+            return Err(EngineError::Precondition(format!(
+                "commit of {} tokens, but {} are pending",
+                values.len(),
+                self.pending()
+            )));
+        }
         for (i, &v) in values.iter().enumerate() {
             self.set(self.committed + i, v);
         }
-        self.committed = self.tokens.len();
+        self.committed += values.len();
         Ok(())
+    }
+
+    /// Pending positions whose slot does not hold their current value: never fed, or fed before
+    /// an earlier value changed.
+    pub fn stale_pending(&self) -> Vec<usize> {
+        (self.committed..self.tokens.len())
+            .filter(|&j| {
+                self.fed[j] != Some(self.tokens[j]) || self.changed_from.is_some_and(|c| c <= j)
+            })
+            .collect()
     }
 
     /// After a refresh up to the committed prefix, nothing before it is stale.

@@ -235,6 +235,58 @@ fn a_refused_draft_leaves_the_drafter_session_unchanged() {
     );
 }
 
+#[test]
+fn pipelined_drafting_refreshes_the_rows_drafted_over_a_changed_realignment() {
+    // A 4×4 drafter (8×8 proposals), rows drafted one at a time.
+    let mut up = Upsampler::random(
+        UpsamplerConfig {
+            name: None,
+            codebook_size: V,
+            codebook_embed_dim: 4,
+            scale: 2,
+            channels: 16,
+            low_blocks: 1,
+            high_blocks: 1,
+            dtype: DType::Fp32,
+            vq: None,
+        },
+        Device::Cpu,
+        4,
+    )
+    .unwrap();
+    up.set_codebook(&vq().codes()).unwrap();
+    let mut d = DrafterCore::new(gpt(GridSize::square(4), V, 2, 3), up, vq(), 4).unwrap();
+    d.open(&spec("p", 5, 3.0), &[]).unwrap();
+    let b0 = d.draft(&at("p", 0), &[], 1, 0).unwrap();
+    // Pipelined: block 1 is drafted over block 0 before block 0 is final.
+    let b1 = d.draft(&at("p", 0), &[], 1, 0).unwrap();
+    assert_eq!((b0.low.len(), b1.low.len(), b1.high.len()), (4, 4, 16));
+    assert_eq!(b1.realigned, 0);
+    // Block 0 comes back final with other tokens: realigning it changes low-res row 0, and the
+    // slots of row 1 (computed over the old row 0) go stale.
+    let final0: Vec<i64> = b0.high.iter().map(|&t| (t + 5) % V).collect();
+    let b2 = d.draft(&at("p", 0), &final0, 1, 0).unwrap();
+    assert!(
+        b2.realigned > 0,
+        "the test needs a realignment that changes row 0"
+    );
+    let (tokens, committed) = d.low_tokens("p").unwrap();
+    assert_eq!((tokens.len(), committed), (12, 4), "row 1 stays pending");
+    assert_eq!(
+        &tokens[4..8],
+        b1.low.as_slice(),
+        "row 1 keeps its drafted values"
+    );
+    // Every slot but the last drafted token's holds the current values: equal to a fresh prefill.
+    let fresh = fresh_cache(d.gpt(), 3.0, &tokens[..11]);
+    let diff = d.cache("p").unwrap().max_abs_diff(&fresh, 1 + 11);
+    assert!(diff <= 1e-4, "drafter cache vs fresh prefill: {diff}");
+    // A realignment that is not whole low-res rows, or longer than what is pending, is refused.
+    assert!(d.draft(&at("p", 16), &final0[..8], 1, 0).is_err());
+    let too_long: Vec<i64> = vec![0; 48];
+    assert!(d.draft(&at("p", 16), &too_long, 1, 0).is_err());
+}
+
 /// Tiny target and draft model on a 1×2 grid with a 6-token vocabulary.
 fn pair_verifier() -> VerifierCore {
     let g = GridSize { rows: 1, cols: 2 };
@@ -370,6 +422,8 @@ async fn every_method_runs_through_the_roles() {
         "mulo:tau=0.3,radius=0,block_rows=2",
         "mulo:tau=0.3,rejection=raster,block_rows=1",
         "mulo:tau=0.3,zipar_window=1,block_rows=1",
+        "mulo:tau=0.3,zipar_window=1,block_rows=1,pipeline=0",
+        "mulo:tau=0.3,radius=0,block_rows=1,pipeline=0",
         "sd:gamma=3",
         "lantern:gamma=3,k=4,delta=0.5",
     ] {
