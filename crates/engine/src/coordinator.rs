@@ -10,6 +10,8 @@ use mulo_core::spec::{blocks, Block};
 use mulo_core::{Condition, Method, MuloParams, SamplingParams};
 use serde::Serialize;
 
+use tracing::{info_span, Instrument};
+
 use crate::drafter::DraftReply;
 use crate::error::EngineError;
 use crate::roles::{DrafterRole, VerifierRole};
@@ -138,6 +140,18 @@ pub async fn generate(
     req: &GenerateRequest,
     on_event: &mut (dyn FnMut(&BlockEvent) + Send),
 ) -> Result<Outcome, EngineError> {
+    let span = info_span!("generate", id = %req.id, method = %req.method);
+    generate_in_span(drafter, verifier, req, on_event)
+        .instrument(span)
+        .await
+}
+
+async fn generate_in_span(
+    drafter: Option<&dyn DrafterRole>,
+    verifier: &dyn VerifierRole,
+    req: &GenerateRequest,
+    on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+) -> Result<Outcome, EngineError> {
     req.method.validate()?;
     req.sampling.validate()?;
     req.condition.validate()?;
@@ -151,7 +165,10 @@ pub async fn generate(
     };
     let with_draft = matches!(req.method, Method::Sd(_) | Method::Lantern(_));
     let t = Instant::now();
-    let info = verifier.open(spec.clone(), with_draft, Vec::new()).await?;
+    let info = verifier
+        .open(spec.clone(), with_draft, Vec::new())
+        .instrument(info_span!("prefill"))
+        .await?;
     let mut stats = MethodStats {
         method: req.method.to_string(),
         tokens: info.rows * info.cols,
@@ -224,7 +241,11 @@ impl Run<'_> {
         if left == 0 {
             return Ok(());
         }
-        let reply = self.verifier.decode(self.at(done), left).await?;
+        let reply = self
+            .verifier
+            .decode(self.at(done), left)
+            .instrument(info_span!("decode"))
+            .await?;
         self.stats.target_passes += reply.passes;
         self.stats.add("decode", reply.seconds);
         self.committed.extend_from_slice(&reply.tokens);
@@ -248,7 +269,11 @@ impl Run<'_> {
         self.stats.drafter_passes += 1;
         while self.committed.len() < self.total {
             let done = self.committed.len();
-            let r = self.verifier.speculate(self.at(done), gamma, relax).await?;
+            let r = self
+                .verifier
+                .speculate(self.at(done), gamma, relax)
+                .instrument(info_span!("speculate"))
+                .await?;
             self.stats.target_passes += r.target_passes;
             self.stats.drafter_passes += r.draft_passes;
             self.stats.proposed += r.proposed;
@@ -283,7 +308,11 @@ impl Run<'_> {
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
     ) -> Result<(), EngineError> {
         let t = Instant::now();
-        let dinfo = match drafter.open(spec.clone(), Vec::new()).await {
+        let dinfo = match drafter
+            .open(spec.clone(), Vec::new())
+            .instrument(info_span!("drafter_prefill"))
+            .await
+        {
             Ok(i) => i,
             Err(e) => {
                 self.stats.fallback = Some(format!("drafter open failed: {e}"));
@@ -318,6 +347,7 @@ impl Run<'_> {
                             low_rows(block),
                             p.zipar_window,
                         )
+                        .instrument(info_span!("draft", block = b))
                         .await
                 }
             };
@@ -327,7 +357,11 @@ impl Run<'_> {
                     self.stats.fallback = Some(format!("drafter failed: {e}"));
                     if !pending.is_empty() {
                         self.stats.target_passes += usize::from(
-                            self.verifier.commit(self.at(done), pending.clone()).await? > 0,
+                            self.verifier
+                                .commit(self.at(done), pending.clone())
+                                .instrument(info_span!("commit"))
+                                .await?
+                                > 0,
                         );
                         self.committed.append(&mut pending);
                     }
@@ -358,12 +392,14 @@ impl Run<'_> {
             );
             let checked = match blocks.get(b + 1).filter(|_| p.pipeline) {
                 Some(next) => {
-                    let ahead = drafter.draft(
-                        self.at(done),
-                        pending.clone(),
-                        low_rows(next),
-                        p.zipar_window,
-                    );
+                    let ahead = drafter
+                        .draft(
+                            self.at(done),
+                            pending.clone(),
+                            low_rows(next),
+                            p.zipar_window,
+                        )
+                        .instrument(info_span!("draft", block = b + 1, ahead = true));
                     let (checked, ahead) = tokio::join!(checked, ahead);
                     next_draft = Some(ahead);
                     checked?
@@ -423,6 +459,7 @@ async fn check_block(
     let committed = at.committed + pending.len();
     let v = verifier
         .verify(at.clone(), pending, proposals.clone(), p.pool_k)
+        .instrument(info_span!("verify"))
         .await?;
     let accepted: Vec<bool> = v.mass.iter().map(|&m| f64::from(m) >= p.tau).collect();
     let t = Instant::now();
@@ -442,6 +479,7 @@ async fn check_block(
         let passes = grid_passes(block, &plan.passes);
         let r = verifier
             .resample(SessionRef { committed, ..at }, passes)
+            .instrument(info_span!("resample", positions = plan.len()))
             .await?;
         out.tokens = r.tokens;
         out.resample_passes = r.passes;

@@ -224,6 +224,7 @@ impl DrafterCore {
         let (w, scale) = (info.low.cols, self.scale);
         // Realign: D_r of the committed rows (with one low-res row of context above).
         let t0 = Instant::now();
+        let stage = tracing::info_span!("realign", tokens = realign.len()).entered();
         let (high_committed, pending) = {
             let s = self.sessions.peek(&r.id)?;
             check_ref(r, s.epoch, s.committed_high.len())?;
@@ -265,6 +266,7 @@ impl DrafterCore {
             self.downsample(&rows_in, ctx)?
         };
         let realign_seconds = t0.elapsed().as_secs_f64();
+        drop(stage);
         let Self {
             drafter,
             upsampler,
@@ -286,6 +288,7 @@ impl DrafterCore {
         let first = s.stream.book.tokens.len();
         // Draft.
         let t1 = Instant::now();
+        let stage = tracing::info_span!("draft", rows).entered();
         s.stream.book.forget_from(first);
         let first_row = first / w;
         let mut next_col = vec![0usize; rows];
@@ -326,8 +329,10 @@ impl DrafterCore {
             passes += 1;
         }
         let draft_seconds = t1.elapsed().as_secs_f64();
+        drop(stage);
         // Up-sample every low-res row so far; keep the block's high-res rows.
         let t2 = Instant::now();
+        let _stage = tracing::info_span!("upsample").entered();
         let end_row = first_row + rows;
         let low_t = Tensor::from_slice(&s.stream.book.tokens[..end_row * w])
             .view([1, end_row as i64, w as i64])

@@ -338,6 +338,7 @@ impl VerifierCore {
         proposals: &[i64],
         pool_k: usize,
     ) -> Result<VerifyReply, EngineError> {
+        let _stage = tracing::info_span!("verify").entered();
         let start = Instant::now();
         let v = self.target.config().vocab_size;
         let pool = self.pool(pool_k)?.1.shallow_clone();
@@ -391,6 +392,7 @@ impl VerifierCore {
         r: &SessionRef,
         passes: &[Vec<usize>],
     ) -> Result<ResampleReply, EngineError> {
+        let _stage = tracing::info_span!("resample").entered();
         let start = Instant::now();
         let Self {
             target, sessions, ..
@@ -439,6 +441,7 @@ impl VerifierCore {
     /// the committed tokens. (A generation's last block needs no commit; this is for migration
     /// and checks.) Returns the slots re-fed.
     pub fn commit(&mut self, r: &SessionRef, values: &[i64]) -> Result<usize, EngineError> {
+        let _stage = tracing::info_span!("commit").entered();
         let Self {
             target, sessions, ..
         } = self;
@@ -462,6 +465,7 @@ impl VerifierCore {
         count: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<DecodeReply, EngineError> {
+        let _stage = tracing::info_span!("decode").entered();
         let start = Instant::now();
         let n = self.target.config().grid.len();
         let Self {
@@ -508,6 +512,7 @@ impl VerifierCore {
         gamma: usize,
         relax: Option<Relaxation>,
     ) -> Result<SpeculateReply, EngineError> {
+        let _stage = tracing::info_span!("speculate").entered();
         if gamma == 0 {
             return Err(ParamError::new("gamma", "must be at least 1").into());
         }

@@ -82,7 +82,9 @@ impl<S: 'static> TorchWorker<S> {
         F: FnOnce(&mut S) -> R + Send + 'static,
     {
         let (rtx, rrx) = mpsc::channel();
+        let span = tracing::Span::current();
         self.send(Box::new(move |s| {
+            let _in = span.enter();
             let _ = rtx.send(f(s));
         }))?;
         rrx.recv().map_err(|_| EngineError::WorkerGone)
@@ -96,7 +98,10 @@ impl<S: 'static> TorchWorker<S> {
         F: FnOnce(&mut S) -> R + Send + 'static,
     {
         let (rtx, rrx) = tokio::sync::oneshot::channel();
+        // The job's spans (the roles' stages) are children of the caller's.
+        let span = tracing::Span::current();
         self.send(Box::new(move |s| {
+            let _in = span.enter();
             let _ = rtx.send(f(s));
         }))?;
         rrx.await.map_err(|_| EngineError::WorkerGone)

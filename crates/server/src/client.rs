@@ -99,19 +99,26 @@ where
     C: Clone,
     Req: Message + Clone,
     Resp: Message,
-    F: Fn(C, Req) -> Fut,
+    F: Fn(C, tonic::Request<Req>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
     count_bytes(&req);
     let r = if idempotent {
-        retry(|| call(client.clone(), req.clone())).await
+        retry(|| call(client.clone(), traced(req.clone()))).await
     } else {
-        call(client.clone(), req).await
+        call(client.clone(), traced(req)).await
     }
     .map_err(|s| engine_error(addr, &s))?
     .into_inner();
     count_bytes(&r);
     Ok(r)
+}
+
+/// A request carrying the current span's trace context.
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    crate::telemetry::inject(r.metadata_mut());
+    r
 }
 
 fn grid_in(g: Option<pb::Grid>) -> GridSize {
@@ -195,7 +202,7 @@ impl DrafterRole for RemoteDrafter {
         let mut stream = self
             .client
             .clone()
-            .draft(req)
+            .draft(traced(req))
             .await
             .map_err(peer)?
             .into_inner();

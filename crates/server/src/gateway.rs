@@ -12,6 +12,7 @@ use mulo_proto::v1 as pb;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::client::{RemoteDrafter, RemoteVerifier, WIRE_BYTES};
 use crate::convert::{
@@ -194,7 +195,7 @@ impl GatewayState {
             crate::client::count_bytes(&req);
             match crate::client::retry(|| {
                 let (mut c, req) = (d.client(), req.clone());
-                async move { c.decode_image(req).await }
+                async move { c.decode_image(crate::client::traced(req)).await }
             })
             .await
             {
@@ -325,29 +326,32 @@ impl pb::gateway_server::Gateway for GatewayService {
         // Bounded: one event per block of the grid, plus the result.
         let (tx, rx) = mpsc::channel(self.family.rows * self.family.cols + 2);
         let me = Arc::clone(&self.0);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let events = tx.clone();
-            let mut on_event = move |e: &BlockEvent| {
-                let ev = block_out(e).map(|b| pb::GenerateEvent {
-                    kind: Some(pb::generate_event::Kind::Block(b)),
-                });
-                let _ = events.try_send(ev);
-            };
-            let gone = tx.clone();
-            let result = tokio::select! {
-                r = me.run(&job.req, &mut on_event) => r,
-                // The client cancelled: dropping the generation releases its sessions.
-                () = gone.closed() => return,
-            };
-            let result = match result {
-                Ok(out) => me.response(&job, out).await.map(|r| pb::GenerateEvent {
-                    kind: Some(pb::generate_event::Kind::Done(r)),
-                }),
-                Err(e) => Err(e),
-            };
-            let _ = tx.send(result).await;
-        });
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let events = tx.clone();
+                let mut on_event = move |e: &BlockEvent| {
+                    let ev = block_out(e).map(|b| pb::GenerateEvent {
+                        kind: Some(pb::generate_event::Kind::Block(b)),
+                    });
+                    let _ = events.try_send(ev);
+                };
+                let gone = tx.clone();
+                let result = tokio::select! {
+                    r = me.run(&job.req, &mut on_event) => r,
+                    // The client cancelled: dropping the generation releases its sessions.
+                    () = gone.closed() => return,
+                };
+                let result = match result {
+                    Ok(out) => me.response(&job, out).await.map(|r| pb::GenerateEvent {
+                        kind: Some(pb::generate_event::Kind::Done(r)),
+                    }),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(result).await;
+            }
+            .in_current_span(),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

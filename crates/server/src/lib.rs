@@ -9,6 +9,7 @@ pub mod drafter;
 pub mod failover;
 pub mod gateway;
 pub mod runtime;
+pub mod telemetry;
 pub mod verifier;
 
 use std::net::SocketAddr;
@@ -104,6 +105,11 @@ pub struct CommonArgs {
     /// Model family directory with family.json (default: the bundled emoji family).
     #[arg(long, env = "MULO_FAMILY", value_name = "DIR")]
     pub family: Option<PathBuf>,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://otel-collector:4317
+    /// (also OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; OTEL_SERVICE_NAME renames the service). Unset:
+    /// no export, logs only.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Flags of `mulo-drafter` and `mulo-verifier`.
@@ -193,12 +199,6 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received: draining");
 }
 
-fn init_logs(filter: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .try_init();
-}
-
 /// Serves `role` with health, reflection and Info plus the routes `add` puts on, until SIGTERM
 /// or Ctrl-C; then stops accepting and lets in-flight calls finish.
 async fn serve(
@@ -228,6 +228,7 @@ async fn serve(
         .build_v1()
         .context("building the reflection service")?;
     let router = tonic::transport::Server::builder()
+        .trace_fn(telemetry::server_span)
         .add_service(health)
         .add_service(reflection)
         .add_service(CapabilitiesServer::new(InfoService { role, models }));
@@ -301,7 +302,22 @@ fn expire_idle(worker: Arc<TorchWorker<Engine>>, ttl: f64) {
 
 /// The drafter or verifier service until SIGTERM.
 pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
-    init_logs(&args.common.log);
+    let service = if role == "drafter" {
+        "mulo-drafter"
+    } else {
+        "mulo-verifier"
+    };
+    let tel = telemetry::init(
+        service,
+        &args.common.log,
+        args.common.otlp_endpoint.as_deref(),
+    )?;
+    let r = serve_role_inner(role, args).await;
+    tel.shutdown().await;
+    r
+}
+
+async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
     if args.max_sessions == 0 {
         bail!("invalid --max-sessions: must be at least 1");
     }
@@ -382,7 +398,17 @@ pub async fn expand(endpoints: &[String]) -> Vec<String> {
 
 /// The gateway service until SIGTERM.
 pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
-    init_logs(&args.common.log);
+    let tel = telemetry::init(
+        "mulo-gateway",
+        &args.common.log,
+        args.common.otlp_endpoint.as_deref(),
+    )?;
+    let r = serve_gateway_inner(args).await;
+    tel.shutdown().await;
+    r
+}
+
+async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
     if args.max_in_flight == 0 {
         bail!("invalid --max-in-flight: must be at least 1");
     }

@@ -43,12 +43,18 @@ fn exe(name: &str) -> &'static str {
 
 /// Starts `name` on a free loopback port with `args` (plus `--listen`).
 pub fn start(name: &str, args: &[&str]) -> Proc {
+    start_env(name, args, &[])
+}
+
+/// [`start`] with extra environment variables.
+pub fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(exe(name))
         .arg("--listen")
         .arg(&addr)
         .args(args)
         .env("MULO_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
