@@ -355,6 +355,17 @@ impl DrafterCore {
         })
     }
 
+    /// Up-samples one low-res row of code 0 and discards it (start-up warm-up).
+    pub fn warm_up_upsampler(&self) -> Result<(), EngineError> {
+        let w = self.info().low.cols as i64;
+        let low = Tensor::zeros(
+            [1, 1, w],
+            (Kind::Int64, self.upsampler.var_store().device()),
+        );
+        let _ = tch::no_grad(|| self.upsampler.upsample(&low))?;
+        Ok(())
+    }
+
     /// The session's low-res KV cache (for checks against a fresh prefill).
     pub fn cache(&self, id: &str) -> Option<&mulo_model::KvCache> {
         self.sessions.peek(id).ok().map(|s| &s.stream.cache)

@@ -278,6 +278,29 @@ impl Engine {
         out
     }
 
+    /// Runs every model this process holds once on throw-away inputs (a GPT prefill and token
+    /// step, the up-sampler on one low-res row, a VQ decode of a 1×1 grid), so that a service
+    /// reports healthy only when its first request will not pay for warming up.
+    pub fn warm_up(&self) -> Result<(), EngineError> {
+        if let Some(v) = &self.verifier {
+            v.target().warm_up()?;
+            if let Some(d) = v.draft_model() {
+                d.warm_up()?;
+            }
+        }
+        if let Some(d) = &self.drafter {
+            d.gpt().warm_up()?;
+            d.warm_up_upsampler()?;
+        }
+        if let Some(vq) = &self.vq {
+            tch::no_grad(|| {
+                let t = tch::Tensor::zeros([1, 2, 2], (tch::Kind::Int64, vq.var_store().device()));
+                vq.decode(&t).map(|_| ())
+            })?;
+        }
+        Ok(())
+    }
+
     /// Live sessions of the drafter and the verifier (0 for a role this process does not run).
     pub fn live_sessions(&self) -> (usize, usize) {
         (

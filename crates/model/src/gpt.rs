@@ -389,6 +389,37 @@ impl Gpt {
         }
     }
 
+    /// The null condition (what classifier-free guidance contrasts with), batch 1.
+    pub fn null_conditioning(&self) -> Conditioning {
+        let embeddings = match &self.cond {
+            CondEmbed::Class { table, num_classes } => table
+                .index_select(
+                    0,
+                    &Tensor::from_slice(&[*num_classes]).to_device(self.device),
+                )
+                .unsqueeze(1),
+            CondEmbed::Caption { uncond, .. } => self.project_caption(&uncond.unsqueeze(0)),
+        };
+        Conditioning {
+            embeddings,
+            mask: None,
+        }
+    }
+
+    /// One prefill and one token step on the null condition, discarded: the first request after
+    /// start-up does not pay for the allocator's and the kernels' first use.
+    pub fn warm_up(&self) -> Result<()> {
+        tch::no_grad(|| {
+            let cls = self.cfg.cls_token_num;
+            let mut cache = self.new_cache(1, cls + 1)?;
+            let _ = self.prefill(&self.null_conditioning(), &mut cache)?;
+            let x = self.embed_tokens(&[0], 1)?;
+            let h = self.forward(&x, &[cls], None, &mut cache)?;
+            let _ = self.head(&h);
+            Ok(())
+        })
+    }
+
     /// Projects caption features `[1, T, caption_dim]` (plus the null caption when `cfg`).
     fn caption_conditioning(&self, x: Tensor, mask: Option<&[bool]>, cfg: bool) -> Conditioning {
         let x = match (&self.cond, cfg) {

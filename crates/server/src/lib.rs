@@ -207,6 +207,17 @@ async fn serve(
     worker: &Arc<TorchWorker<Engine>>,
     add: impl FnOnce(Router) -> Router,
 ) -> Result<()> {
+    // Health says SERVING only once this answers: nothing listens before the warm-up is done.
+    let t = std::time::Instant::now();
+    worker
+        .call(|e: &mut Engine| e.warm_up())
+        .await?
+        .context("warming up the models")?;
+    tracing::info!(
+        role,
+        seconds = t.elapsed().as_secs_f64(),
+        "models warmed up"
+    );
     let models = worker
         .call(|e: &mut Engine| e.models())
         .await?
