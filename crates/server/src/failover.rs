@@ -4,7 +4,7 @@
 //! stays the engine's one. Migrations are bounded per session.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 use mulo_engine::verifier::{
@@ -19,8 +19,9 @@ use crate::client::RemoteVerifier;
 struct Track {
     spec: SessionSpec,
     with_draft: bool,
-    /// Replica index serving it.
-    replica: usize,
+    /// Replica serving it (kept when a re-resolution drops it from the list: the session stays
+    /// there until it ends or the replica fails).
+    replica: RemoteVerifier,
     /// Its epoch there.
     epoch: u64,
     /// Committed tokens.
@@ -33,7 +34,7 @@ struct Track {
 /// Replicas with failover; one instance serves every request of a gateway.
 #[derive(Debug)]
 pub struct Failover {
-    replicas: Vec<RemoteVerifier>,
+    replicas: RwLock<Vec<RemoteVerifier>>,
     max_migrations: u32,
     sessions: Mutex<HashMap<String, Track>>,
     /// Migrations per session id, kept past the release until the gateway takes them.
@@ -49,16 +50,39 @@ impl Failover {
     /// Failover over `replicas` (at least one), at most `max_migrations` moves per session.
     pub fn new(replicas: Vec<RemoteVerifier>, max_migrations: u32) -> Self {
         Self {
-            replicas,
+            replicas: RwLock::new(replicas),
             max_migrations,
             sessions: Mutex::new(HashMap::new()),
             moved: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Replicas.
-    pub fn replicas(&self) -> &[RemoteVerifier] {
-        &self.replicas
+    /// The replicas now.
+    pub fn replicas(&self) -> Vec<RemoteVerifier> {
+        self.replicas.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the replica list with `addrs` (a re-resolution of the endpoint names): replicas
+    /// still listed keep their channel, new ones get one; sessions on a dropped replica stay
+    /// there. Returns whether the list changed.
+    pub fn set_replicas(&self, addrs: &[String]) -> Result<bool, EngineError> {
+        let mut list = self
+            .replicas
+            .write()
+            .map_err(|_| EngineError::Precondition("replica list poisoned".into()))?;
+        let now: Vec<String> = list.iter().map(|r| r.addr().to_string()).collect();
+        if now == addrs {
+            return Ok(false);
+        }
+        let mut next = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            match list.iter().find(|r| r.addr() == a) {
+                Some(r) => next.push(r.clone()),
+                None => next.push(RemoteVerifier::new(a)?),
+            }
+        }
+        *list = next;
+        Ok(true)
     }
 
     /// Takes the count of migrations of a (finished) session: 0 when it never moved.
@@ -90,13 +114,8 @@ impl Failover {
     /// The session's replica and its reference there.
     fn at(&self, r: &SessionRef) -> Result<(RemoteVerifier, SessionRef), EngineError> {
         let t = self.track(&r.id)?;
-        let replica = self
-            .replicas
-            .get(t.replica)
-            .cloned()
-            .ok_or_else(|| EngineError::Precondition("no verifier replica".into()))?;
         Ok((
-            replica,
+            t.replica,
             SessionRef {
                 id: r.id.clone(),
                 epoch: t.epoch,
@@ -114,7 +133,21 @@ impl Failover {
     ) -> Result<(RemoteVerifier, SessionRef), EngineError> {
         let mut t = self.track(id)?;
         let mut last = None;
-        for _ in 1..self.replicas.len().max(1) {
+        // The other replicas, in list order after the one that failed.
+        let list = self.replicas();
+        let at = list
+            .iter()
+            .position(|r| r.addr() == t.replica.addr())
+            .map_or(0, |i| i + 1);
+        let others: Vec<RemoteVerifier> = list
+            .iter()
+            .cycle()
+            .skip(at)
+            .take(list.len())
+            .filter(|r| r.addr() != t.replica.addr())
+            .cloned()
+            .collect();
+        for replica in others {
             if t.migrations >= self.max_migrations {
                 break;
             }
@@ -122,9 +155,7 @@ impl Failover {
             if let Ok(mut m) = self.moved.lock() {
                 m.insert(id.to_string(), t.migrations);
             }
-            t.replica = (t.replica + 1) % self.replicas.len();
             t.epoch += 1;
-            let replica = self.replicas[t.replica].clone();
             let mut spec = t.spec.clone();
             spec.epoch = t.epoch;
             tracing::warn!(
@@ -142,7 +173,7 @@ impl Failover {
                         epoch: t.epoch,
                         committed: committed.len(),
                     };
-                    let (replica_at, epoch, n) = (t.replica, t.epoch, t.migrations);
+                    let (replica_at, epoch, n) = (replica.clone(), t.epoch, t.migrations);
                     self.update(id, |s| {
                         s.replica = replica_at;
                         s.epoch = epoch;
@@ -177,10 +208,11 @@ impl VerifierRole for Failover {
     ) -> Result<VerifierInfo, EngineError> {
         // New sessions spread over the replicas; a lost one is skipped.
         let start = self.sessions.lock().map(|s| s.len()).unwrap_or_default();
+        let list = self.replicas();
         let mut last = None;
-        for i in 0..self.replicas.len() {
-            let k = (start + i) % self.replicas.len();
-            match self.replicas[k]
+        for i in 0..list.len() {
+            let k = (start + i) % list.len();
+            match list[k]
                 .open(spec.clone(), with_draft, committed.clone())
                 .await
             {
@@ -191,7 +223,7 @@ impl VerifierRole for Failover {
                             Track {
                                 spec: spec.clone(),
                                 with_draft,
-                                replica: k,
+                                replica: list[k].clone(),
                                 epoch: spec.epoch,
                                 committed: committed.clone(),
                                 pending: Vec::new(),
@@ -311,11 +343,11 @@ impl VerifierRole for Failover {
 
     async fn release(&self, id: String) -> Result<(), EngineError> {
         let t = self.sessions.lock().ok().and_then(|mut s| s.remove(&id));
-        match t.and_then(|t| self.replicas.get(t.replica).cloned()) {
-            Some(v) => v.release(id).await,
+        match t {
+            Some(t) => t.replica.release(id).await,
             // Unknown here: tell every replica (release is idempotent).
             None => {
-                for v in &self.replicas {
+                for v in &self.replicas() {
                     let _ = v.release(id.clone()).await;
                 }
                 Ok(())

@@ -49,7 +49,7 @@ impl std::ops::Deref for GatewayService {
 /// The gateway's replicas, admission and family.
 pub struct GatewayState {
     family: FamilyInfo,
-    drafters: Vec<RemoteDrafter>,
+    drafters: std::sync::RwLock<Vec<RemoteDrafter>>,
     verifiers: Arc<Failover>,
     next: AtomicUsize,
     ids: AtomicU64,
@@ -62,7 +62,7 @@ pub struct GatewayState {
 impl std::fmt::Debug for GatewayState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayState")
-            .field("drafters", &self.drafters.len())
+            .field("drafters", &self.drafters().len())
             .field("verifiers", &self.verifiers.replicas().len())
             .finish_non_exhaustive()
     }
@@ -83,6 +83,11 @@ struct Job {
 }
 
 impl GatewayService {
+    /// The shared state (the endpoint re-resolution updates its replica lists).
+    pub fn state(&self) -> Arc<GatewayState> {
+        Arc::clone(&self.0)
+    }
+
     /// A gateway over the given replicas, admitting `max_in_flight` requests at once and moving a
     /// request to another verifier replica at most `max_migrations` times.
     pub fn new(
@@ -95,7 +100,7 @@ impl GatewayService {
     ) -> Self {
         Self(Arc::new(GatewayState {
             family,
-            drafters,
+            drafters: std::sync::RwLock::new(drafters),
             verifiers: Arc::new(Failover::new(verifiers, max_migrations)),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
@@ -107,6 +112,53 @@ impl GatewayService {
 }
 
 impl GatewayState {
+    /// The drafter replicas now.
+    fn drafters(&self) -> Vec<RemoteDrafter> {
+        self.drafters.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the drafter and verifier lists with freshly resolved addresses (channels of the
+    /// replicas still listed are kept; requests in flight finish where they are).
+    pub fn set_endpoints(
+        &self,
+        drafters: &[String],
+        verifiers: &[String],
+    ) -> Result<bool, EngineError> {
+        let mut changed = self.verifiers.set_replicas(verifiers)?;
+        let mut list = self
+            .drafters
+            .write()
+            .map_err(|_| EngineError::Precondition("drafter list poisoned".into()))?;
+        let now: Vec<&str> = list.iter().map(RemoteDrafter::addr).collect();
+        if now != drafters {
+            let mut next = Vec::with_capacity(drafters.len());
+            for a in drafters {
+                match list.iter().find(|d| d.addr() == a) {
+                    Some(d) => next.push(d.clone()),
+                    None => next.push(RemoteDrafter::new(a)?),
+                }
+            }
+            *list = next;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Addresses of the drafter and verifier replicas now.
+    pub fn endpoints(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.drafters()
+                .iter()
+                .map(|d| d.addr().to_string())
+                .collect(),
+            self.verifiers
+                .replicas()
+                .iter()
+                .map(|v| v.addr().to_string())
+                .collect(),
+        )
+    }
+
     fn job(&self, r: pb::GenerateRequest) -> Result<Job, Status> {
         let id = if r.request_id.is_empty() {
             format!("gw-{}", self.ids.fetch_add(1, Ordering::Relaxed))
@@ -156,8 +208,8 @@ impl GatewayState {
             return Err(Status::unavailable("the gateway has no verifier"));
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let drafter =
-            (!self.drafters.is_empty()).then(|| self.drafters[turn % self.drafters.len()].clone());
+        let drafters = self.drafters();
+        let drafter = (!drafters.is_empty()).then(|| drafters[turn % drafters.len()].clone());
         // Dropped before the generation ends (client cancel, deadline): free both sessions now
         // rather than at the roles' idle TTL.
         let mut guard = ReleaseOnDrop {
@@ -188,7 +240,7 @@ impl GatewayState {
     async fn png(&self, tokens: &[i64]) -> Result<Vec<u8>, Status> {
         let ids = tokens_out(tokens)?;
         let mut last = None;
-        for d in &self.drafters {
+        for d in &self.drafters() {
             let req = pb::DecodeImageRequest {
                 tokens: ids.clone(),
             };
@@ -383,5 +435,53 @@ impl pb::gateway_server::Gateway for GatewayService {
             in_flight: in_flight as u32,
             draining: crate::DRAINING.load(Ordering::Relaxed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn family() -> FamilyInfo {
+        FamilyInfo {
+            name: "t".into(),
+            rows: 2,
+            cols: 2,
+            sampling: SamplingParams::default(),
+            condition: "class".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn re_resolved_endpoints_replace_the_replica_lists() {
+        let a = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let gw = GatewayService::new(
+            family(),
+            vec![RemoteDrafter::new("127.0.0.1:1").unwrap()],
+            vec![
+                RemoteVerifier::new("127.0.0.1:2").unwrap(),
+                RemoteVerifier::new("127.0.0.1:3").unwrap(),
+            ],
+            4,
+            2,
+            None,
+        );
+        let st = gw.state();
+        assert!(!st
+            .set_endpoints(&a(&["127.0.0.1:1"]), &a(&["127.0.0.1:2", "127.0.0.1:3"]))
+            .unwrap());
+        assert!(st
+            .set_endpoints(
+                &a(&["127.0.0.1:1", "127.0.0.1:4"]),
+                &a(&["127.0.0.1:3", "127.0.0.1:5"])
+            )
+            .unwrap());
+        assert_eq!(
+            st.endpoints(),
+            (
+                a(&["127.0.0.1:1", "127.0.0.1:4"]),
+                a(&["127.0.0.1:3", "127.0.0.1:5"])
+            )
+        );
     }
 }

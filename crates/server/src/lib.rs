@@ -158,6 +158,11 @@ pub struct GatewayArgs {
     /// (it is re-prefilled there with the committed tokens); past that it fails UNAVAILABLE.
     #[arg(long, env = "MULO_MAX_MIGRATIONS", default_value_t = 2)]
     pub max_migrations: u32,
+    /// Seconds between re-resolutions of the endpoint names given to --drafter and --verifier
+    /// (pods joining or leaving a headless Service); 0 = resolve once at start-up. A name that
+    /// does not resolve keeps the previous addresses.
+    #[arg(long, env = "MULO_RESOLVE_INTERVAL", default_value_t = 30.0)]
+    pub resolve_interval: f64,
 }
 
 #[derive(Debug)]
@@ -371,6 +376,21 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
 /// each pod gets its own channel; a name that does not resolve yet is kept as it is (its channel
 /// resolves it when it connects). Duplicates are dropped, order is kept.
 pub async fn expand(endpoints: &[String]) -> Vec<String> {
+    resolve(endpoints, false).await.unwrap_or_default()
+}
+
+/// Is `endpoint` a name to resolve (not an address literal)?
+fn is_name(endpoint: &str) -> bool {
+    let bare = endpoint
+        .trim()
+        .split_once("://")
+        .map_or(endpoint.trim(), |(_, rest)| rest);
+    bare.parse::<SocketAddr>().is_err()
+}
+
+/// [`expand`]; with `strict`, `None` when some name does not resolve (a re-resolution then keeps
+/// the addresses it had rather than dropping the name's).
+async fn resolve(endpoints: &[String], strict: bool) -> Option<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for e in endpoints {
         let e = e.trim();
@@ -383,6 +403,7 @@ pub async fn expand(endpoints: &[String]) -> Vec<String> {
         } else {
             match tokio::net::lookup_host(bare).await {
                 Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+                Err(_) if strict => return None,
                 Err(_) => vec![bare.to_string()],
             }
         };
@@ -404,7 +425,7 @@ pub async fn expand(endpoints: &[String]) -> Vec<String> {
             }
         }
     }
-    out
+    Some(out)
 }
 
 /// The gateway service until SIGTERM.
@@ -461,10 +482,55 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
         args.max_migrations,
         Some(vq),
     );
+    if args.resolve_interval > 0.0
+        && args
+            .drafters
+            .iter()
+            .chain(&args.verifiers)
+            .any(|e| is_name(e))
+    {
+        re_resolve(
+            svc.state(),
+            args.drafters.clone(),
+            args.verifiers.clone(),
+            Duration::from_secs_f64(args.resolve_interval.max(0.1)),
+        );
+    }
     serve("gateway", args.common.listen, &own, |r| {
         r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
     })
     .await
+}
+
+/// Re-resolves the endpoint names every `every` and swaps in the new addresses when they changed.
+fn re_resolve(
+    state: Arc<gateway::GatewayState>,
+    drafters: Vec<String>,
+    verifiers: Vec<String>,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let (Some(d), Some(v)) = (
+                resolve(&drafters, true).await,
+                resolve(&verifiers, true).await,
+            ) else {
+                tracing::warn!(
+                    "an endpoint name did not resolve: keeping the replicas as they are"
+                );
+                continue;
+            };
+            if v.is_empty() {
+                continue;
+            }
+            match state.set_endpoints(&d, &v) {
+                Ok(true) => tracing::info!(drafters = ?d, verifiers = ?v, "replicas re-resolved"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%e, "re-resolved replicas refused"),
+            }
+        }
+    });
 }
 
 fn run(f: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
@@ -510,8 +576,15 @@ mod tests {
             let a: SocketAddr = a.parse().unwrap();
             assert!(a.ip().is_loopback() && a.port() == 7001, "{a}");
         }
-        // Unresolvable names stay for the channel to resolve later.
+        // Unresolvable names stay for the channel to resolve later; a re-resolution keeps what it
+        // had instead.
         let got = expand(&["no-such-host.invalid:7002".into()]).await;
         assert_eq!(got, vec!["no-such-host.invalid:7002".to_string()]);
+        assert_eq!(
+            resolve(&["no-such-host.invalid:7002".into()], true).await,
+            None
+        );
+        assert!(is_name("localhost:7001") && is_name("http://verifier:50062"));
+        assert!(!is_name("127.0.0.1:7001") && !is_name("http://[::1]:7001"));
     }
 }
