@@ -250,11 +250,20 @@ fn bench_distributed_compares_the_services_with_embedded_mode() {
             ("ar", "embedded"),
             ("mulo", "embedded"),
             ("ar", "distributed"),
+            ("mulo", "distributed"),
+            // The pipelined mulo's unpipelined twin, through the gateway only.
             ("mulo", "distributed")
         ]
     );
+    assert_eq!(rows[3]["params"]["pipeline"], "1");
+    assert_eq!(rows[4]["params"]["pipeline"], "0");
+    assert!(rows[4]["latency_vs_embedded"].is_null());
+    assert!(rows[3]["pipelining_gain"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("pipelining gain"), "{stdout}");
     for row in &rows[2..] {
-        assert!(row["latency_vs_embedded"].as_f64().unwrap() > 0.0, "{row}");
+        if row["params"]["pipeline"] != "0" {
+            assert!(row["latency_vs_embedded"].as_f64().unwrap() > 0.0, "{row}");
+        }
         assert!(
             row["wire_bytes_per_image"].as_f64().unwrap() > 256.0,
             "{row}"
