@@ -1,5 +1,5 @@
-//! Starts the real `mulo-gateway` binary on a loopback port: the Info handshake and grpc.health
-//! answer, and SIGTERM drains and exits cleanly.
+//! Starts the real `mulo-gateway` binary on a loopback port: the Info handshake, grpc.health and
+//! server reflection answer, and SIGTERM drains and exits cleanly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
@@ -57,7 +57,7 @@ async fn gateway_answers_info_and_health_then_drains_on_sigterm() {
         .into_inner();
     assert_eq!(info.role, "gateway");
     assert!(!info.version.is_empty());
-    let health = HealthClient::new(channel)
+    let health = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: String::new(),
         })
@@ -65,6 +65,44 @@ async fn gateway_answers_info_and_health_then_drains_on_sigterm() {
         .unwrap()
         .into_inner();
     assert_eq!(health.status, 1, "SERVING");
+
+    // Server reflection (what grpcurl uses): the services, and the descriptor of the public API.
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let mut answers = refl
+        .server_reflection_info(tokio_stream::iter(vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "mulo.v1.Gateway".into(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = answers.message().await.unwrap().unwrap().message_response;
+    let Some(MessageResponse::ListServicesResponse(l)) = listed else {
+        panic!("{listed:?}")
+    };
+    let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
+    for want in [
+        "mulo.v1.Gateway",
+        "mulo.v1.Capabilities",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    let file = answers.message().await.unwrap().unwrap().message_response;
+    let Some(MessageResponse::FileDescriptorResponse(f)) = file else {
+        panic!("{file:?}")
+    };
+    assert!(!f.file_descriptor_proto.is_empty());
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
