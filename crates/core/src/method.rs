@@ -50,8 +50,12 @@ pub struct MuloParams {
     /// Pipelined drafting: the drafter drafts block `b+1` while block `b` is verified, over its
     /// own (not yet realigned) rows of block `b`; the next draft realigns them. Changes the
     /// proposals (not the verification), so both settings are deterministic for a seed.
-    #[serde(default)]
+    #[serde(default = "pipeline_default")]
     pub pipeline: bool,
+}
+
+fn pipeline_default() -> bool {
+    MuloParams::default().pipeline
 }
 
 impl Default for MuloParams {
@@ -398,6 +402,24 @@ pub fn plan_resample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipeline_parses_and_defaults_alike_in_code_and_json() {
+        let on = Method::parse("mulo").unwrap();
+        assert!(matches!(on, Method::Mulo(p) if p.pipeline));
+        let off = Method::parse("mulo:pipeline=0").unwrap();
+        assert!(matches!(off, Method::Mulo(p) if !p.pipeline));
+        assert!(off.to_string().contains("pipeline=0"), "{off}");
+        assert_eq!(Method::parse(&off.to_string()).unwrap(), off);
+        let e = Method::parse("mulo:pipeline=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pipeline"), "{e}");
+        // A report written before the field existed reads as the default.
+        let old = r#"{"tau":0.1,"pool_k":4,"radius":1,"block_rows":2,"zipar_window":0,"rejection":"local"}"#;
+        let p: MuloParams = serde_json::from_str(old).unwrap();
+        assert_eq!(p.pipeline, MuloParams::default().pipeline);
+    }
 
     #[test]
     fn parse_sets_parameters_and_round_trips_through_display() {

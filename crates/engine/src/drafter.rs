@@ -19,6 +19,8 @@ use mulo_core::caption::CaptionTokenizer;
 /// Reply of a draft call.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DraftReply {
+    /// Low-res row index of the first drafted row (after every realigned and pending row).
+    pub first_row: usize,
     /// Drafted low-res tokens of the block, raster order.
     pub low: Vec<i64>,
     /// High-res proposals of the block (`r·rows` target rows), raster order.
@@ -345,6 +347,7 @@ impl DrafterCore {
         let high = Vec::<i64>::try_from(block.to_kind(Kind::Int64).to_device(Device::Cpu))?;
         debug_assert_eq!(high.len() as i64, (rows * scale) as i64 * hc);
         Ok(DraftReply {
+            first_row,
             low: s.stream.book.tokens[first..].to_vec(),
             high,
             passes,

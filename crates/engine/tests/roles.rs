@@ -262,6 +262,7 @@ fn pipelined_drafting_refreshes_the_rows_drafted_over_a_changed_realignment() {
     let b1 = d.draft(&at("p", 0), &[], 1, 0).unwrap();
     assert_eq!((b0.low.len(), b1.low.len(), b1.high.len()), (4, 4, 16));
     assert_eq!(b1.realigned, 0);
+    assert_eq!((b0.first_row, b1.first_row), (0, 1));
     // Block 0 comes back final with other tokens: realigning it changes low-res row 0, and the
     // slots of row 1 (computed over the old row 0) go stale.
     let final0: Vec<i64> = b0.high.iter().map(|&t| (t + 5) % V).collect();
@@ -270,6 +271,7 @@ fn pipelined_drafting_refreshes_the_rows_drafted_over_a_changed_realignment() {
         b2.realigned > 0,
         "the test needs a realignment that changes row 0"
     );
+    assert_eq!(b2.first_row, 2, "drafted after the pending row 1");
     let (tokens, committed) = d.low_tokens("p").unwrap();
     assert_eq!((tokens.len(), committed), (12, 4), "row 1 stays pending");
     assert_eq!(

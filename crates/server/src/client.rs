@@ -212,6 +212,9 @@ impl DrafterRole for RemoteDrafter {
             count_bytes(&chunk);
             match chunk.kind {
                 Some(pb::draft_chunk::Kind::Row(r)) => {
+                    if reply.low.is_empty() {
+                        reply.first_row = r.low_row as usize;
+                    }
                     reply.low.extend(tokens_in(&r.low));
                     reply.high.extend(tokens_in(&r.high));
                 }

@@ -91,8 +91,6 @@ impl pb::drafter_server::Drafter for DrafterService {
         if r.rows == 0 {
             return Err(crate::convert::invalid("rows", "must be at least 1"));
         }
-        // High-res tokens before the new rows: the committed ones and the block realigned now.
-        let before = session.committed + r.realign.len();
         let reply = self
             .base
             .local
@@ -108,7 +106,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         // the block is drafted: the gateway verifies whole blocks.)
         let rows = r.rows as usize;
         let (low_w, high_w) = (reply.low.len() / rows, reply.high.len() / rows);
-        let first_low_row = (before / high_w.max(1)) as u32;
+        let first_low_row = reply.first_row as u32;
         let mut chunks = Vec::with_capacity(rows + 1);
         for i in 0..rows {
             chunks.push(Ok(pb::DraftChunk {

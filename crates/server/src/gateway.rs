@@ -124,13 +124,15 @@ impl GatewayState {
         drafters: &[String],
         verifiers: &[String],
     ) -> Result<bool, EngineError> {
-        let mut changed = self.verifiers.set_replicas(verifiers)?;
+        // Both new lists are built before either is swapped in: a refusal changes nothing.
         let mut list = self
             .drafters
             .write()
             .map_err(|_| EngineError::Precondition("drafter list poisoned".into()))?;
         let now: Vec<&str> = list.iter().map(RemoteDrafter::addr).collect();
-        if now != drafters {
+        let next = if now == drafters {
+            None
+        } else {
             let mut next = Vec::with_capacity(drafters.len());
             for a in drafters {
                 match list.iter().find(|d| d.addr() == a) {
@@ -138,6 +140,10 @@ impl GatewayState {
                     None => next.push(RemoteDrafter::new(a)?),
                 }
             }
+            Some(next)
+        };
+        let mut changed = self.verifiers.set_replicas(verifiers)?;
+        if let Some(next) = next {
             *list = next;
             changed = true;
         }
@@ -476,12 +482,15 @@ mod tests {
                 &a(&["127.0.0.1:3", "127.0.0.1:5"])
             )
             .unwrap());
-        assert_eq!(
-            st.endpoints(),
-            (
-                a(&["127.0.0.1:1", "127.0.0.1:4"]),
-                a(&["127.0.0.1:3", "127.0.0.1:5"])
-            )
+        let now = (
+            a(&["127.0.0.1:1", "127.0.0.1:4"]),
+            a(&["127.0.0.1:3", "127.0.0.1:5"]),
         );
+        assert_eq!(st.endpoints(), now);
+        // An address no channel can be made for: refused, and neither list changes.
+        assert!(st
+            .set_endpoints(&a(&["not an address"]), &a(&["127.0.0.1:6"]))
+            .is_err());
+        assert_eq!(st.endpoints(), now);
     }
 }

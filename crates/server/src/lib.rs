@@ -408,11 +408,14 @@ async fn resolve(endpoints: &[String], strict: bool) -> Option<Vec<String>> {
             }
         };
         let resolved = if resolved.is_empty() {
+            if strict {
+                return None;
+            }
             vec![bare.to_string()]
         } else {
             resolved
         };
-        if resolved.len() > 1 {
+        if resolved.len() > 1 && !strict {
             tracing::info!(
                 name = e,
                 addresses = resolved.len(),
