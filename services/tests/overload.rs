@@ -66,29 +66,11 @@ async fn burst(gw: &GatewayClient<tonic::transport::Channel>, n: u64) -> (usize,
 
 #[tokio::test]
 async fn bursts_past_the_admission_limit_are_refused_and_memory_stays_flat() {
-    let fam = common::family();
-    let fam = fam.to_str().unwrap();
-    let mut drafter = common::start("mulo-drafter", &["--family", fam, "--threads", "1"]);
-    let mut verifier = common::start("mulo-verifier", &["--family", fam, "--threads", "1"]);
-    let dch = common::connect(&mut drafter).await;
-    let vch = common::connect(&mut verifier).await;
-    let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
-    let mut gateway = common::start(
-        "mulo-gateway",
-        &[
-            "--family",
-            fam,
-            "--threads",
-            "1",
-            "--max-in-flight",
-            "2",
-            "--drafter",
-            &d,
-            "--verifier",
-            &v,
-        ],
-    );
-    let gw = GatewayClient::new(common::connect(&mut gateway).await);
+    let (drafter, verifier, gateway, ch) =
+        common::cluster_with(&["--max-in-flight", "2"], &[]).await;
+    let gw = GatewayClient::new(ch);
+    let dch = common::connect_to(&drafter.addr).await;
+    let vch = common::connect_to(&verifier.addr).await;
     let pids = [gateway.child.id(), drafter.child.id(), verifier.child.id()];
     // Warm: the first burst allocates what the steady state needs.
     let (ok, refused, _) = burst(&gw, 200).await;

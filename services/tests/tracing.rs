@@ -87,29 +87,7 @@ async fn one_request_is_one_trace_across_the_three_services() {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
     ];
-    let fam = common::family();
-    let fam = fam.to_str().unwrap();
-    let role = ["--family", fam, "--threads", "1"];
-    let mut drafter = common::start_env("mulo-drafter", &role, &env);
-    let mut verifier = common::start_env("mulo-verifier", &role, &env);
-    common::connect(&mut drafter).await;
-    common::connect(&mut verifier).await;
-    let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
-    let mut gateway = common::start_env(
-        "mulo-gateway",
-        &[
-            "--family",
-            fam,
-            "--threads",
-            "1",
-            "--drafter",
-            &d,
-            "--verifier",
-            &v,
-        ],
-        &env,
-    );
-    let ch = common::connect(&mut gateway).await;
+    let (drafter, verifier, gateway, ch) = common::cluster_with(&[], &env).await;
     let mut client = GatewayClient::new(ch);
     let resp = client
         .generate(pb::GenerateRequest {

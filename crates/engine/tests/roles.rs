@@ -58,13 +58,8 @@ fn vq() -> VqModel {
     VqModel::random(cfg, Device::Cpu, DType::Fp32, 5).unwrap()
 }
 
-/// Target 4×4, small draft model 4×4, drafter 2×2 with a ×2 up-sampler, one 16-code VQ.
-fn engine() -> Engine {
-    let vq_model = vq();
-    let codes = vq_model.codes();
-    let target = gpt(GridSize::square(4), V, 2, 1);
-    let draft = gpt(GridSize::square(4), V, 1, 2);
-    let drafter = gpt(GridSize::square(2), V, 2, 3);
+/// A random ×2 up-sampler over `codes`.
+fn upsampler(codes: &Tensor) -> Upsampler {
     let mut up = Upsampler::random(
         UpsamplerConfig {
             name: None,
@@ -81,7 +76,18 @@ fn engine() -> Engine {
         4,
     )
     .unwrap();
-    up.set_codebook(&codes).unwrap();
+    up.set_codebook(codes).unwrap();
+    up
+}
+
+/// Target 4×4, small draft model 4×4, drafter 2×2 with a ×2 up-sampler, one 16-code VQ.
+fn engine() -> Engine {
+    let vq_model = vq();
+    let codes = vq_model.codes();
+    let target = gpt(GridSize::square(4), V, 2, 1);
+    let draft = gpt(GridSize::square(4), V, 1, 2);
+    let drafter = gpt(GridSize::square(2), V, 2, 3);
+    let up = upsampler(&codes);
     Engine {
         verifier: Some(VerifierCore::new(target, Some(draft), &codes, 64).unwrap()),
         drafter: Some(DrafterCore::new(drafter, up, vq(), 64).unwrap()),
@@ -238,23 +244,7 @@ fn a_refused_draft_leaves_the_drafter_session_unchanged() {
 #[test]
 fn pipelined_drafting_refreshes_the_rows_drafted_over_a_changed_realignment() {
     // A 4×4 drafter (8×8 proposals), rows drafted one at a time.
-    let mut up = Upsampler::random(
-        UpsamplerConfig {
-            name: None,
-            codebook_size: V,
-            codebook_embed_dim: 4,
-            scale: 2,
-            channels: 16,
-            low_blocks: 1,
-            high_blocks: 1,
-            dtype: DType::Fp32,
-            vq: None,
-        },
-        Device::Cpu,
-        4,
-    )
-    .unwrap();
-    up.set_codebook(&vq().codes()).unwrap();
+    let up = upsampler(&vq().codes());
     let mut d = DrafterCore::new(gpt(GridSize::square(4), V, 2, 3), up, vq(), 4).unwrap();
     d.open(&spec("p", 5, 3.0), &[]).unwrap();
     let b0 = d.draft(&at("p", 0), &[], 1, 0).unwrap();

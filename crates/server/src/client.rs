@@ -114,6 +114,32 @@ where
     Ok(r)
 }
 
+/// The replica list for `addrs` (a re-resolution): clients of `current` still listed are kept
+/// with their channels, new addresses get one from `make`. `None` when nothing changed; an error
+/// from `make` leaves the caller's list as it was.
+pub(crate) fn relist<T: Clone>(
+    current: &[T],
+    addrs: &[String],
+    addr: impl Fn(&T) -> &str,
+    make: impl Fn(&str) -> Result<T, EngineError>,
+) -> Result<Option<Vec<T>>, EngineError> {
+    if current
+        .iter()
+        .map(&addr)
+        .eq(addrs.iter().map(String::as_str))
+    {
+        return Ok(None);
+    }
+    addrs
+        .iter()
+        .map(|a| match current.iter().find(|c| addr(c) == a) {
+            Some(c) => Ok(c.clone()),
+            None => make(a),
+        })
+        .collect::<Result<Vec<T>, _>>()
+        .map(Some)
+}
+
 /// A request carrying the current span's trace context.
 pub fn traced<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);

@@ -70,19 +70,13 @@ impl Failover {
             .replicas
             .write()
             .map_err(|_| EngineError::Precondition("replica list poisoned".into()))?;
-        let now: Vec<String> = list.iter().map(|r| r.addr().to_string()).collect();
-        if now == addrs {
-            return Ok(false);
-        }
-        let mut next = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            match list.iter().find(|r| r.addr() == a) {
-                Some(r) => next.push(r.clone()),
-                None => next.push(RemoteVerifier::new(a)?),
+        match crate::client::relist(&list, addrs, RemoteVerifier::addr, RemoteVerifier::new)? {
+            Some(next) => {
+                *list = next;
+                Ok(true)
             }
+            None => Ok(false),
         }
-        *list = next;
-        Ok(true)
     }
 
     /// Takes the count of migrations of a (finished) session: 0 when it never moved.

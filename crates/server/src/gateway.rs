@@ -129,19 +129,7 @@ impl GatewayState {
             .drafters
             .write()
             .map_err(|_| EngineError::Precondition("drafter list poisoned".into()))?;
-        let now: Vec<&str> = list.iter().map(RemoteDrafter::addr).collect();
-        let next = if now == drafters {
-            None
-        } else {
-            let mut next = Vec::with_capacity(drafters.len());
-            for a in drafters {
-                match list.iter().find(|d| d.addr() == a) {
-                    Some(d) => next.push(d.clone()),
-                    None => next.push(RemoteDrafter::new(a)?),
-                }
-            }
-            Some(next)
-        };
+        let next = crate::client::relist(&list, drafters, RemoteDrafter::addr, RemoteDrafter::new)?;
         let mut changed = self.verifiers.set_replicas(verifiers)?;
         if let Some(next) = next {
             *list = next;

@@ -91,26 +91,34 @@ pub async fn connect_to(addr: &str) -> Channel {
 
 /// Drafter, verifier and a gateway over them, on the bundled family, each on one torch thread.
 pub async fn cluster() -> (Proc, Proc, Proc, Channel) {
+    cluster_with(&[], &[]).await
+}
+
+/// [`cluster`] with extra gateway flags and an environment for all three.
+pub async fn cluster_with(
+    gateway_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, Proc, Proc, Channel) {
     let fam = family();
     let fam = fam.to_str().unwrap();
-    let mut drafter = start("mulo-drafter", &["--family", fam, "--threads", "1"]);
-    let mut verifier = start("mulo-verifier", &["--family", fam, "--threads", "1"]);
+    let role = ["--family", fam, "--threads", "1"];
+    let mut drafter = start_env("mulo-drafter", &role, env);
+    let mut verifier = start_env("mulo-verifier", &role, env);
     connect(&mut drafter).await;
     connect(&mut verifier).await;
     let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
-    let mut gateway = start(
-        "mulo-gateway",
-        &[
-            "--family",
-            fam,
-            "--threads",
-            "1",
-            "--drafter",
-            &d,
-            "--verifier",
-            &v,
-        ],
-    );
+    let mut args = vec![
+        "--family",
+        fam,
+        "--threads",
+        "1",
+        "--drafter",
+        &d,
+        "--verifier",
+        &v,
+    ];
+    args.extend_from_slice(gateway_args);
+    let mut gateway = start_env("mulo-gateway", &args, env);
     let ch = connect(&mut gateway).await;
     (drafter, verifier, gateway, ch)
 }
