@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command (README.md, .ci/run): installs libtorch if needed, then formatting,
-# clippy with warnings as errors, the Kubernetes manifests against their schemas, and every test
-# of the workspace.
+# clippy with warnings as errors, the Kubernetes manifests and the Dockerfile
+# (validate-deploy.sh), and every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-torch.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-bash scripts/validate-k8s.sh
+bash scripts/validate-deploy.sh
 cargo test --workspace
