@@ -7,6 +7,7 @@ pub mod caption;
 pub mod condition;
 pub mod grid;
 pub mod method;
+pub mod metrics;
 pub mod params;
 pub mod spec;
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use mulo_core::method::plan_resample;
+use mulo_core::metrics as metrics_names;
 use mulo_core::spec::{blocks, Block};
 use mulo_core::{Condition, Method, MuloParams, SamplingParams};
 use serde::Serialize;
@@ -63,8 +64,37 @@ pub struct MethodStats {
 }
 
 impl MethodStats {
-    fn add(&mut self, stage: &str, seconds: f64) {
+    /// Adds one call of a stage (also observed in the stage histogram).
+    fn add(&mut self, stage: &'static str, seconds: f64) {
         *self.stages.entry(stage.to_string()).or_default() += seconds;
+        metrics::histogram!(metrics_names::STAGE_DURATION, "stage" => stage).record(seconds);
+    }
+
+    /// Adds the part of a role call's round trip `elapsed` that was not the `compute` the role
+    /// reported: the wire, serialisation and queueing at the role (`network`).
+    fn add_network(&mut self, elapsed: std::time::Duration, compute: f64) {
+        self.add("network", (elapsed.as_secs_f64() - compute).max(0.0));
+    }
+
+    /// Records that the request fell back to AR.
+    fn fall_back(&mut self, reason: &'static str, why: String) {
+        metrics::counter!(metrics_names::FALLBACKS, "reason" => reason).increment(1);
+        self.fallback = Some(why);
+    }
+
+    /// Adds a finished request to the fleet counters (by method).
+    fn record(&self, method: &'static str) {
+        use metrics_names as n;
+        let c = |name: &'static str, v: usize| {
+            metrics::counter!(name, "method" => method).increment(v as u64);
+        };
+        c(n::CYCLES, self.cycles);
+        c(n::PROPOSED_TOKENS, self.proposed);
+        c(n::ACCEPTED_TOKENS, self.accepted);
+        c(n::RESAMPLED_TOKENS, self.resampled);
+        c(n::COMMITTED_TOKENS, self.tokens);
+        c(n::TARGET_PASSES, self.target_passes);
+        c(n::DRAFTER_PASSES, self.drafter_passes);
     }
 
     /// Accepted share of the proposals.
@@ -196,7 +226,7 @@ async fn generate_in_span(
         Method::Mulo(p) => match drafter {
             Some(d) => run.mulo(d, &spec, p, info.rows, info.cols, on_event).await,
             None => {
-                run.stats.fallback = Some("no drafter".into());
+                run.stats.fall_back("no_drafter", "no drafter".into());
                 run.ar(on_event).await
             }
         },
@@ -208,6 +238,7 @@ async fn generate_in_span(
     result?;
     let mut stats = run.stats;
     stats.seconds = start.elapsed().as_secs_f64();
+    stats.record(req.method.name());
     Ok(Outcome {
         tokens: run.committed,
         stats,
@@ -241,6 +272,7 @@ impl Run<'_> {
         if left == 0 {
             return Ok(());
         }
+        let t = Instant::now();
         let reply = self
             .verifier
             .decode(self.at(done), left)
@@ -248,6 +280,7 @@ impl Run<'_> {
             .await?;
         self.stats.target_passes += reply.passes;
         self.stats.add("decode", reply.seconds);
+        self.stats.add_network(t.elapsed(), reply.seconds);
         self.committed.extend_from_slice(&reply.tokens);
         on_event(&BlockEvent {
             committed: self.committed.len(),
@@ -269,11 +302,14 @@ impl Run<'_> {
         self.stats.drafter_passes += 1;
         while self.committed.len() < self.total {
             let done = self.committed.len();
+            let t = Instant::now();
             let r = self
                 .verifier
                 .speculate(self.at(done), gamma, relax)
                 .instrument(info_span!("speculate"))
                 .await?;
+            self.stats
+                .add_network(t.elapsed(), r.draft_seconds + r.verify_seconds);
             self.stats.target_passes += r.target_passes;
             self.stats.drafter_passes += r.draft_passes;
             self.stats.proposed += r.proposed;
@@ -315,17 +351,21 @@ impl Run<'_> {
         {
             Ok(i) => i,
             Err(e) => {
-                self.stats.fallback = Some(format!("drafter open failed: {e}"));
+                self.stats
+                    .fall_back("drafter_open_failed", format!("drafter open failed: {e}"));
                 return self.ar(on_event).await;
             }
         };
         self.stats.drafter_passes += 1;
         self.stats.add("drafter_prefill", t.elapsed().as_secs_f64());
         if dinfo.high.rows != rows || dinfo.high.cols != cols {
-            self.stats.fallback = Some(format!(
-                "the drafter proposes a {} grid, the target has {rows}x{cols}",
-                dinfo.high
-            ));
+            self.stats.fall_back(
+                "grid_mismatch",
+                format!(
+                    "the drafter proposes a {} grid, the target has {rows}x{cols}",
+                    dinfo.high
+                ),
+            );
             return self.ar(on_event).await;
         }
         let blocks = blocks(rows, cols, dinfo.scale, p.block_rows);
@@ -334,27 +374,30 @@ impl Run<'_> {
         // verify (and realigned on the drafter by the next draft).
         let mut pending: Vec<i64> = Vec::new();
         // With pipelining, the next block's draft, made while this block was verified.
-        let mut next_draft: Option<Result<DraftReply, EngineError>> = None;
+        let mut next_draft: Option<(Result<DraftReply, EngineError>, std::time::Duration)> = None;
         for (b, block) in blocks.iter().enumerate() {
             let done = self.committed.len();
-            let draft = match next_draft.take() {
+            let (draft, draft_rtt) = match next_draft.take() {
                 Some(d) => d,
                 None => {
-                    drafter
-                        .draft(
-                            self.at(done),
-                            pending.clone(),
-                            low_rows(block),
-                            p.zipar_window,
-                        )
-                        .instrument(info_span!("draft", block = b))
-                        .await
+                    timed(
+                        drafter
+                            .draft(
+                                self.at(done),
+                                pending.clone(),
+                                low_rows(block),
+                                p.zipar_window,
+                            )
+                            .instrument(info_span!("draft", block = b)),
+                    )
+                    .await
                 }
             };
             let draft = match draft {
                 Ok(d) => d,
                 Err(e) => {
-                    self.stats.fallback = Some(format!("drafter failed: {e}"));
+                    self.stats
+                        .fall_back("drafter_failed", format!("drafter failed: {e}"));
                     if !pending.is_empty() {
                         self.stats.target_passes += usize::from(
                             self.verifier
@@ -372,6 +415,10 @@ impl Run<'_> {
             self.stats.add("draft", draft.draft_seconds);
             self.stats.add("upsample", draft.upsample_seconds);
             self.stats.add("realign", draft.realign_seconds);
+            self.stats.add_network(
+                draft_rtt,
+                draft.draft_seconds + draft.upsample_seconds + draft.realign_seconds,
+            );
             let proposals = draft.high;
             if proposals.len() != block.len() {
                 return Err(EngineError::Precondition(format!(
@@ -392,14 +439,16 @@ impl Run<'_> {
             );
             let checked = match blocks.get(b + 1).filter(|_| p.pipeline) {
                 Some(next) => {
-                    let ahead = drafter
-                        .draft(
-                            self.at(done),
-                            pending.clone(),
-                            low_rows(next),
-                            p.zipar_window,
-                        )
-                        .instrument(info_span!("draft", block = b + 1, ahead = true));
+                    let ahead = timed(
+                        drafter
+                            .draft(
+                                self.at(done),
+                                pending.clone(),
+                                low_rows(next),
+                                p.zipar_window,
+                            )
+                            .instrument(info_span!("draft", block = b + 1, ahead = true)),
+                    );
                     let (checked, ahead) = tokio::join!(checked, ahead);
                     next_draft = Some(ahead);
                     checked?
@@ -409,6 +458,8 @@ impl Run<'_> {
             self.committed.append(&mut pending);
             self.stats.target_passes += 1 + checked.resample_passes;
             self.stats.add("verify", checked.verify_seconds);
+            self.stats
+                .add_network(checked.verify_rtt, checked.verify_seconds);
             self.stats.add("expand", checked.expand_seconds);
             self.stats.cycles += 1;
             self.stats.proposed += proposals.len();
@@ -417,6 +468,8 @@ impl Run<'_> {
                 self.stats.resampled += checked.resampled.iter().filter(|&&r| r).count();
                 self.stats.largest_island = self.stats.largest_island.max(checked.largest_island);
                 self.stats.add("resample", checked.resample_seconds);
+                self.stats
+                    .add_network(checked.resample_rtt, checked.resample_seconds);
             }
             pending = checked.tokens;
             on_event(&BlockEvent {
@@ -444,6 +497,16 @@ struct Checked {
     verify_seconds: f64,
     resample_seconds: f64,
     expand_seconds: f64,
+    /// Round trips of the verify and resample calls.
+    verify_rtt: std::time::Duration,
+    resample_rtt: std::time::Duration,
+}
+
+/// A future's output and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Duration) {
+    let t = Instant::now();
+    let out = f.await;
+    (out, t.elapsed())
 }
 
 /// Commits `pending` and scores `proposals` on the verifier in one pass, then resamples the
@@ -457,10 +520,13 @@ async fn check_block(
     p: &MuloParams,
 ) -> Result<Checked, EngineError> {
     let committed = at.committed + pending.len();
-    let v = verifier
-        .verify(at.clone(), pending, proposals.clone(), p.pool_k)
-        .instrument(info_span!("verify"))
-        .await?;
+    let (v, verify_rtt) = timed(
+        verifier
+            .verify(at.clone(), pending, proposals.clone(), p.pool_k)
+            .instrument(info_span!("verify")),
+    )
+    .await;
+    let v = v?;
     let accepted: Vec<bool> = v.mass.iter().map(|&m| f64::from(m) >= p.tau).collect();
     let t = Instant::now();
     let plan = plan_resample(block, &accepted, p.radius, p.rejection);
@@ -474,13 +540,19 @@ async fn check_block(
         verify_seconds: v.seconds,
         resample_seconds: 0.0,
         expand_seconds,
+        verify_rtt,
+        resample_rtt: std::time::Duration::ZERO,
     };
     if !plan.is_empty() {
         let passes = grid_passes(block, &plan.passes);
-        let r = verifier
-            .resample(SessionRef { committed, ..at }, passes)
-            .instrument(info_span!("resample", positions = plan.len()))
-            .await?;
+        let (r, rtt) = timed(
+            verifier
+                .resample(SessionRef { committed, ..at }, passes)
+                .instrument(info_span!("resample", positions = plan.len())),
+        )
+        .await;
+        let r = r?;
+        out.resample_rtt = rtt;
         out.tokens = r.tokens;
         out.resample_passes = r.passes;
         out.largest_island = plan.largest_island();

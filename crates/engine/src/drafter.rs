@@ -170,6 +170,7 @@ impl DrafterCore {
             stream.book.tokens = self.downsample(committed, 0)?;
             stream.book.committed = stream.book.tokens.len();
         }
+        let kv = stream.cache.bytes();
         self.sessions.insert(
             &spec.id,
             Session {
@@ -179,6 +180,7 @@ impl DrafterCore {
                 stream,
                 committed_high: committed.to_vec(),
             },
+            kv,
         );
         Ok(info)
     }
@@ -294,7 +296,7 @@ impl DrafterCore {
         s.stream.book.forget_from(first);
         let first_row = first / w;
         let mut next_col = vec![0usize; rows];
-        let mut passes = 0;
+        let passes_before = s.stream.passes;
         let window = if zipar_window == 0 {
             usize::MAX
         } else {
@@ -328,8 +330,9 @@ impl DrafterCore {
                 next_col[q / w - first_row] += 1;
             }
             previous = queries;
-            passes += 1;
         }
+        // The first token of the grid reads the prefill's logits: no pass of its own.
+        let passes = s.stream.passes - passes_before;
         let draft_seconds = t1.elapsed().as_secs_f64();
         drop(stage);
         // Up-sample every low-res row so far; keep the block's high-res rows.

@@ -178,13 +178,13 @@ impl Engine {
         let (vq, _) = VqModel::load(&family.path(Member::Vq)?, device, dtype)?;
         let verifier = if roles.verifier {
             let tdir = family.path(Member::Target)?;
-            let target = load_gpt(&tdir, device, dtype)?;
+            let mut target = load_gpt(&tdir, device, dtype)?;
+            target.set_metrics_label("target");
             let (draft, dtok) = if roles.draft_small {
                 let ddir = family.path(Member::DraftSmall)?;
-                (
-                    Some(load_gpt(&ddir, device, dtype)?),
-                    load_tokenizer(&ddir)?,
-                )
+                let mut draft = load_gpt(&ddir, device, dtype)?;
+                draft.set_metrics_label("draft_small");
+                (Some(draft), load_tokenizer(&ddir)?)
             } else {
                 (None, None)
             };
@@ -196,7 +196,8 @@ impl Engine {
         };
         let drafter = if roles.drafter {
             let ddir = family.path(Member::Drafter)?;
-            let gpt = load_gpt(&ddir, device, dtype)?;
+            let mut gpt = load_gpt(&ddir, device, dtype)?;
+            gpt.set_metrics_label("drafter");
             let up = Upsampler::load(&family.path(Member::Upsampler)?, device)?;
             let (vq2, _) = VqModel::load(&family.path(Member::Vq)?, device, dtype)?;
             let mut d = DrafterCore::new(gpt, up, vq2, sessions)?;

@@ -159,6 +159,9 @@ pub(crate) struct Stream {
     pub book: SlotBook,
     /// Processed `p` `[1, V]` of grid position 0 (from the prefill).
     pub first: Tensor,
+    /// Forward passes run by [`Stream::feed`] (the prefill not included): what a call spent is
+    /// the difference, so that a query answered from the prefill's logits costs none.
+    pub passes: usize,
     batch: i64,
 }
 
@@ -177,6 +180,7 @@ impl Stream {
             first: process_probs(&logits.unsqueeze(1), params),
             cache,
             book: SlotBook::new(n),
+            passes: 0,
             batch: cond.batch(),
         })
     }
@@ -219,6 +223,7 @@ impl Stream {
         });
         let x = model.embed_tokens(&values, self.batch)?;
         let h = model.forward(&x, &abs, mask.as_ref(), &mut self.cache)?;
+        self.passes += 1;
         self.book.mark_fed(positions);
         let idx: Vec<i64> = read
             .iter()
@@ -296,17 +301,29 @@ pub(crate) fn condition_for(
 pub(crate) struct SessionTable<S> {
     role: &'static str,
     max: usize,
-    map: std::collections::HashMap<String, (S, std::time::Instant)>,
+    /// Each session, when it was last used, and the bytes of KV cache it holds.
+    map: std::collections::HashMap<String, (S, std::time::Instant, i64)>,
 }
 
 impl<S> SessionTable<S> {
     /// An empty table of room `max` (at least 1) for the named role.
     pub(crate) fn new(role: &'static str, max: usize) -> Self {
-        Self {
+        let t = Self {
             role,
             max: max.max(1),
             map: std::collections::HashMap::new(),
-        }
+        };
+        metrics::gauge!(mulo_core::metrics::SESSION_LIMIT, "role" => role).set(t.max as f64);
+        t.report();
+        t
+    }
+
+    /// Sets the live-session and KV gauges of the role.
+    fn report(&self) {
+        use mulo_core::metrics::{KV_CACHE_BYTES, SESSIONS};
+        metrics::gauge!(SESSIONS, "role" => self.role).set(self.map.len() as f64);
+        let kv: i64 = self.map.values().map(|(_, _, b)| b).sum();
+        metrics::gauge!(KV_CACHE_BYTES, "role" => self.role).set(kv as f64);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -324,20 +341,25 @@ impl<S> SessionTable<S> {
         Ok(())
     }
 
-    pub(crate) fn insert(&mut self, id: &str, s: S) {
+    /// Adds (or replaces) a session holding `kv_bytes` of KV cache.
+    pub(crate) fn insert(&mut self, id: &str, s: S, kv_bytes: i64) {
         self.map
-            .insert(id.to_string(), (s, std::time::Instant::now()));
+            .insert(id.to_string(), (s, std::time::Instant::now(), kv_bytes));
+        self.report();
     }
 
     /// Frees a session (idempotent).
     pub(crate) fn release(&mut self, id: &str) -> bool {
-        self.map.remove(id).is_some()
+        let freed = self.map.remove(id).is_some();
+        self.report();
+        freed
     }
 
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub(crate) fn expire(&mut self, ttl: std::time::Duration) -> usize {
         let before = self.map.len();
-        self.map.retain(|_, (_, used)| used.elapsed() <= ttl);
+        self.map.retain(|_, (_, used, _)| used.elapsed() <= ttl);
+        self.report();
         before - self.map.len()
     }
 
@@ -345,13 +367,13 @@ impl<S> SessionTable<S> {
     pub(crate) fn peek(&self, id: &str) -> Result<&S, EngineError> {
         self.map
             .get(id)
-            .map(|(s, _)| s)
+            .map(|(s, _, _)| s)
             .ok_or_else(|| EngineError::UnknownSession(id.to_string()))
     }
 
     /// The session, marked as used now.
     pub(crate) fn get_mut(&mut self, id: &str) -> Result<&mut S, EngineError> {
-        let (s, used) = self
+        let (s, used, _) = self
             .map
             .get_mut(id)
             .ok_or_else(|| EngineError::UnknownSession(id.to_string()))?;

@@ -305,6 +305,7 @@ impl VerifierCore {
             }
             _ => None,
         };
+        let kv = target.cache.bytes() + draft.as_ref().map_or(0, |d| d.cache.bytes());
         self.sessions.insert(
             &spec.id,
             Session {
@@ -314,6 +315,7 @@ impl VerifierCore {
                 target,
                 draft,
             },
+            kv,
         );
         Ok(self.info())
     }
@@ -410,7 +412,7 @@ impl VerifierCore {
             }
         }
         let mut previous: Vec<usize> = Vec::new();
-        let mut count = 0;
+        let before = s.target.passes;
         for pass in passes {
             let mut queries = pass.clone();
             queries.sort_unstable();
@@ -427,11 +429,11 @@ impl VerifierCore {
                 s.target.book.set(q, t);
             }
             previous = queries;
-            count += 1;
         }
         Ok(ResampleReply {
             tokens: s.target.book.tokens[lo..].to_vec(),
-            passes: count,
+            // Resampling grid position 0 reads the prefill's logits: no pass of its own.
+            passes: s.target.passes - before,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -486,6 +488,7 @@ impl VerifierCore {
             .into());
         }
         let mut out = Vec::with_capacity(count);
+        let before = s.target.passes;
         for i in 0..count {
             let q = first + i;
             let (p, _) = s.target.query(target, &s.params, &[], &[q], None)?;
@@ -498,7 +501,7 @@ impl VerifierCore {
         Ok(DecodeReply {
             tokens: out,
             // Position 0 reads the prefill's logits: no forward of its own.
-            passes: count - usize::from(first == 0 && count > 0),
+            passes: s.target.passes - before,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -550,6 +553,7 @@ impl VerifierCore {
         let t0 = Instant::now();
         let mut qs: Vec<Vec<f32>> = Vec::with_capacity(g);
         let mut drafts = Vec::with_capacity(g);
+        let (target_before, draft_before) = (s.target.passes, ds.passes);
         for i in 0..g {
             let (q, _) = ds.query(draft_model, &s.params, &[], &[first + i], None)?;
             let t = i64::try_from(sample_from_probs(&q, &[s.rng.next_uniform()]).get(0))?;
@@ -628,8 +632,8 @@ impl VerifierCore {
             proposed: g,
             accepted,
             tokens: out,
-            target_passes: 1,
-            draft_passes: g,
+            target_passes: s.target.passes - target_before,
+            draft_passes: ds.passes - draft_before,
             draft_seconds,
             verify_seconds: t1.elapsed().as_secs_f64(),
         })

@@ -78,6 +78,8 @@ pub struct Gpt {
     /// Kind the weight multiplies and attention run in when it differs from the weights' own kind
     /// (mixed precision: fp32 weights, bf16 matmuls); `None` = the weights' kind.
     compute: Option<Kind>,
+    /// `model` label of its forward passes in the metrics (`target`, `drafter`, `draft_small`).
+    metrics_label: &'static str,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
@@ -188,6 +190,7 @@ impl Gpt {
             device,
             dropout: 0.0,
             compute: None,
+            metrics_label: "gpt",
         })
     }
 
@@ -204,6 +207,16 @@ impl Gpt {
             Some(k) => x.to_kind(k).linear::<Tensor>(&w.to_kind(k), None),
             None => linear(x, w),
         }
+    }
+
+    /// Names the model in the forward-pass metric (`mulo_forward_passes_total{model=…}`).
+    pub fn set_metrics_label(&mut self, label: &'static str) {
+        self.metrics_label = label;
+    }
+
+    fn count_pass(&self) {
+        metrics::counter!(mulo_core::metrics::FORWARD_PASSES, "model" => self.metrics_label)
+            .increment(1);
     }
 
     /// Sets the dropout probability of the input embeddings and of the attention and feed-forward
@@ -412,9 +425,9 @@ impl Gpt {
         tch::no_grad(|| {
             let cls = self.cfg.cls_token_num;
             let mut cache = self.new_cache(1, cls + 1)?;
-            let _ = self.prefill(&self.null_conditioning(), &mut cache)?;
+            let _ = self.prefill_uncounted(&self.null_conditioning(), &mut cache)?;
             let x = self.embed_tokens(&[0], 1)?;
-            let h = self.forward(&x, &[cls], None, &mut cache)?;
+            let h = self.forward_uncounted(&x, &[cls], None, &mut cache)?;
             let _ = self.head(&h);
             Ok(())
         })
@@ -475,6 +488,12 @@ impl Gpt {
     /// Writes the condition into `cache` at positions `0..cls_token_num` and returns the fp32 logits
     /// `[batch, vocab]` that predict the first image token.
     pub fn prefill(&self, cond: &Conditioning, cache: &mut KvCache) -> Result<Tensor> {
+        let logits = self.prefill_uncounted(cond, cache)?;
+        self.count_pass();
+        Ok(logits)
+    }
+
+    fn prefill_uncounted(&self, cond: &Conditioning, cache: &mut KvCache) -> Result<Tensor> {
         let n = self.cfg.cls_token_num;
         if cond.batch() != cache.batch() {
             return Err(ModelError::InvalidInput(format!(
@@ -491,7 +510,7 @@ impl Gpt {
             None => None,
         };
         let positions: Vec<i64> = (0..n).collect();
-        let h = self.forward(&cond.embeddings, &positions, None, cache)?;
+        let h = self.forward_uncounted(&cond.embeddings, &positions, None, cache)?;
         Ok(self.head(&h.select(1, n - 1)))
     }
 
@@ -503,6 +522,18 @@ impl Gpt {
     /// Every input always sees its own slot, and caption rows hidden by the condition mask are never
     /// seen by another position.
     pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &[i64],
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.forward_uncounted(x, positions, mask, cache)?;
+        self.count_pass();
+        Ok(h)
+    }
+
+    fn forward_uncounted(
         &self,
         x: &Tensor,
         positions: &[i64],

@@ -20,10 +20,17 @@ tokio::task_local! {
     pub static WIRE_BYTES: std::sync::Arc<std::sync::atomic::AtomicU64>;
 }
 
-/// Adds a message's encoded size to the current request's count (no-op outside a request).
-pub fn count_bytes<M: Message>(m: &M) {
+/// Adds a message sent to (`sent`) or received from `peer` to the current request's count
+/// (no-op outside a request) and to the peer's byte counters.
+pub fn count_bytes<M: Message>(peer: &str, sent: bool, m: &M) {
     let n = m.encoded_len() as u64;
     let _ = WIRE_BYTES.try_with(|c| c.fetch_add(n, std::sync::atomic::Ordering::Relaxed));
+    let name = if sent {
+        mulo_core::metrics::SENT_BYTES
+    } else {
+        mulo_core::metrics::RECEIVED_BYTES
+    };
+    metrics::counter!(name, "peer" => peer.to_string()).increment(n);
 }
 
 use crate::convert::{engine_error, ref_out, spec_out, tokens_in};
@@ -102,7 +109,7 @@ where
     F: Fn(C, tonic::Request<Req>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
-    count_bytes(&req);
+    count_bytes(addr, true, &req);
     let r = if idempotent {
         retry(|| call(client.clone(), traced(req.clone()))).await
     } else {
@@ -110,7 +117,7 @@ where
     }
     .map_err(|s| engine_error(addr, &s))?
     .into_inner();
-    count_bytes(&r);
+    count_bytes(addr, false, &r);
     Ok(r)
 }
 
@@ -223,7 +230,7 @@ impl DrafterRole for RemoteDrafter {
             rows: rows as u32,
             zipar_window: zipar_window as u32,
         };
-        count_bytes(&req);
+        count_bytes(&self.addr, true, &req);
         let peer = |s: tonic::Status| engine_error(&self.addr, &s);
         let mut stream = self
             .client
@@ -235,7 +242,7 @@ impl DrafterRole for RemoteDrafter {
         let mut reply = DraftReply::default();
         let mut done = false;
         while let Some(chunk) = stream.message().await.map_err(peer)? {
-            count_bytes(&chunk);
+            count_bytes(&self.addr, false, &chunk);
             match chunk.kind {
                 Some(pb::draft_chunk::Kind::Row(r)) => {
                     if reply.low.is_empty() {

@@ -46,6 +46,19 @@ fn lost(e: &EngineError) -> bool {
     matches!(e, EngineError::Peer { .. } | EngineError::UnknownSession(_))
 }
 
+/// The `reason` label of a migration caused by `e`.
+fn migration_reason(e: &EngineError) -> &'static str {
+    match e {
+        EngineError::UnknownSession(_) => "session_lost",
+        EngineError::Peer { code, .. }
+            if code == tonic::Code::Unavailable.description() || code == "unavailable" =>
+        {
+            "unreachable"
+        }
+        _ => "peer_error",
+    }
+}
+
 impl Failover {
     /// Failover over `replicas` (at least one), at most `max_migrations` moves per session.
     pub fn new(replicas: Vec<RemoteVerifier>, max_migrations: u32) -> Self {
@@ -146,6 +159,11 @@ impl Failover {
                 break;
             }
             t.migrations += 1;
+            metrics::counter!(
+                mulo_core::metrics::MIGRATIONS,
+                "reason" => migration_reason(cause)
+            )
+            .increment(1);
             if let Ok(mut m) = self.moved.lock() {
                 m.insert(id.to_string(), t.migrations);
             }
@@ -346,6 +364,29 @@ impl VerifierRole for Failover {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_reasons_are_the_documented_labels() {
+        let peer = |code: tonic::Code| EngineError::Peer {
+            peer: "v".into(),
+            code: code.description().into(),
+            message: String::new(),
+        };
+        let got = [
+            migration_reason(&peer(tonic::Code::Unavailable)),
+            migration_reason(&EngineError::UnknownSession("s".into())),
+            migration_reason(&peer(tonic::Code::Internal)),
+        ];
+        assert_eq!(got, ["unreachable", "session_lost", "peer_error"]);
+        for r in got {
+            assert!(mulo_core::metrics::MIGRATION_REASONS.contains(&r));
         }
     }
 }

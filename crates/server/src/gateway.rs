@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use mulo_core::metrics as names;
 use mulo_core::{Method, SamplingParams};
 use mulo_engine::{generate, BlockEvent, Engine, EngineError, GenerateRequest, Outcome};
 use mulo_engine::{DrafterRole, TorchWorker, VerifierRole};
@@ -98,6 +99,8 @@ impl GatewayService {
         max_migrations: u32,
         vq: Option<Arc<TorchWorker<Engine>>>,
     ) -> Self {
+        metrics::gauge!(names::REQUESTS_IN_FLIGHT_LIMIT).set(max_in_flight.max(1) as f64);
+        metrics::gauge!(names::REQUESTS_IN_FLIGHT).set(0.0);
         Self(Arc::new(GatewayState {
             family,
             drafters: std::sync::RwLock::new(drafters),
@@ -238,7 +241,7 @@ impl GatewayState {
             let req = pb::DecodeImageRequest {
                 tokens: ids.clone(),
             };
-            crate::client::count_bytes(&req);
+            crate::client::count_bytes(d.addr(), true, &req);
             match crate::client::retry(|| {
                 let (mut c, req) = (d.client(), req.clone());
                 async move { c.decode_image(crate::client::traced(req)).await }
@@ -247,7 +250,7 @@ impl GatewayState {
             {
                 Ok(r) => {
                     let r = r.into_inner();
-                    crate::client::count_bytes(&r);
+                    crate::client::count_bytes(d.addr(), false, &r);
                     return Ok(r.png);
                 }
                 Err(e) => last = Some(e),
@@ -297,14 +300,65 @@ impl GatewayState {
         })
     }
 
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
+    fn admit(&self, method: &'static str) -> Result<Admitted, Status> {
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "the gateway is running {} requests, its limit",
                 self.max_in_flight
             ))
+        })?;
+        metrics::gauge!(names::REQUESTS_IN_FLIGHT).increment(1.0);
+        Ok(Admitted {
+            _permit: permit,
+            since: Instant::now(),
+            method,
+            outcome: "cancelled",
         })
     }
+}
+
+/// An admitted request: holds its admission permit and the in-flight gauge until dropped, and
+/// then counts the request with its outcome (`cancelled` when it was dropped before one was set:
+/// the client went away) and its duration.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    since: Instant,
+    method: &'static str,
+    outcome: &'static str,
+}
+
+impl Admitted {
+    fn finish<T>(&mut self, r: &Result<T, Status>) {
+        self.outcome = outcome(r.as_ref().err());
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        metrics::gauge!(names::REQUESTS_IN_FLIGHT).decrement(1.0);
+        count_request(self.method, self.outcome);
+        metrics::histogram!(names::REQUEST_DURATION, "method" => self.method)
+            .record(self.since.elapsed());
+    }
+}
+
+/// The `method` label of a request: the decoding method's name, `unknown` when it does not parse.
+fn method_label(method: &str) -> &'static str {
+    let m = method.trim();
+    if m.is_empty() {
+        return "mulo";
+    }
+    Method::parse(m).map_or("unknown", |m| m.name())
+}
+
+/// The `outcome` label of a request's result.
+fn outcome(err: Option<&Status>) -> &'static str {
+    err.map_or("ok", |s| names::outcome(s.code() as i32))
+}
+
+/// Counts a request (a refused one directly, an admitted one when it is dropped).
+fn count_request(method: &'static str, outcome: &'static str) {
+    metrics::counter!(names::REQUESTS, "method" => method, "outcome" => outcome).increment(1);
 }
 
 /// Releases a request's sessions when its generation is dropped half-way.
@@ -352,13 +406,22 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let job = self.job(req.into_inner())?;
-        let _permit = self.admit()?;
-        let t = Instant::now();
-        let out = self.run(&job.req, &mut |_| {}).await?;
-        let resp = self.response(&job, out).await?;
-        tracing::info!(id = %job.req.id, seconds = t.elapsed().as_secs_f64(), "generated");
-        Ok(Response::new(resp))
+        let req = req.into_inner();
+        let method = method_label(&req.method);
+        let (job, mut admitted) = match self.job(req).and_then(|j| Ok((j, self.admit(method)?))) {
+            Ok(x) => x,
+            Err(e) => {
+                count_request(method, outcome(Some(&e)));
+                return Err(e);
+            }
+        };
+        let out = match self.run(&job.req, &mut |_| {}).await {
+            Ok(out) => self.response(&job, out).await,
+            Err(e) => Err(e),
+        };
+        admitted.finish(&out);
+        tracing::info!(id = %job.req.id, seconds = admitted.since.elapsed().as_secs_f64(), ok = out.is_ok(), "generated");
+        out.map(Response::new)
     }
 
     type GenerateStreamStream = EventStream;
@@ -367,14 +430,20 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let job = self.job(req.into_inner())?;
-        let permit = self.admit()?;
+        let req = req.into_inner();
+        let method = method_label(&req.method);
+        let (job, mut admitted) = match self.job(req).and_then(|j| Ok((j, self.admit(method)?))) {
+            Ok(x) => x,
+            Err(e) => {
+                count_request(method, outcome(Some(&e)));
+                return Err(e);
+            }
+        };
         // Bounded: one event per block of the grid, plus the result.
         let (tx, rx) = mpsc::channel(self.family.rows * self.family.cols + 2);
         let me = Arc::clone(&self.0);
         tokio::spawn(
             async move {
-                let _permit = permit;
                 let events = tx.clone();
                 let mut on_event = move |e: &BlockEvent| {
                     let ev = block_out(e).map(|b| pb::GenerateEvent {
@@ -394,7 +463,9 @@ impl pb::gateway_server::Gateway for GatewayService {
                     }),
                     Err(e) => Err(e),
                 };
+                admitted.finish(&result);
                 let _ = tx.send(result).await;
+                drop(admitted);
             }
             .in_current_span(),
         );

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod drafter;
 pub mod failover;
 pub mod gateway;
+pub mod metrics;
 pub mod runtime;
 pub mod telemetry;
 pub mod verifier;
@@ -110,6 +111,20 @@ pub struct CommonArgs {
     /// no export, logs only.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Address to serve Prometheus metrics on over HTTP (GET /metrics), e.g. 0.0.0.0:9090.
+    /// Unset: no metrics endpoint.
+    #[arg(long, env = "MULO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl CommonArgs {
+    /// Starts the metrics endpoint when one is asked for.
+    fn metrics(&self, service: &str) -> Result<()> {
+        match self.metrics_listen {
+            Some(addr) => metrics::install(service, addr),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Flags of `mulo-drafter` and `mulo-verifier`.
@@ -204,13 +219,17 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received: draining");
 }
 
+/// A service's router: every route counted and timed by [`metrics::RpcMetricsLayer`].
+type Routes =
+    Router<tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>>;
+
 /// Serves `role` with health, reflection and Info plus the routes `add` puts on, until SIGTERM
 /// or Ctrl-C; then stops accepting and lets in-flight calls finish.
 async fn serve(
     role: &'static str,
     listen: SocketAddr,
     worker: &Arc<TorchWorker<Engine>>,
-    add: impl FnOnce(Router) -> Router,
+    add: impl FnOnce(Routes) -> Routes,
 ) -> Result<()> {
     // Health says SERVING only once this answers: nothing listens before the warm-up is done.
     let t = std::time::Instant::now();
@@ -245,6 +264,7 @@ async fn serve(
         .context("building the reflection service")?;
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::server_span)
+        .layer(metrics::RpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)
         .add_service(CapabilitiesServer::new(InfoService { role, models }));
@@ -328,7 +348,10 @@ pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
         &args.common.log,
         args.common.otlp_endpoint.as_deref(),
     )?;
-    let r = serve_role_inner(role, args).await;
+    let r = match args.common.metrics(service) {
+        Ok(()) => serve_role_inner(role, args).await,
+        Err(e) => Err(e),
+    };
     tel.shutdown().await;
     r
 }
@@ -438,7 +461,10 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
         &args.common.log,
         args.common.otlp_endpoint.as_deref(),
     )?;
-    let r = serve_gateway_inner(args).await;
+    let r = match args.common.metrics("mulo-gateway") {
+        Ok(()) => serve_gateway_inner(args).await,
+        Err(e) => Err(e),
+    };
     tel.shutdown().await;
     r
 }

@@ -99,11 +99,41 @@ pub async fn cluster_with(
     gateway_args: &[&str],
     env: &[(&str, &str)],
 ) -> (Proc, Proc, Proc, Channel) {
+    cluster_full([&[], &[]], gateway_args, env).await
+}
+
+/// [`cluster`] with each service serving Prometheus metrics; also returns their metrics
+/// addresses (drafter, verifier, gateway).
+pub async fn cluster_with_metrics() -> (Proc, Proc, Proc, Channel, [String; 3]) {
+    let m: [String; 3] = std::array::from_fn(|_| format!("127.0.0.1:{}", free_port()));
+    let (d, v, g, ch) = cluster_full(
+        [
+            &["--metrics-listen", m[0].as_str()],
+            &["--metrics-listen", m[1].as_str()],
+        ],
+        &["--metrics-listen", m[2].as_str()],
+        &[],
+    )
+    .await;
+    (d, v, g, ch, m)
+}
+
+/// [`cluster`] with extra flags for the drafter and the verifier, for the gateway, and an
+/// environment for all three.
+pub async fn cluster_full(
+    role_args: [&[&str]; 2],
+    gateway_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, Proc, Proc, Channel) {
     let fam = family();
     let fam = fam.to_str().unwrap();
     let role = ["--family", fam, "--threads", "1"];
-    let mut drafter = start_env("mulo-drafter", &role, env);
-    let mut verifier = start_env("mulo-verifier", &role, env);
+    let with = |extra: &[&str]| -> Vec<String> {
+        role.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let (dargs, vargs) = (with(role_args[0]), with(role_args[1]));
+    let mut drafter = start_env("mulo-drafter", &refs(&dargs), env);
+    let mut verifier = start_env("mulo-verifier", &refs(&vargs), env);
     connect(&mut drafter).await;
     connect(&mut verifier).await;
     let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
@@ -121,6 +151,99 @@ pub async fn cluster_with(
     let mut gateway = start_env("mulo-gateway", &args, env);
     let ch = connect(&mut gateway).await;
     (drafter, verifier, gateway, ch)
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A generation request for `prompt` with `method` and `seed` (PNG, no tokens).
+pub fn request(prompt: &str, method: &str, seed: u64) -> mulo_proto::v1::GenerateRequest {
+    mulo_proto::v1::GenerateRequest {
+        request_id: String::new(),
+        condition: Some(mulo_proto::v1::Condition {
+            kind: Some(mulo_proto::v1::condition::Kind::Prompt(prompt.into())),
+        }),
+        method: method.into(),
+        sampling: None,
+        seed,
+        return_tokens: false,
+        skip_png: false,
+    }
+}
+
+/// The Prometheus text a service serves on `http://addr/metrics`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut s) => {
+                write!(
+                    s,
+                    "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                let (head, body) = out.split_once("\r\n\r\n").unwrap();
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return body.to_string();
+            }
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("no metrics on {addr}: {e}"),
+        }
+    }
+}
+
+/// One sample of a Prometheus text exposition: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Samples of a Prometheus text exposition.
+pub fn samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest.strip_suffix('}').unwrap();
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").unwrap();
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// Sum of the samples of `name` whose labels include `labels` (0 when there is none).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }
 
 /// The `mulo` command of this checkout (cargo brings it up to date first: the workspace build
