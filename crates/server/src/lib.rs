@@ -257,16 +257,25 @@ async fn serve(
         })
         .collect();
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and current tools ask v1, older tools and Python's
+    // grpcio-reflection ask v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
     let router = tonic::transport::Server::builder()
         .trace_fn(telemetry::server_span)
         .layer(metrics::RpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(CapabilitiesServer::new(InfoService { role, models }));
     let router = add(router);
     tracing::info!(role, %listen, "serving");

@@ -48,7 +48,12 @@ pub fn install(service: &str, listen: SocketAddr) -> Result<()> {
 /// grow the series).
 fn rpc_label(path: &str) -> String {
     let p = path.trim_start_matches('/');
-    let known = ["mulo.v1.", "grpc.health.v1.", "grpc.reflection.v1."];
+    let known = [
+        "mulo.v1.",
+        "grpc.health.v1.",
+        "grpc.reflection.v1.",
+        "grpc.reflection.v1alpha.",
+    ];
     let ok = known.iter().any(|k| p.starts_with(k))
         && p.split('/').count() == 2
         && p.len() <= 96
