@@ -13,25 +13,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The ```sh blocks of `doc` that follow a `<!-- tested: ... -->` line.
-fn tested_blocks(doc: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut lines = doc.lines();
-    while let Some(l) = lines.next() {
-        if !l.starts_with("<!-- tested:") {
-            continue;
-        }
-        assert_eq!(
-            lines.next(),
-            Some("```sh"),
-            "a tested block is a ```sh fence"
-        );
-        let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
-        out.push(body.join("\n"));
-    }
-    out
-}
-
 /// A virtual environment with the client's requirements (made once per requirements file).
 fn venv() -> PathBuf {
     let req = repo().join("examples/python/requirements.txt");
@@ -78,7 +59,8 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[tokio::test]
 async fn the_api_page_commands_run_against_a_gateway() {
-    let blocks = tested_blocks(&std::fs::read_to_string(repo().join("docs/api.md")).unwrap());
+    let blocks =
+        common::tested_blocks(&std::fs::read_to_string(repo().join("docs/api.md")).unwrap());
     assert_eq!(blocks.len(), 2, "grpcurl and Python blocks");
     let env = venv();
     let (_d, _v, gateway, _ch) = common::cluster().await;
@@ -120,23 +102,12 @@ async fn the_api_page_commands_run_against_a_gateway() {
         env.join("bin").display(),
         std::env::var("PATH").unwrap()
     );
-    let run = |block: &str| -> (String, String) {
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", block])
-            .current_dir(&tmp)
-            .env("PATH", &path)
-            .env("GATEWAY", &gateway.addr)
-            .output()
-            .unwrap();
-        let (so, se) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        assert!(
-            out.status.success(),
-            "{block}\n--- stdout\n{so}\n--- stderr\n{se}"
-        );
-        (so, se)
+    let run = |block: &str| {
+        common::run_block(
+            block,
+            &tmp,
+            &[("PATH", path.as_str()), ("GATEWAY", gateway.addr.as_str())],
+        )
     };
 
     let (out, _) = run(&blocks[0]);
@@ -178,10 +149,4 @@ async fn the_api_page_commands_run_against_a_gateway() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&tmp);
-}
-
-#[test]
-fn tested_blocks_are_found() {
-    let doc = "a\n<!-- tested: x -->\n```sh\none\ntwo\n```\n```sh\nuntested\n```\n";
-    assert_eq!(tested_blocks(doc), vec!["one\ntwo".to_string()]);
 }

@@ -246,6 +246,46 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The ```sh blocks of a Markdown `doc` that follow a `<!-- tested: ... -->` line (the commands
+/// a page promises work; the tests run them verbatim).
+pub fn tested_blocks(doc: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut lines = doc.lines();
+    while let Some(l) = lines.next() {
+        if !l.starts_with("<!-- tested:") {
+            continue;
+        }
+        assert_eq!(
+            lines.next(),
+            Some("```sh"),
+            "a tested block is a ```sh fence"
+        );
+        let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+        out.push(body.join("\n"));
+    }
+    out
+}
+
+/// Runs a shell block with bash (`-euo pipefail`) in `dir` with extra environment; returns its
+/// stdout and stderr, failing the test when it fails.
+pub fn run_block(block: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> (String, String) {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", block])
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "{block}\n--- stdout\n{so}\n--- stderr\n{se}"
+    );
+    (so, se)
+}
+
 /// The `mulo` command of this checkout (cargo brings it up to date first: the workspace build
 /// of the services' tests does not build other packages' binaries).
 pub fn mulo_cli() -> PathBuf {
