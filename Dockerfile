@@ -36,7 +36,8 @@ RUN apt-get update \
 COPY models/emoji /opt/mulo/models/emoji
 ENV LD_LIBRARY_PATH=/opt/mulo/lib \
     MULO_FAMILY=/opt/mulo/models/emoji
-EXPOSE 50051 50061 50062
+# gRPC: gateway 50051, drafter 50061, verifier 50062; Prometheus metrics 9090 (MULO_METRICS_LISTEN).
+EXPOSE 50051 50061 50062 9090
 USER 65532:65532
 
 FROM runtime AS cpu

@@ -47,6 +47,7 @@ async fn a_lost_verifier_or_drafter_does_not_lose_the_request() {
     let c1 = common::connect(&mut v1).await;
     let c2 = common::connect(&mut v2).await;
     let verifiers = format!("{},{}", v1.addr, v2.addr);
+    let metrics = format!("127.0.0.1:{}", common::free_port());
     let mut gateway = common::start(
         "mulo-gateway",
         &[
@@ -58,8 +59,13 @@ async fn a_lost_verifier_or_drafter_does_not_lose_the_request() {
             &drafter.addr,
             "--verifier",
             &verifiers,
+            "--metrics-listen",
+            &metrics,
         ],
     );
+    let counted = |name: &str, labels: &[(&str, &str)]| {
+        common::metric(&common::scrape(&metrics), name, labels)
+    };
     let mut gw = GatewayClient::new(common::connect(&mut gateway).await);
 
     // Verifier lost: find the replica holding the session after the first block, kill it.
@@ -92,6 +98,10 @@ async fn a_lost_verifier_or_drafter_does_not_lose_the_request() {
     assert!(blocks >= 1, "blocks after the kill: {blocks}");
     assert_eq!(stats.migrations, 1, "{stats:?}");
     assert!(stats.fallback.is_empty(), "{stats:?}");
+    // Counted by reason: the replica no longer answered.
+    use mulo_core::metrics::{FALLBACKS, MIGRATIONS};
+    assert_eq!(counted(MIGRATIONS, &[("reason", "unreachable")]), 1.0);
+    assert_eq!(counted(MIGRATIONS, &[]), 1.0);
     assert!(done.png.starts_with(b"\x89PNG"));
     assert_eq!(live(other.clone()).await, 0, "released on the survivor");
 
@@ -106,6 +116,7 @@ async fn a_lost_verifier_or_drafter_does_not_lose_the_request() {
     assert_eq!(done.tokens.len(), 256);
     assert!(stats.fallback.contains("drafter"), "{stats:?}");
     assert!(done.png.starts_with(b"\x89PNG"));
+    assert_eq!(counted(FALLBACKS, &[("reason", "drafter_failed")]), 1.0);
 
     // Still serving, as AR, with one verifier and no drafter.
     let r = gw

@@ -46,12 +46,17 @@ fn lost(e: &EngineError) -> bool {
     matches!(e, EngineError::Peer { .. } | EngineError::UnknownSession(_))
 }
 
-/// The `reason` label of a migration caused by `e`.
+/// The `reason` label of a migration caused by `e`: `unreachable` when the replica could not be
+/// reached or its connection broke during the call (tonic reports the latter as UNKNOWN with a
+/// transport error), `session_lost` when it answered without the session, else `peer_error`.
 fn migration_reason(e: &EngineError) -> &'static str {
     match e {
         EngineError::UnknownSession(_) => "session_lost",
-        EngineError::Peer { code, .. }
-            if code == tonic::Code::Unavailable.description() || code == "unavailable" =>
+        EngineError::Peer { code, message, .. }
+            if code == tonic::Code::Unavailable.description()
+                || code == "unavailable"
+                || (code == tonic::Code::Unknown.description()
+                    && message.contains("transport error")) =>
         {
             "unreachable"
         }
@@ -374,17 +379,29 @@ mod tests {
 
     #[test]
     fn migration_reasons_are_the_documented_labels() {
-        let peer = |code: tonic::Code| EngineError::Peer {
+        let peer = |code: tonic::Code, message: &str| EngineError::Peer {
             peer: "v".into(),
             code: code.description().into(),
-            message: String::new(),
+            message: message.into(),
         };
         let got = [
-            migration_reason(&peer(tonic::Code::Unavailable)),
+            migration_reason(&peer(tonic::Code::Unavailable, "tcp connect error")),
+            // A connection that broke during the call (the replica was killed mid-way).
+            migration_reason(&peer(tonic::Code::Unknown, "transport error")),
             migration_reason(&EngineError::UnknownSession("s".into())),
-            migration_reason(&peer(tonic::Code::Internal)),
+            migration_reason(&peer(tonic::Code::Internal, "boom")),
+            migration_reason(&peer(tonic::Code::Unknown, "something else")),
         ];
-        assert_eq!(got, ["unreachable", "session_lost", "peer_error"]);
+        assert_eq!(
+            got,
+            [
+                "unreachable",
+                "unreachable",
+                "session_lost",
+                "peer_error",
+                "peer_error"
+            ]
+        );
         for r in got {
             assert!(mulo_core::metrics::MIGRATION_REASONS.contains(&r));
         }
