@@ -16,15 +16,8 @@ use tonic::transport::Channel;
 
 fn gen() -> pb::GenerateRequest {
     pb::GenerateRequest {
-        request_id: String::new(),
-        condition: Some(pb::Condition {
-            kind: Some(pb::condition::Kind::Prompt("red apple".into())),
-        }),
-        method: "mulo:block_rows=1".into(),
-        sampling: None,
-        seed: 1,
-        return_tokens: false,
         skip_png: true,
+        ..common::request("red apple", "mulo:block_rows=1", 1)
     }
 }
 

@@ -47,15 +47,8 @@ fn embedded(method: &str, prompt: &str, seed: u64) -> Vec<i64> {
 
 fn request(method: &str, prompt: &str, seed: u64) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        request_id: String::new(),
-        condition: Some(pb::Condition {
-            kind: Some(pb::condition::Kind::Prompt(prompt.into())),
-        }),
-        method: method.into(),
-        sampling: None,
-        seed,
         return_tokens: true,
-        skip_png: false,
+        ..common::request(prompt, method, seed)
     }
 }
 

@@ -11,16 +11,9 @@ use mulo_proto::v1::verifier_client::VerifierClient;
 
 fn gen(seed: u64) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        request_id: String::new(),
-        condition: Some(pb::Condition {
-            kind: Some(pb::condition::Kind::Prompt("snowman".into())),
-        }),
-        // Eight cycles with plenty of resampling: time to kill a process between two blocks.
-        method: "mulo:block_rows=1,tau=0.3".into(),
-        sampling: None,
-        seed,
         return_tokens: true,
-        skip_png: false,
+        // Eight cycles with plenty of resampling: time to kill a process between two blocks.
+        ..common::request("snowman", "mulo:block_rows=1,tau=0.3", seed)
     }
 }
 

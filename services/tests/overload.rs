@@ -25,17 +25,7 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn request(seed: u64) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        request_id: String::new(),
-        condition: Some(pb::Condition {
-            kind: Some(pb::condition::Kind::Prompt("red apple".into())),
-        }),
-        method: "mulo".into(),
-        sampling: None,
-        seed,
-        return_tokens: false,
-        skip_png: false,
-    }
+    common::request("red apple", "mulo", seed)
 }
 
 /// One burst of `n` concurrent requests: (completed, refused, slowest refusal).

@@ -300,6 +300,14 @@ impl GatewayState {
         })
     }
 
+    /// Validates and admits a request; a refusal is counted with its code.
+    fn accept(&self, req: pb::GenerateRequest) -> Result<(Job, Admitted), Status> {
+        let method = method_label(&req.method);
+        self.job(req)
+            .and_then(|j| Ok((j, self.admit(method)?)))
+            .inspect_err(|e| count_request(method, outcome(Some(e))))
+    }
+
     fn admit(&self, method: &'static str) -> Result<Admitted, Status> {
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -406,15 +414,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let req = req.into_inner();
-        let method = method_label(&req.method);
-        let (job, mut admitted) = match self.job(req).and_then(|j| Ok((j, self.admit(method)?))) {
-            Ok(x) => x,
-            Err(e) => {
-                count_request(method, outcome(Some(&e)));
-                return Err(e);
-            }
-        };
+        let (job, mut admitted) = self.accept(req.into_inner())?;
         let out = match self.run(&job.req, &mut |_| {}).await {
             Ok(out) => self.response(&job, out).await,
             Err(e) => Err(e),
@@ -430,15 +430,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let req = req.into_inner();
-        let method = method_label(&req.method);
-        let (job, mut admitted) = match self.job(req).and_then(|j| Ok((j, self.admit(method)?))) {
-            Ok(x) => x,
-            Err(e) => {
-                count_request(method, outcome(Some(&e)));
-                return Err(e);
-            }
-        };
+        let (job, mut admitted) = self.accept(req.into_inner())?;
         // Bounded: one event per block of the grid, plus the result.
         let (tx, rx) = mpsc::channel(self.family.rows * self.family.cols + 2);
         let me = Arc::clone(&self.0);
