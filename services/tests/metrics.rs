@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{metric, scrape};
+use common::{has, metric, scrape};
 use mulo_core::metrics as m;
 use mulo_proto::v1 as pb;
 use mulo_proto::v1::gateway_client::GatewayClient;
@@ -30,7 +30,7 @@ const G: usize = 2;
 
 #[tokio::test]
 async fn counters_move_by_what_each_request_reports() {
-    let (mut drafter, verifier, _gateway, ch, addrs) = common::cluster_with_metrics().await;
+    let (mut drafter, verifier, gateway, ch, addrs) = common::cluster_with_metrics().await;
     let mut gw = GatewayClient::new(ch);
 
     // Every service describes what it exports, with the service label on each sample.
@@ -41,6 +41,19 @@ async fn counters_move_by_what_each_request_reports() {
         first.0[G]
     );
     assert!(first.0[G].contains("service=\"mulo-gateway\""));
+    // The series alerts divide by exist from the start, at 0.
+    for reason in m::FALLBACK_REASONS {
+        assert!(
+            has(&first.0[G], m::FALLBACKS, &[("reason", reason)]),
+            "{reason}"
+        );
+    }
+    assert!(has(
+        &first.0[G],
+        m::MIGRATIONS,
+        &[("reason", "unreachable")]
+    ));
+    assert!(has(&first.0[G], m::REQUESTS_IN_FLIGHT, &[]));
     assert_eq!(
         metric(&first.0[V], m::SESSIONS, &[("role", "verifier")]),
         0.0
@@ -105,9 +118,14 @@ async fn counters_move_by_what_each_request_reports() {
         assert!(d(G, m::SENT_BYTES, &[("peer", peer)]) > 0.0, "{peer}");
         assert!(d(G, m::RECEIVED_BYTES, &[("peer", peer)]) > 0.0, "{peer}");
     }
-    // Nothing is left held.
+    // Nothing is left held (and the gauges are there, not merely absent).
     assert_eq!(metric(&after.0[G], m::REQUESTS_IN_FLIGHT, &[]), 0.0);
     for (i, role) in [(D, "drafter"), (V, "verifier")] {
+        assert!(has(&after.0[i], m::SESSIONS, &[("role", role)]), "{role}");
+        assert!(
+            has(&after.0[i], m::KV_CACHE_BYTES, &[("role", role)]),
+            "{role}"
+        );
         assert_eq!(metric(&after.0[i], m::SESSIONS, &[("role", role)]), 0.0);
         assert_eq!(
             metric(&after.0[i], m::KV_CACHE_BYTES, &[("role", role)]),
@@ -208,6 +226,68 @@ async fn counters_move_by_what_each_request_reports() {
         1.0
     );
     assert_eq!(d(G, m::REQUESTS, &[("outcome", "ok")]), 0.0);
+
+    // A caller that goes away mid-request: the call and the request count as cancelled.
+    let before = Scrape::take(&addrs);
+    let mut c = gw.clone();
+    let call = tokio::spawn(async move { c.generate(common::request("red apple", "ar", 9)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    call.abort();
+    let _ = call.await;
+    let mut after = Scrape::take(&addrs);
+    // The verifier finishes the AR decode it was running (one call, not interruptible) before
+    // it frees the session: wait for that, so that its passes stay out of the next check.
+    for _ in 0..200 {
+        if metric(&after.0[G], m::REQUESTS_IN_FLIGHT, &[]) == 0.0
+            && metric(&after.0[V], m::SESSIONS, &[("role", "verifier")]) == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        after = Scrape::take(&addrs);
+    }
+    let d = |i, name, labels: &[(&str, &str)]| delta(&before, &after, i, name, labels);
+    assert_eq!(
+        d(
+            G,
+            m::REQUESTS,
+            &[("method", "ar"), ("outcome", "cancelled")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        d(
+            G,
+            m::RPCS,
+            &[
+                ("rpc", "mulo.v1.Gateway/Generate"),
+                ("outcome", "cancelled")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&after.0[G], m::REQUESTS_IN_FLIGHT, &[]), 0.0);
+
+    // A path no service has: counted once, as `other`.
+    let before = scrape(&addrs[G]);
+    let mut raw = tonic::client::Grpc::new(common::connect_to(&gateway.addr).await);
+    raw.ready().await.unwrap();
+    let e = raw
+        .unary::<pb::StatusRequest, pb::StatusResponse, _>(
+            tonic::Request::new(pb::StatusRequest {}),
+            "/mulo.v1.Gateway/NoSuchMethod1234".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    let after = scrape(&addrs[G]);
+    let other = [("rpc", "other"), ("outcome", "unimplemented")];
+    assert_eq!(
+        metric(&after, m::RPCS, &other) - metric(&before, m::RPCS, &other),
+        1.0
+    );
+    assert!(!after.contains("NoSuchMethod1234"));
 
     // The drafter gone: MuLo-SD falls back to AR on the verifier, counted by reason.
     let _ = drafter.child.kill();

@@ -92,8 +92,11 @@ pub const SESSION_LIMIT: &str = "mulo_session_limit";
 /// Bytes of KV cache held by the live sessions, by role.
 pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
 
-/// Label values of [`STAGE_DURATION`]: the coordinator's stages, and `network` (a call's round
-/// trip minus the compute the role reported: the wire, serialisation and queueing at the role).
+/// Label values of [`STAGE_DURATION`]: `prefill` and `drafter_prefill` (the round trip of opening
+/// the session on the verifier and the drafter), the roles' reported compute of `draft`,
+/// `upsample`, `realign`, `verify`, `resample` and `decode`, the gateway's own `expand` (planning
+/// the resample), and `network` (a role call's round trip minus the compute the role reported:
+/// the wire, serialisation and queueing at the role).
 pub const STAGES: &[&str] = &[
     "prefill",
     "drafter_prefill",
@@ -103,7 +106,6 @@ pub const STAGES: &[&str] = &[
     "verify",
     "expand",
     "resample",
-    "commit",
     "decode",
     "network",
 ];
@@ -211,14 +213,14 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Counter,
         labels: &["reason"],
         services: GATEWAY,
-        help: "Moves of a request to another verifier replica (re-prefilled with its committed tokens): unreachable, session_lost (the replica restarted), peer_error.",
+        help: "Attempts to move a request to another verifier replica (re-prefilled with its committed tokens), by the failure that caused it: unreachable, session_lost (the replica restarted), peer_error.",
     },
     Metric {
         name: STAGE_DURATION,
         kind: Kind::Histogram,
         labels: &["stage"],
         services: GATEWAY,
-        help: "Seconds per stage call of the cycle: compute the role reported for prefill, drafter_prefill, draft, upsample, realign, verify, expand, resample, commit, decode; network is a call's round trip minus that compute.",
+        help: "Seconds per stage call of the cycle: the round trip of opening the session (prefill, drafter_prefill), the compute the role reported (draft, upsample, realign, verify, resample, decode; SD and LANTERN report their draft and verify too), the gateway's planning (expand), and network: a call's round trip minus the compute the role reported.",
     },
     Metric {
         name: SENT_BYTES,
@@ -239,7 +241,7 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Counter,
         labels: &["rpc", "outcome"],
         services: EVERY,
-        help: "gRPC calls served, by RPC (service/method) and outcome (ok or the gRPC code in the response headers; a stream that fails after it started counts as ok).",
+        help: "gRPC calls served, by RPC (service/method; unknown paths and UNIMPLEMENTED answers as other) and outcome (ok, the gRPC code in the response headers, or cancelled when the caller went away first; a stream that fails after it started counts as ok).",
     },
     Metric {
         name: RPC_DURATION,

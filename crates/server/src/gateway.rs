@@ -101,6 +101,20 @@ impl GatewayService {
     ) -> Self {
         metrics::gauge!(names::REQUESTS_IN_FLIGHT_LIMIT).set(max_in_flight.max(1) as f64);
         metrics::gauge!(names::REQUESTS_IN_FLIGHT).set(0.0);
+        // The series alerts divide by or rate(), at 0 from the start: the first failure of a kind
+        // is then an increase, not a new series.
+        for reason in names::FALLBACK_REASONS {
+            metrics::counter!(names::FALLBACKS, "reason" => *reason).increment(0);
+        }
+        for reason in names::MIGRATION_REASONS {
+            metrics::counter!(names::MIGRATIONS, "reason" => *reason).increment(0);
+        }
+        for method in ["ar", "sd", "lantern", "mulo"] {
+            for outcome in ["ok", "unavailable", "internal", "resource_exhausted"] {
+                metrics::counter!(names::REQUESTS, "method" => method, "outcome" => outcome)
+                    .increment(0);
+            }
+        }
         Self(Arc::new(GatewayState {
             family,
             drafters: std::sync::RwLock::new(drafters),

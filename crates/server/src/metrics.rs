@@ -97,14 +97,17 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let rpc = rpc_label(req.uri().path());
-        let t = Instant::now();
+        let mut call = CountedCall {
+            rpc: rpc_label(req.uri().path()),
+            since: Instant::now(),
+            outcome: "cancelled",
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let r = fut.await;
             // Errors of unary calls (and refusals of streams) come trailers-only, the code in
             // the headers; no code there means the call answered.
-            let outcome = match &r {
+            call.finish(match &r {
                 Ok(resp) => resp
                     .headers()
                     .get("grpc-status")
@@ -112,11 +115,36 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or("ok", names::outcome),
                 Err(_) => "transport_error",
-            };
-            metrics::counter!(names::RPCS, "rpc" => rpc.clone(), "outcome" => outcome).increment(1);
-            metrics::histogram!(names::RPC_DURATION, "rpc" => rpc).record(t.elapsed());
+            });
             r
         })
+    }
+}
+
+/// One gRPC call being served: counted and timed when it ends, or when it is dropped unfinished
+/// (the client cancelled or its deadline passed: `cancelled`).
+struct CountedCall {
+    rpc: String,
+    since: Instant,
+    outcome: &'static str,
+}
+
+impl CountedCall {
+    fn finish(&mut self, outcome: &'static str) {
+        self.outcome = outcome;
+        // A path no service knows: one `other` series, whatever the caller sent.
+        if outcome == "unimplemented" {
+            self.rpc = "other".to_string();
+        }
+    }
+}
+
+impl Drop for CountedCall {
+    fn drop(&mut self) {
+        let rpc = std::mem::take(&mut self.rpc);
+        metrics::counter!(names::RPCS, "rpc" => rpc.clone(), "outcome" => self.outcome)
+            .increment(1);
+        metrics::histogram!(names::RPC_DURATION, "rpc" => rpc).record(self.since.elapsed());
     }
 }
 

@@ -232,6 +232,16 @@ pub fn samples(text: &str) -> Vec<Sample> {
     out
 }
 
+/// Whether a sample of `name` with (at least) `labels` is exported.
+pub fn has(text: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    samples(text).iter().any(|(n, l, _)| {
+        n == name
+            && labels
+                .iter()
+                .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+    })
+}
+
 /// Sum of the samples of `name` whose labels include `labels` (0 when there is none).
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples(text)
