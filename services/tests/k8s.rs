@@ -18,7 +18,12 @@ fn repo() -> PathBuf {
 }
 
 fn render(overlay: &str) -> Vec<Value> {
-    let dir = repo().join("k8s/overlays").join(overlay);
+    render_dir(&format!("k8s/overlays/{overlay}"))
+}
+
+/// Renders a kustomization of the repository with `kubectl kustomize`.
+fn render_dir(dir: &str) -> Vec<Value> {
+    let dir = repo().join(dir);
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(&dir)
@@ -422,26 +427,6 @@ fn the_check_catches_a_role_port_opened_to_another_namespace() {
         serde_json::json!({"app.kubernetes.io/name": "mulo-verifier"});
     let caught = std::panic::catch_unwind(|| check("cpu (altered)", &objects));
     assert!(caught.is_err());
-}
-
-/// Renders a kustomization outside k8s/overlays.
-fn render_dir(dir: &str) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join(dir))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_yaml_ng::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
-        .map(|doc| {
-            let v: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
-            serde_json::to_value(v).unwrap()
-        })
-        .collect()
 }
 
 fn yaml(text: &str) -> Value {

@@ -232,20 +232,10 @@ pub fn samples(text: &str) -> Vec<Sample> {
     out
 }
 
-/// Whether a sample of `name` with (at least) `labels` is exported.
-pub fn has(text: &str, name: &str, labels: &[(&str, &str)]) -> bool {
-    samples(text).iter().any(|(n, l, _)| {
-        n == name
-            && labels
-                .iter()
-                .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-    })
-}
-
-/// Sum of the samples of `name` whose labels include `labels` (0 when there is none).
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// The samples of `name` whose labels include `labels`.
+fn matching(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     samples(text)
-        .iter()
+        .into_iter()
         .filter(|(n, l, _)| {
             n == name
                 && labels
@@ -253,7 +243,17 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                     .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
         })
         .map(|(_, _, v)| v)
-        .sum()
+        .collect()
+}
+
+/// Whether a sample of `name` with (at least) `labels` is exported.
+pub fn has(text: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    !matching(text, name, labels).is_empty()
+}
+
+/// Sum of the samples of `name` whose labels include `labels` (0 when there is none).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    matching(text, name, labels).iter().sum()
 }
 
 /// The ```sh blocks of a Markdown `doc` that follow a `<!-- tested: ... -->` line (the commands
