@@ -268,3 +268,34 @@ pub fn machine_line(device: &str) -> String {
             .unwrap_or(0)
     )
 }
+
+/// A text prompt through the model's own caption tokenizer (`tokenizer.json` in `model_dir`), when
+/// it has one; other conditions are returned as they are.
+pub fn tokenize_for(model_dir: &Path, cond: Condition) -> Result<Condition> {
+    Ok(match mulo_engine::prompt::load_tokenizer(model_dir)? {
+        Some(tok) => tokenize_with_warnings(&tok, cond),
+        None => cond,
+    })
+}
+
+/// Tokenizes a prompt condition, warning about unknown words and words past the caption length.
+pub fn tokenize_with_warnings(
+    tok: &mulo_core::caption::CaptionTokenizer,
+    cond: Condition,
+) -> Condition {
+    let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(tok, cond);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
+            unknown.len(),
+            unknown.join(", ")
+        );
+    }
+    if truncated > 0 {
+        eprintln!(
+            "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped)",
+            tok.max_len
+        );
+    }
+    cond
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mulo_engine::data::emoji;
+use mulo_train::data::emoji;
 
 use crate::common::cache_root;
 
@@ -92,7 +92,7 @@ fn run_prompts(a: PromptsArgs) -> Result<()> {
     let dir = a.data.unwrap_or_else(|| cache_root().join("data/emoji"));
     let meta = emoji::Meta::load(&dir)?;
     let rows = emoji::eval_prompts(&meta)?;
-    let mut text = String::from(mulo_engine::eval::PROMPT_HEADER);
+    let mut text = String::from(mulo_train::eval::PROMPT_HEADER);
     text.push('\n');
     for (p, c, s) in &rows {
         text.push_str(&format!("{p}\t{c}\t{s}\n"));

@@ -6,14 +6,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use mulo_engine::eval::{
-    agreement, agreement_by_label, frechet_distance, label_ids, median, read_prompts, score_images,
-    EvalReport, MethodResult, PromptRow,
-};
-use mulo_engine::train::EmojiTensors;
 use mulo_engine::{default_family_dir, generate_ar, Family, Member, TorchWorker};
 use mulo_model::evaluator::Evaluator;
 use mulo_model::{image_io, Gpt, VqModel};
+use mulo_train::eval::{
+    agreement, agreement_by_label, frechet_distance, label_ids, median, read_prompts, score_images,
+    EvalReport, MethodResult, PromptRow,
+};
+use mulo_train::trainers::EmojiTensors;
 use tch::{Device, Tensor};
 
 use crate::common::{cache_root, RuntimeArgs, SamplingArgs};

@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mulo_core::Condition;
 use mulo_engine::{generate_ar, TorchWorker};
 use mulo_model::{image_io, Gpt, VqModel};
 use tch::Tensor;
 
-use crate::common::{warn_unused, write_tokens, ConditionArgs, RuntimeArgs, SamplingArgs};
+use crate::common::{
+    tokenize_for, tokenize_with_warnings, warn_unused, write_tokens, ConditionArgs, RuntimeArgs,
+    SamplingArgs,
+};
 
 /// Arguments of `mulo generate`.
 #[derive(Debug, Args)]
@@ -144,10 +146,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     })?;
 
     // A text prompt goes through the model's own caption tokenizer, when it has one.
-    let cond = match mulo_engine::prompt::load_tokenizer(&tokenizer_dir)? {
-        Some(tok) => tokenize_with_warnings(&tok, cond),
-        None => cond,
-    };
+    let cond = tokenize_for(&tokenizer_dir, cond)?;
     let params = worker.run({
         let sampling = args.sampling.clone();
         move |s: &mut State| sampling.resolve(s.gpt.config().default_sampling())
@@ -202,28 +201,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         wrote.join(", ")
     );
     Ok(())
-}
-
-/// Tokenizes a prompt condition, warning about unknown words and words past the caption length.
-fn tokenize_with_warnings(
-    tok: &mulo_core::caption::CaptionTokenizer,
-    cond: Condition,
-) -> Condition {
-    let (cond, unknown, truncated) = mulo_engine::prompt::tokenize_prompt(tok, cond);
-    if !unknown.is_empty() {
-        eprintln!(
-            "warning: {} word(s) not in the model's caption vocabulary (mapped to <unk>): {}",
-            unknown.len(),
-            unknown.join(", ")
-        );
-    }
-    if truncated > 0 {
-        eprintln!(
-            "warning: the prompt has {truncated} word(s) past the model's {} caption positions (dropped)",
-            tok.max_len
-        );
-    }
-    cond
 }
 
 /// Generation with a model family: every method through the coordinator and the in-process roles.

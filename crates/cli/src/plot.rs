@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use crate::bench::BenchRow;
+use mulo_train::bench::BenchRow;
 
 /// Fonts tried for the labels (the first that exists is used; without one the plot has no text).
 const FONTS: &[&str] = &[

@@ -11,7 +11,9 @@ use mulo_model::Gpt;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 
-use crate::common::{read_tokens, warn_unused, ConditionArgs, RuntimeArgs, SamplingArgs};
+use crate::common::{
+    read_tokens, tokenize_for, warn_unused, ConditionArgs, RuntimeArgs, SamplingArgs,
+};
 
 /// Arguments of `mulo score`.
 #[derive(Debug, Args)]
@@ -90,7 +92,8 @@ fn flat(t: &tch::Tensor) -> Result<Vec<f32>> {
 /// Runs `mulo score`.
 pub fn run(args: ScoreArgs) -> Result<()> {
     args.sampling.check()?;
-    let cond = args.condition.load()?;
+    // A text prompt goes through the model's own caption tokenizer, as in `mulo generate`.
+    let cond = tokenize_for(&args.model, args.condition.load()?)?;
     let tokens = read_tokens(&args.tokens)?;
     let model_dir = args.model.clone();
     let runtime = args.runtime.clone();

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
-use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
-use mulo_engine::train::upsampler::{train_upsampler, UpsamplerTrainOptions};
-use mulo_engine::train::vq::{train_vq, train_vq_decoder, VqDecoderOptions, VqTrainOptions};
-use mulo_engine::{EngineError, TorchWorker};
+use mulo_engine::TorchWorker;
 use mulo_model::{DType, VqConfig};
+use mulo_train::trainers::evaluator::{train_evaluator, EvaluatorTrainOptions};
+use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
+use mulo_train::trainers::upsampler::{train_upsampler, UpsamplerTrainOptions};
+use mulo_train::trainers::vq::{train_vq, train_vq_decoder, VqDecoderOptions, VqTrainOptions};
+use mulo_train::TrainError;
 use serde::Serialize;
 
 use crate::card::{write_card, FIRST_VQ_REPORT, TRAIN_REPORT};
@@ -659,7 +660,7 @@ fn run_training<O, R, F>(
 where
     O: Serialize + Clone + Send + 'static,
     R: Serialize + Send + 'static,
-    F: FnOnce(&O, tch::Device, &mut dyn FnMut(usize, usize, f64)) -> Result<R, EngineError>
+    F: FnOnce(&O, tch::Device, &mut dyn FnMut(usize, usize, f64)) -> Result<R, TrainError>
         + Send
         + 'static,
 {

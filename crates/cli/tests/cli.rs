@@ -375,3 +375,51 @@ fn bad_input_gets_one_clear_line() {
     assert!(fails(&["decode", "--vq", &g, "--tokens", s(&bad), "--out", "x.png"]).contains("JSON"));
     assert!(fails(&["info", s(&d.join("nope"))]).contains("nope"));
 }
+
+/// `mulo score` tokenizes a text prompt with the model's `tokenizer.json`, as `generate` does
+/// (it used to fail with "this model has no caption tokenizer"), and the prompt is what it
+/// conditions on: another prompt scores the same tokens differently.
+#[test]
+fn score_tokenizes_a_text_prompt_like_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/emoji/target");
+    let tokens = d.join("apple.json");
+    ok(&[
+        "generate",
+        "--model",
+        target,
+        "red apple",
+        "--seed",
+        "3",
+        "--out",
+        s(&d.join("apple.png")),
+        "--tokens-out",
+        s(&tokens),
+        "--no-progress",
+    ]);
+    let score = |prompt: &str, name: &str| {
+        let out = d.join(name);
+        ok(&[
+            "score",
+            "--model",
+            target,
+            prompt,
+            "--tokens",
+            s(&tokens),
+            "--out",
+            s(&out),
+        ]);
+        read_json(&out)["token_logprobs"].clone()
+    };
+    let same = score("red apple", "same.json");
+    let lp: Vec<Option<f64>> = same.as_array().unwrap().iter().map(Value::as_f64).collect();
+    assert_eq!(lp.len(), 256);
+    assert!(
+        lp.iter()
+            .all(|v| v.is_some_and(|x| x.is_finite() && x <= 0.0)),
+        "tokens sampled under this prompt have finite log-probabilities under it: {lp:?}"
+    );
+    let other = score("rocket", "other.json");
+    assert_ne!(same, other, "the prompt must change the scores");
+}

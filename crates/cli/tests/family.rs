@@ -33,7 +33,7 @@ fn s(p: &Path) -> &str {
 fn toy_family_trains_evaluates_and_generates() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pk = mulo_engine::data::synthetic::packages(d);
+    let pk = mulo_train::data::synthetic::packages(d);
     let data = d.join("data");
     let (fam, work) = (d.join("fam"), d.join("work"));
     ok(&[

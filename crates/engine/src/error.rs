@@ -15,15 +15,12 @@ pub enum EngineError {
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
-    /// A training or evaluation run failed (the message names the file or setting).
-    #[error("training: {0}")]
-    Train(String),
+    /// A model's caption tokenizer cannot be read (the message names the file).
+    #[error("caption tokenizer: {0}")]
+    Tokenizer(String),
     /// A model family is missing or malformed (the message names the file or member).
     #[error("family: {0}")]
     Family(String),
-    /// An evaluation run failed (the message names the file or setting).
-    #[error("evaluation: {0}")]
-    Eval(String),
     /// A stateful call does not match the role's session state (stale epoch, wrong committed
     /// length, nothing pending): the caller re-syncs (`FAILED_PRECONDITION`).
     #[error("session state: {0}")]

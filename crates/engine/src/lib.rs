@@ -3,16 +3,13 @@
 
 pub mod ar;
 pub mod coordinator;
-pub mod data;
 pub mod drafter;
 pub mod error;
-pub mod eval;
 pub mod family;
 pub mod prompt;
 pub mod roles;
 pub mod score;
 pub mod session;
-pub mod train;
 pub mod verifier;
 pub mod worker;
 

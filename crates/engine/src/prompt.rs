@@ -7,7 +7,9 @@ use mulo_core::caption::CaptionTokenizer;
 use mulo_core::Condition;
 
 use crate::error::EngineError;
-use crate::train::gpt::TOKENIZER_FILE;
+
+/// File name of a caption model's tokenizer, next to its `config.json`.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The tokenizer of a model directory, if it has one.
 pub fn load_tokenizer(model_dir: &Path) -> Result<Option<CaptionTokenizer>, EngineError> {
@@ -16,10 +18,10 @@ pub fn load_tokenizer(model_dir: &Path) -> Result<Option<CaptionTokenizer>, Engi
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path)
-        .map_err(|e| EngineError::Train(format!("{}: {e}", path.display())))?;
+        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| EngineError::Train(format!("{}: {e}", path.display())))
+        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// Replaces a [`Condition::Prompt`] by the caption tokens of `tokenizer`; returns the condition and

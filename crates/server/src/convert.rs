@@ -21,9 +21,8 @@ pub fn status(e: &EngineError) -> Status {
         EngineError::WorkerGone | EngineError::Peer { .. } => Code::Unavailable,
         EngineError::Model(_)
         | EngineError::Torch(_)
-        | EngineError::Train(_)
-        | EngineError::Family(_)
-        | EngineError::Eval(_) => Code::Internal,
+        | EngineError::Tokenizer(_)
+        | EngineError::Family(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
 }

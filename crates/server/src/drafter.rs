@@ -15,7 +15,7 @@ use crate::convert::{ref_in, spec_in, status, tokens_in, tokens_out};
 /// `mulo.v1.Drafter` served from this process's torch thread.
 #[derive(Debug, Clone)]
 pub struct DrafterService {
-    base: crate::RoleBase,
+    base: crate::role_base::RoleBase,
 }
 
 fn grid(g: GridSize) -> pb::Grid {
@@ -29,7 +29,7 @@ impl DrafterService {
     /// The service over `local` (whose engine holds a drafter).
     pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
         Ok(Self {
-            base: crate::RoleBase::new(local, max_sessions).await?,
+            base: crate::role_base::RoleBase::new(local, max_sessions).await?,
         })
     }
 
@@ -175,13 +175,13 @@ impl pb::drafter_server::Drafter for DrafterService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        crate::release_session(&self.base.local, req.into_inner().session_id, true).await
+        crate::role_base::release_session(&self.base.local, req.into_inner().session_id, true).await
     }
 
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        crate::role_status(&self.base.local, self.base.max_sessions, true).await
+        crate::role_base::role_status(&self.base.local, self.base.max_sessions, true).await
     }
 }

@@ -12,14 +12,14 @@ use crate::convert::{invalid, ref_in, spec_in, status, tokens_in, tokens_out};
 /// `mulo.v1.Verifier` served from this process's torch thread.
 #[derive(Debug, Clone)]
 pub struct VerifierService {
-    base: crate::RoleBase,
+    base: crate::role_base::RoleBase,
 }
 
 impl VerifierService {
     /// The service over `local` (whose engine holds a verifier).
     pub async fn new(local: Local, max_sessions: usize) -> Result<Self, EngineError> {
         Ok(Self {
-            base: crate::RoleBase::new(local, max_sessions).await?,
+            base: crate::role_base::RoleBase::new(local, max_sessions).await?,
         })
     }
 
@@ -212,13 +212,14 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        crate::release_session(&self.base.local, req.into_inner().session_id, false).await
+        crate::role_base::release_session(&self.base.local, req.into_inner().session_id, false)
+            .await
     }
 
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        crate::role_status(&self.base.local, self.base.max_sessions, false).await
+        crate::role_base::role_status(&self.base.local, self.base.max_sessions, false).await
     }
 }

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{adamw, psnr_u8, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
-use crate::error::EngineError;
+use crate::error::TrainError;
 
 /// Settings of a VQ training run.
 #[derive(Debug, Clone, Serialize)]
@@ -70,7 +70,7 @@ fn evaluate(
     size: usize,
     used: &Tensor,
     device: Device,
-) -> Result<f64, EngineError> {
+) -> Result<f64, TrainError> {
     let rows = data.indices(Split::Heldout);
     let mut total = 0.0;
     for chunk in rows.chunks(64) {
@@ -91,7 +91,7 @@ pub fn train_vq(
     opts: &VqTrainOptions,
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<VqReport, EngineError> {
+) -> Result<VqReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let train = data.train_rows()?;
     let mut vq = VqModel::random(opts.config.clone(), device, DType::Fp32, opts.seed as i64)?;
@@ -156,7 +156,7 @@ pub fn train_vq(
     vq.save(&opts.out, opts.dtype)?;
     let (saved, _) = VqModel::load(&opts.out, device, Some(DType::Fp32))?;
     let used = Tensor::zeros([v], (Kind::Float, device));
-    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), TrainError> {
         Ok((
             evaluate(&saved, &data, 64, &used, device)?,
             evaluate(&saved, &data, 32, &used, device)?,
@@ -239,12 +239,12 @@ pub fn train_vq_decoder(
     opts: &VqDecoderOptions,
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<VqDecoderReport, EngineError> {
+) -> Result<VqDecoderReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let train = data.indices(Split::Train);
     let heldout = data.indices(Split::Heldout);
     if train.is_empty() {
-        return Err(EngineError::Train(
+        return Err(TrainError::Train(
             "the data set has no training images".into(),
         ));
     }
@@ -260,7 +260,7 @@ pub fn train_vq_decoder(
     let mut vq = VqModel::random(cfg, device, DType::Fp32, opts.seed as i64)?;
     vq.copy_weights_from(&old, warm_start);
     let v = vq.config().codebook_size;
-    let before = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+    let before = tch::no_grad(|| -> Result<(f64, f64), TrainError> {
         let used = Tensor::zeros([v], (Kind::Float, device));
         Ok((
             evaluate(&old, &data, 64, &used, device)?,
@@ -300,7 +300,7 @@ pub fn train_vq_decoder(
     vq.save(&opts.out, opts.dtype)?;
     let (saved, _) = VqModel::load(&opts.out, device, Some(DType::Fp32))?;
     let used = Tensor::zeros([v], (Kind::Float, device));
-    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), EngineError> {
+    let (psnr64, psnr32) = tch::no_grad(|| -> Result<(f64, f64), TrainError> {
         Ok((
             evaluate(&saved, &data, 64, &used, device)?,
             evaluate(&saved, &data, 32, &used, device)?,

@@ -9,7 +9,7 @@ use mulo_model::evaluator::Evaluator;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::EngineError;
+use crate::error::TrainError;
 
 /// Header line of a prompt file.
 pub const PROMPT_HEADER: &str = "prompt\tcategory\tsubcategory";
@@ -27,14 +27,14 @@ pub struct PromptRow {
 
 /// Reads a prompt file: TSV with the header `prompt<TAB>category<TAB>subcategory`, one prompt per
 /// line; blank lines are skipped. Errors name the file and line.
-pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, EngineError> {
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, TrainError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| EngineError::Eval(format!("{}: {e}", path.display())))?;
+        .map_err(|e| TrainError::Eval(format!("{}: {e}", path.display())))?;
     let mut lines = text.lines().enumerate();
     match lines.next() {
         Some((_, h)) if h.trim_end_matches('\r') == PROMPT_HEADER => {}
         _ => {
-            return Err(EngineError::Eval(format!(
+            return Err(TrainError::Eval(format!(
                 "{}:1: the first line must be the header 'prompt<TAB>category<TAB>subcategory'",
                 path.display()
             )))
@@ -48,7 +48,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, EngineError> {
         }
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() != 3 || f.iter().any(|s| s.trim().is_empty()) {
-            return Err(EngineError::Eval(format!(
+            return Err(TrainError::Eval(format!(
                 "{}:{}: expected 3 non-empty tab-separated fields, got {}",
                 path.display(),
                 i + 1,
@@ -62,7 +62,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, EngineError> {
         });
     }
     if rows.is_empty() {
-        return Err(EngineError::Eval(format!(
+        return Err(TrainError::Eval(format!(
             "{}: no prompts after the header",
             path.display()
         )));
@@ -71,7 +71,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>, EngineError> {
 }
 
 /// Category and subcategory ids of each prompt row, in the evaluator's label order.
-pub fn label_ids(ev: &Evaluator, rows: &[PromptRow]) -> Result<Vec<(i64, i64)>, EngineError> {
+pub fn label_ids(ev: &Evaluator, rows: &[PromptRow]) -> Result<Vec<(i64, i64)>, TrainError> {
     let cfg = ev.config();
     let find = |names: &[String], want: &str, what: &str, prompt: &str| {
         names
@@ -79,7 +79,7 @@ pub fn label_ids(ev: &Evaluator, rows: &[PromptRow]) -> Result<Vec<(i64, i64)>, 
             .position(|n| n == want)
             .map(|i| i as i64)
             .ok_or_else(|| {
-                EngineError::Eval(format!(
+                TrainError::Eval(format!(
                     "prompt '{prompt}': {what} '{want}' is not one the evaluator knows"
                 ))
             })
@@ -111,12 +111,12 @@ pub struct ImageScores {
 }
 
 /// Runs the evaluator over images `[N, 3, H, W]` in [-1, 1] in batches of 128.
-pub fn score_images(ev: &Evaluator, images: &Tensor) -> Result<ImageScores, EngineError> {
+pub fn score_images(ev: &Evaluator, images: &Tensor) -> Result<ImageScores, TrainError> {
     let n = images.size()[0];
     let mut feats = Vec::new();
     let mut cat = Vec::new();
     let mut sub = Vec::new();
-    tch::no_grad(|| -> Result<(), EngineError> {
+    tch::no_grad(|| -> Result<(), TrainError> {
         let mut start = 0;
         while start < n {
             let len = (n - start).min(128);
@@ -202,10 +202,10 @@ fn sqrtm_psd(a: &Tensor) -> Tensor {
 
 /// Fréchet distance between Gaussians fitted to the rows of `a` `[N, D]` and `b` `[M, D]`:
 /// `‖μa − μb‖² + tr(Σa) + tr(Σb) − 2·tr((Σa^½ Σb Σa^½)^½)`, in float64.
-pub fn frechet_distance(a: &Tensor, b: &Tensor) -> Result<f64, EngineError> {
+pub fn frechet_distance(a: &Tensor, b: &Tensor) -> Result<f64, TrainError> {
     let (sa, sb) = (a.size(), b.size());
     if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[1] || sa[0] < 2 || sb[0] < 2 {
-        return Err(EngineError::Eval(format!(
+        return Err(TrainError::Eval(format!(
             "Fréchet distance needs two [N>=2, D] feature sets of equal D, got {sa:?} and {sb:?}"
         )));
     }

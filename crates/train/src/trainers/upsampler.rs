@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::gpt::tokenize_images;
 use super::{adamw, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
-use crate::error::EngineError;
+use crate::error::TrainError;
 
 /// Settings of an up-sampler training run.
 #[derive(Debug, Clone, Serialize)]
@@ -77,7 +77,7 @@ pub fn train_upsampler(
     opts: &UpsamplerTrainOptions,
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<UpsamplerReport, EngineError> {
+) -> Result<UpsamplerReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
     let f = vq.config().downsample_factor();
@@ -128,7 +128,7 @@ pub fn train_upsampler(
     // Measure the model as written.
     let saved = Upsampler::load(&opts.out, device)?;
     let mut sums = [0.0f64; 5];
-    tch::no_grad(|| -> Result<(), EngineError> {
+    tch::no_grad(|| -> Result<(), TrainError> {
         for chunk in heldout.chunks(128) {
             let r = Tensor::from_slice(chunk);
             let x = low.index_select(0, &r).to_device(device);
@@ -144,7 +144,7 @@ pub fn train_upsampler(
                 .repeat_interleave_self_int(2, Some(2), None);
             let back = vq.downsample_tokens(&pred, 2)?;
             let own = vq.downsample_tokens(&y, 2)?;
-            let mean_eq = |a: &Tensor, b: &Tensor| -> Result<f64, EngineError> {
+            let mean_eq = |a: &Tensor, b: &Tensor| -> Result<f64, TrainError> {
                 Ok(f64::try_from(
                     a.eq_tensor(b).to_kind(Kind::Float).mean(Kind::Float),
                 )?)

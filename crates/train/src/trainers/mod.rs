@@ -17,7 +17,7 @@ use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::emoji::{DataError, Meta, Split};
-use crate::error::EngineError;
+use crate::error::TrainError;
 
 /// Linear warm-up to `peak_lr`, then cosine decay to `peak_lr · min_ratio` at `total` steps.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ pub struct TrainLog {
 
 impl TrainLog {
     /// Opens `path` (truncating unless `append`).
-    pub fn open(path: &Path, append: bool) -> Result<Self, EngineError> {
+    pub fn open(path: &Path, append: bool) -> Result<Self, TrainError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -67,15 +67,15 @@ impl TrainLog {
     }
 
     /// Writes one record.
-    pub fn write(&mut self, record: &serde_json::Value) -> Result<(), EngineError> {
+    pub fn write(&mut self, record: &serde_json::Value) -> Result<(), TrainError> {
         writeln!(self.file, "{record}")
             .and_then(|_| self.file.flush())
-            .map_err(|e| EngineError::Train(format!("writing the loss log: {e}")))
+            .map_err(|e| TrainError::Train(format!("writing the loss log: {e}")))
     }
 }
 
-pub(crate) fn io_err(path: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Train(format!("{}: {e}", path.display()))
+pub(crate) fn io_err(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Train(format!("{}: {e}", path.display()))
 }
 
 /// Where a training run keeps its checkpoint: `<dir>/checkpoint.safetensors` + `checkpoint.json`.
@@ -98,28 +98,28 @@ impl Checkpoints {
     }
 
     /// Saves the variables and the number of completed steps.
-    pub fn save(&self, vs: &VarStore, step: usize) -> Result<(), EngineError> {
+    pub fn save(&self, vs: &VarStore, step: usize) -> Result<(), TrainError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
         let tmp = self.dir.join("checkpoint.tmp.safetensors");
         vs.save(&tmp)?;
         std::fs::rename(&tmp, self.dir.join("checkpoint.safetensors"))
             .map_err(|e| io_err(&self.dir, e))?;
         let info = serde_json::to_string(&CheckpointInfo { step })
-            .map_err(|e| EngineError::Train(e.to_string()))?;
+            .map_err(|e| TrainError::Train(e.to_string()))?;
         let path = self.dir.join("checkpoint.json");
         std::fs::write(&path, info).map_err(|e| io_err(&path, e))
     }
 
     /// Loads the variables of the last checkpoint, if any, and returns its completed steps.
     /// (Optimizer moments are not saved: a resumed run restarts Adam's statistics.)
-    pub fn load(&self, vs: &mut VarStore) -> Result<Option<usize>, EngineError> {
+    pub fn load(&self, vs: &mut VarStore) -> Result<Option<usize>, TrainError> {
         let info = self.dir.join("checkpoint.json");
         if !info.exists() {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&info).map_err(|e| io_err(&info, e))?;
         let ci: CheckpointInfo = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Train(format!("{}: {e}", info.display())))?;
+            .map_err(|e| TrainError::Train(format!("{}: {e}", info.display())))?;
         vs.load(self.dir.join("checkpoint.safetensors"))?;
         Ok(Some(ci.step))
     }
@@ -196,7 +196,7 @@ impl Trainer {
         recipe: &Recipe,
         work: &Path,
         resume: bool,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, TrainError> {
         let sched = Schedule {
             peak_lr: recipe.lr,
             warmup: (recipe.steps / recipe.warmup_div.max(1)).max(1),
@@ -230,7 +230,7 @@ impl Trainer {
         step: usize,
         loss: &Tensor,
         progress: &mut dyn FnMut(usize, usize, f64),
-    ) -> Result<f64, EngineError> {
+    ) -> Result<f64, TrainError> {
         let value = self.step(step, loss)?;
         self.end_step(vs, step, value, || Ok(serde_json::Value::Null), progress)?;
         Ok(value)
@@ -238,7 +238,7 @@ impl Trainer {
 
     /// One optimiser step on `loss` (lr from the schedule, gradient norm clipped at 1); returns
     /// the loss value.
-    pub fn step(&mut self, step: usize, loss: &Tensor) -> Result<f64, EngineError> {
+    pub fn step(&mut self, step: usize, loss: &Tensor) -> Result<f64, TrainError> {
         self.opt.set_lr(self.sched.lr(step));
         self.opt.zero_grad();
         loss.backward();
@@ -254,9 +254,9 @@ impl Trainer {
         vs: &VarStore,
         step: usize,
         loss: f64,
-        extra: impl FnOnce() -> Result<serde_json::Value, EngineError>,
+        extra: impl FnOnce() -> Result<serde_json::Value, TrainError>,
         progress: &mut dyn FnMut(usize, usize, f64),
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), TrainError> {
         let done = step + 1;
         if done.is_multiple_of(25) || done == self.sched.total {
             let mut rec = serde_json::json!({
@@ -275,12 +275,12 @@ impl Trainer {
     }
 
     /// Writes an event record to the loss log.
-    pub fn event(&mut self, record: &serde_json::Value) -> Result<(), EngineError> {
+    pub fn event(&mut self, record: &serde_json::Value) -> Result<(), TrainError> {
         self.log.write(record)
     }
 
     /// Saves the final checkpoint.
-    pub fn finish(&self, vs: &VarStore) -> Result<(), EngineError> {
+    pub fn finish(&self, vs: &VarStore) -> Result<(), TrainError> {
         self.ckpt.save(vs, self.sched.total)
     }
 
@@ -305,18 +305,18 @@ pub struct EmojiTensors {
 
 impl EmojiTensors {
     /// Loads a directory written by `mulo data emoji`.
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let meta = Meta::load(dir).map_err(|e: DataError| EngineError::Train(e.to_string()))?;
+    pub fn load(dir: &Path) -> Result<Self, TrainError> {
+        let meta = Meta::load(dir).map_err(|e: DataError| TrainError::Train(e.to_string()))?;
         let path = dir.join("emoji.safetensors");
         let mut tensors: std::collections::HashMap<String, Tensor> =
             Tensor::read_safetensors(&path)
-                .map_err(|e| EngineError::Train(format!("{}: {e}", path.display())))?
+                .map_err(|e| TrainError::Train(format!("{}: {e}", path.display())))?
                 .into_iter()
                 .collect();
         let mut take = |name: &str| {
-            tensors.remove(name).ok_or_else(|| {
-                EngineError::Train(format!("{}: no tensor '{name}'", path.display()))
-            })
+            tensors
+                .remove(name)
+                .ok_or_else(|| TrainError::Train(format!("{}: no tensor '{name}'", path.display())))
         };
         Ok(Self {
             images64: take("images64")?,
@@ -327,10 +327,10 @@ impl EmojiTensors {
     }
 
     /// Row indices of the training split; an error when it is empty.
-    pub fn train_rows(&self) -> Result<Vec<i64>, EngineError> {
+    pub fn train_rows(&self) -> Result<Vec<i64>, TrainError> {
         let rows = self.indices(Split::Train);
         if rows.is_empty() {
-            return Err(EngineError::Train(
+            return Err(TrainError::Train(
                 "the data set has no training images".into(),
             ));
         }
@@ -339,7 +339,7 @@ impl EmojiTensors {
 
     /// Training rows grouped by base emoji (its skin-tone variations and both vendors' images
     /// form one group), groups in data-set order; an error when there are none.
-    pub fn train_groups(&self) -> Result<Vec<Vec<i64>>, EngineError> {
+    pub fn train_groups(&self) -> Result<Vec<Vec<i64>>, TrainError> {
         let mut order: Vec<&str> = Vec::new();
         let mut groups: std::collections::HashMap<&str, Vec<i64>> = Default::default();
         for item in self.meta.items.iter().filter(|i| i.split == Split::Train) {
@@ -352,7 +352,7 @@ impl EmojiTensors {
                 .push(item.index as i64);
         }
         if order.is_empty() {
-            return Err(EngineError::Train(
+            return Err(TrainError::Train(
                 "the data set has no training images".into(),
             ));
         }

@@ -11,7 +11,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::{sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
 use crate::data::emoji::Split;
-use crate::error::EngineError;
+use crate::error::TrainError;
 
 /// Settings of an evaluator training run.
 #[derive(Debug, Clone, Serialize)]
@@ -100,10 +100,10 @@ fn accuracy(
     data: &EmojiTensors,
     size: usize,
     device: Device,
-) -> Result<(f64, f64), EngineError> {
+) -> Result<(f64, f64), TrainError> {
     let rows = data.indices(Split::Heldout);
     let (mut c_ok, mut s_ok) = (0i64, 0i64);
-    tch::no_grad(|| -> Result<(), EngineError> {
+    tch::no_grad(|| -> Result<(), TrainError> {
         for chunk in rows.chunks(128) {
             let out = ev.forward(&data.batch(size, chunk, device));
             let (c, s) = labels(data, chunk, device);
@@ -126,7 +126,7 @@ pub fn train_evaluator(
     opts: &EvaluatorTrainOptions,
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<EvaluatorReport, EngineError> {
+) -> Result<EvaluatorReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let train = data.train_rows()?;
     let cfg = EvaluatorConfig {

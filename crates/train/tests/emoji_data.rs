@@ -1,10 +1,10 @@
 //! The emoji data set builder on small synthetic npm tarballs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mulo_engine::data::emoji::{self, Meta};
+use mulo_train::data::emoji::{self, Meta};
 
-use mulo_engine::data::synthetic::{png, tarball};
 use mulo_model::{DType, VqConfig, VqModel};
+use mulo_train::data::synthetic::{png, tarball};
 
 /// A data set of the google package only (one training emoji, one held-out with a variation).
 fn google_data(d: &std::path::Path) -> std::path::PathBuf {
@@ -111,7 +111,7 @@ fn builds_images_captions_labels_and_split() {
     );
 
     // Training rows grouped by base emoji: a skin tone joins its base, vendors share a group.
-    let data = mulo_engine::train::EmojiTensors::load(&out).unwrap();
+    let data = mulo_train::trainers::EmojiTensors::load(&out).unwrap();
     let mut bases: Vec<&str> = meta
         .items
         .iter()
@@ -200,7 +200,7 @@ fn downsample_is_an_area_average() {
 
 #[test]
 fn vq_training_runs_checkpoints_resumes_and_reports() {
-    use mulo_engine::train::vq::{train_vq, VqTrainOptions};
+    use mulo_train::trainers::vq::{train_vq, VqTrainOptions};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let google = tarball(
@@ -261,8 +261,8 @@ fn vq_training_runs_checkpoints_resumes_and_reports() {
 #[test]
 fn gpt_training_writes_a_prompt_model_that_generates() {
     use mulo_engine::prompt::{load_tokenizer, tokenize_prompt};
-    use mulo_engine::train::gpt::{train_gpt, GptTrainOptions};
     use mulo_model::Gpt;
+    use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = google_data(d);
@@ -335,8 +335,8 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
 
 #[test]
 fn evaluator_training_reports_accuracies_and_reloads() {
-    use mulo_engine::train::evaluator::{train_evaluator, EvaluatorTrainOptions};
     use mulo_model::evaluator::Evaluator;
+    use mulo_train::trainers::evaluator::{train_evaluator, EvaluatorTrainOptions};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = google_data(d);
@@ -379,8 +379,8 @@ fn evaluator_training_reports_accuracies_and_reloads() {
 
 #[test]
 fn upsampler_training_reports_and_reloads() {
-    use mulo_engine::train::upsampler::{train_upsampler, UpsamplerTrainOptions};
     use mulo_model::Upsampler;
+    use mulo_train::trainers::upsampler::{train_upsampler, UpsamplerTrainOptions};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = google_data(d);

@@ -15,10 +15,9 @@ use super::{
     adamw, io_err, parameter_count, sample_grouped, step_rng, EmojiTensors, Recipe, Trainer,
 };
 use crate::data::emoji::Split;
-use crate::error::EngineError;
+use crate::error::TrainError;
 
-/// File name of a caption model's tokenizer, next to its `config.json`.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use mulo_engine::prompt::TOKENIZER_FILE;
 
 /// Settings of a GPT training run.
 #[derive(Debug, Clone, Serialize)]
@@ -106,7 +105,7 @@ pub fn tokenize_images(
     data: &EmojiTensors,
     size: usize,
     device: Device,
-) -> Result<Tensor, EngineError> {
+) -> Result<Tensor, TrainError> {
     let n = data.meta.items.len() as i64;
     let mut out = Vec::new();
     let rows: Vec<i64> = (0..n).collect();
@@ -147,7 +146,7 @@ fn batch_loss(
     ids: &Tensor,
     mask: &Tensor,
     drop: &Tensor,
-) -> Result<Tensor, EngineError> {
+) -> Result<Tensor, TrainError> {
     let t = gpt.config().cls_token_num;
     let n = tokens.size()[1];
     let cond = gpt.condition_train(ids, drop)?;
@@ -177,7 +176,7 @@ fn heldout_nll(
     ids: &Tensor,
     mask: &Tensor,
     device: Device,
-) -> Result<f64, EngineError> {
+) -> Result<f64, TrainError> {
     tch::no_grad(|| {
         let mut total = 0.0;
         for chunk in rows.chunks(64) {
@@ -201,7 +200,7 @@ pub fn train_gpt(
     opts: &GptTrainOptions,
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<GptReport, EngineError> {
+) -> Result<GptReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
     let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
@@ -323,7 +322,7 @@ pub fn train_gpt(
     trainer.finish(gpt.var_store())?;
     gpt.save(&opts.out, opts.dtype)?;
     let tok_path = opts.out.join(TOKENIZER_FILE);
-    let text = serde_json::to_string(&tokenizer).map_err(|e| EngineError::Train(e.to_string()))?;
+    let text = serde_json::to_string(&tokenizer).map_err(|e| TrainError::Train(e.to_string()))?;
     std::fs::write(&tok_path, text + "\n").map_err(|e| io_err(&tok_path, e))?;
     // Held-out NLL of the model as written.
     let (saved, _) = Gpt::load(&opts.out, device, Some(DType::Fp32))?;

@@ -1,0 +1,350 @@
+//! Process start-up and serving: the `main` of every service ([`main_role`], [`main_gateway`]),
+//! telemetry and metrics set-up, loading the models on their torch thread, and the gRPC server
+//! with health, reflection, `Capabilities/Info` and the graceful drain on SIGTERM / Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mulo_engine::{default_family_dir, Engine, Family, Local, Member, RoleSet, TorchWorker};
+use mulo_proto::v1::capabilities_server::{Capabilities, CapabilitiesServer};
+use mulo_proto::v1::{InfoRequest, InfoResponse};
+use tonic::transport::server::Router;
+use tonic::{Request, Response, Status};
+
+use crate::flags::{GatewayArgs, RoleArgs};
+use crate::resolution::{expand, is_name, re_resolve};
+use crate::runtime::RuntimeArgs;
+use crate::{client, drafter, gateway, metrics, telemetry, verifier, DRAINING};
+
+#[derive(Debug)]
+struct InfoService {
+    role: &'static str,
+    models: Vec<mulo_proto::v1::ModelInfo>,
+}
+
+#[tonic::async_trait]
+impl Capabilities for InfoService {
+    async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(InfoResponse {
+            role: self.role.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            models: self.models.clone(),
+        }))
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received: draining");
+}
+
+/// A service's router: every route counted and timed by [`metrics::RpcMetricsLayer`].
+type Routes =
+    Router<tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>>;
+
+/// Serves `role` with health, reflection and Info plus the routes `add` puts on, until SIGTERM
+/// or Ctrl-C; then stops accepting and lets in-flight calls finish.
+async fn serve(
+    role: &'static str,
+    listen: SocketAddr,
+    worker: &Arc<TorchWorker<Engine>>,
+    add: impl FnOnce(Routes) -> Routes,
+) -> Result<()> {
+    // Health says SERVING only once this answers: nothing listens before the warm-up is done.
+    let t = std::time::Instant::now();
+    worker
+        .call(|e: &mut Engine| e.warm_up())
+        .await?
+        .context("warming up the models")?;
+    tracing::info!(
+        role,
+        seconds = t.elapsed().as_secs_f64(),
+        "models warmed up"
+    );
+    let models = worker
+        .call(|e: &mut Engine| e.models())
+        .await?
+        .into_iter()
+        .map(|m| mulo_proto::v1::ModelInfo {
+            id: m.id,
+            model_type: m.model_type,
+            grid_rows: m.rows as u32,
+            grid_cols: m.cols as u32,
+            vocab_size: m.vocab as u32,
+            dtype: m.dtype,
+            device: m.device,
+        })
+        .collect();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    // Reflection in both versions: grpcurl and current tools ask v1, older tools and Python's
+    // grpcio-reflection ask v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
+    let router = tonic::transport::Server::builder()
+        .trace_fn(telemetry::server_span)
+        .layer(metrics::RpcMetricsLayer)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(CapabilitiesServer::new(InfoService { role, models }));
+    let router = add(router);
+    tracing::info!(role, %listen, "serving");
+    // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
+    // the calls in flight (streams included) finish, then return.
+    let drain = async move {
+        shutdown_signal().await;
+        DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    router
+        .serve_with_shutdown(listen, drain)
+        .await
+        .with_context(|| format!("serving on {listen}"))?;
+    Ok(())
+}
+
+fn family(dir: &Option<PathBuf>) -> Result<Family> {
+    let dir = dir.clone().unwrap_or_else(default_family_dir);
+    Family::load(&dir).with_context(|| format!("model family {}", dir.display()))
+}
+
+/// Loads the roles on one torch thread.
+fn engine(
+    fam: &Family,
+    roles: RoleSet,
+    runtime: &RuntimeArgs,
+    sessions: usize,
+) -> Result<Arc<TorchWorker<Engine>>> {
+    let runtime = runtime.clone();
+    let fam = fam.clone();
+    Ok(Arc::new(TorchWorker::spawn(
+        "torch",
+        move || -> Result<Engine> {
+            let device = runtime.setup()?;
+            Ok(Engine::load(
+                &fam,
+                roles,
+                device,
+                runtime.dtype_for(device),
+                sessions,
+            )?)
+        },
+    )?))
+}
+
+/// Frees idle sessions every quarter of the TTL.
+fn expire_idle(worker: Arc<TorchWorker<Engine>>, ttl: f64) {
+    let ttl = Duration::from_secs_f64(ttl.max(0.01));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ttl / 4).await;
+            let freed = worker
+                .call(move |e: &mut Engine| {
+                    e.drafter.as_mut().map_or(0, |d| d.expire(ttl))
+                        + e.verifier.as_mut().map_or(0, |v| v.expire(ttl))
+                })
+                .await;
+            match freed {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "freed idle sessions"),
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+/// The drafter or verifier service until SIGTERM.
+pub async fn serve_role(role: &'static str, args: RoleArgs) -> Result<()> {
+    let service = if role == "drafter" {
+        "mulo-drafter"
+    } else {
+        "mulo-verifier"
+    };
+    let tel = telemetry::init(
+        service,
+        &args.common.log,
+        args.common.otlp_endpoint.as_deref(),
+    )?;
+    let r = match args.common.metrics(service) {
+        Ok(()) => serve_role_inner(role, args).await,
+        Err(e) => Err(e),
+    };
+    tel.shutdown().await;
+    r
+}
+
+async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
+    if args.max_sessions == 0 {
+        bail!("invalid --max-sessions: must be at least 1");
+    }
+    if !args.session_ttl.is_finite() || args.session_ttl <= 0.0 {
+        bail!("invalid --session-ttl: must be a positive number of seconds");
+    }
+    let fam = family(&args.common.family)?;
+    let roles = match role {
+        "drafter" => RoleSet {
+            drafter: true,
+            verifier: false,
+            draft_small: false,
+        },
+        _ => RoleSet {
+            drafter: false,
+            verifier: true,
+            draft_small: args.draft_model && fam.path(Member::DraftSmall).is_ok(),
+        },
+    };
+    let worker = engine(&fam, roles, &args.runtime, args.max_sessions)?;
+    let local = Local::new(worker.clone());
+    expire_idle(worker.clone(), args.session_ttl);
+    if role == "drafter" {
+        let svc = drafter::DrafterService::new(local, args.max_sessions).await?;
+        serve(role, args.common.listen, &worker, |r| {
+            r.add_service(mulo_proto::v1::drafter_server::DrafterServer::new(svc))
+        })
+        .await
+    } else {
+        let svc = verifier::VerifierService::new(local, args.max_sessions).await?;
+        serve(role, args.common.listen, &worker, |r| {
+            r.add_service(mulo_proto::v1::verifier_server::VerifierServer::new(svc))
+        })
+        .await
+    }
+}
+
+/// The gateway service until SIGTERM.
+pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
+    let tel = telemetry::init(
+        "mulo-gateway",
+        &args.common.log,
+        args.common.otlp_endpoint.as_deref(),
+    )?;
+    let r = match args.common.metrics("mulo-gateway") {
+        Ok(()) => serve_gateway_inner(args).await,
+        Err(e) => Err(e),
+    };
+    tel.shutdown().await;
+    r
+}
+
+async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
+    if args.max_in_flight == 0 {
+        bail!("invalid --max-in-flight: must be at least 1");
+    }
+    let fam = family(&args.common.family)?;
+    let target = mulo_model::ModelConfig::load_gpt(&fam.path(Member::Target)?)?;
+    let info = gateway::FamilyInfo {
+        name: fam.file.name.clone(),
+        rows: target.grid.rows,
+        cols: target.grid.cols,
+        sampling: target.default_sampling(),
+        condition: match target.condition {
+            mulo_model::config::ConditionConfig::Class { .. } => "class".into(),
+            mulo_model::config::ConditionConfig::Caption { .. } => "caption".into(),
+        },
+    };
+    let drafters = expand(&args.drafters)
+        .await
+        .iter()
+        .map(|a| client::RemoteDrafter::new(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let verifiers = expand(&args.verifiers)
+        .await
+        .iter()
+        .map(|a| client::RemoteVerifier::new(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Its own VQ decoder, for the image when no drafter answers.
+    let none = RoleSet {
+        drafter: false,
+        verifier: false,
+        draft_small: false,
+    };
+    let vq = engine(&fam, none, &args.runtime, 1)?;
+    let own = vq.clone();
+    let svc = gateway::GatewayService::new(
+        info,
+        drafters,
+        verifiers,
+        args.max_in_flight,
+        args.max_migrations,
+        Some(vq),
+    );
+    if args.resolve_interval > 0.0
+        && args
+            .drafters
+            .iter()
+            .chain(&args.verifiers)
+            .any(|e| is_name(e))
+    {
+        re_resolve(
+            svc.state(),
+            args.drafters.clone(),
+            args.verifiers.clone(),
+            Duration::from_secs_f64(args.resolve_interval.max(0.1)),
+        );
+    }
+    serve("gateway", args.common.listen, &own, |r| {
+        r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
+    })
+    .await
+}
+
+fn run(f: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The whole `main` of `mulo-drafter` / `mulo-verifier`.
+pub fn main_role(role: &'static str) -> std::process::ExitCode {
+    let args = RoleArgs::parse();
+    run(serve_role(role, args))
+}
+
+/// The whole `main` of `mulo-gateway`.
+pub fn main_gateway() -> std::process::ExitCode {
+    let args = GatewayArgs::parse();
+    run(serve_gateway(args))
+}

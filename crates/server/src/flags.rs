@@ -1,0 +1,97 @@
+//! The clap flag structs of the services: [`CommonArgs`] (every service), [`RoleArgs`]
+//! (`mulo-drafter`, `mulo-verifier`) and [`GatewayArgs`] (`mulo-gateway`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser};
+
+use crate::metrics;
+use crate::runtime::RuntimeArgs;
+
+/// Flags every service takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "MULO_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "MULO_LOG", default_value = "info")]
+    pub log: String,
+    /// Model family directory with family.json (default: the bundled emoji family).
+    #[arg(long, env = "MULO_FAMILY", value_name = "DIR")]
+    pub family: Option<PathBuf>,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://otel-collector:4317
+    /// (also OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; OTEL_SERVICE_NAME renames the service). Unset:
+    /// no export, logs only.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Address to serve Prometheus metrics on over HTTP (GET /metrics), e.g. 0.0.0.0:9090.
+    /// Unset: no metrics endpoint.
+    #[arg(long, env = "MULO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl CommonArgs {
+    /// Starts the metrics endpoint when one is asked for.
+    pub(crate) fn metrics(&self, service: &str) -> Result<()> {
+        match self.metrics_listen {
+            Some(addr) => metrics::install(service, addr),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Flags of `mulo-drafter` and `mulo-verifier`.
+#[derive(Debug, Clone, Parser)]
+pub struct RoleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Sessions (requests) this replica holds at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Seconds after which an idle session (its gateway gone) is freed.
+    #[arg(long, env = "MULO_SESSION_TTL", default_value_t = 60.0)]
+    pub session_ttl: f64,
+    /// Verifier only: also load the family's small draft model (the SD and LANTERN baselines).
+    #[arg(long, env = "MULO_DRAFT_MODEL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub draft_model: bool,
+}
+
+/// Flags of `mulo-gateway`.
+#[derive(Debug, Clone, Parser)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Drafter endpoints (`host:port`, comma-separated or repeated; a name resolving to several
+    /// addresses, like a headless Service, gives one endpoint per address); none = every request
+    /// runs as AR on a verifier.
+    #[arg(long = "drafter", env = "MULO_DRAFTERS", value_delimiter = ',')]
+    pub drafters: Vec<String>,
+    /// Verifier endpoints (`host:port`, comma-separated or repeated; names expand as for
+    /// --drafter); at least one. A request whose replica is lost moves to the next one.
+    #[arg(
+        long = "verifier",
+        env = "MULO_VERIFIERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub verifiers: Vec<String>,
+    /// Requests generated at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Times one request may move to another verifier replica when the one serving it is lost
+    /// (it is re-prefilled there with the committed tokens); past that it fails UNAVAILABLE.
+    #[arg(long, env = "MULO_MAX_MIGRATIONS", default_value_t = 2)]
+    pub max_migrations: u32,
+    /// Seconds between re-resolutions of the endpoint names given to --drafter and --verifier
+    /// (pods joining or leaving a headless Service); 0 = resolve once at start-up. A name that
+    /// does not resolve keeps the previous addresses.
+    #[arg(long, env = "MULO_RESOLVE_INTERVAL", default_value_t = 30.0)]
+    pub resolve_interval: f64,
+}

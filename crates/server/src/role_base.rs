@@ -1,0 +1,72 @@
+//! What the drafter and verifier services share: [`RoleBase`] (the in-process role, its session
+//! limit and codebook hash) and the `Release` / `Status` calls both roles answer the same way.
+
+use mulo_engine::{Engine, Local};
+use tonic::Status;
+
+use crate::{convert, proto, DRAINING};
+
+/// What the drafter and verifier services share: the in-process role, its session limit and the
+/// codebook hash of the capability handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct RoleBase {
+    pub(crate) local: Local,
+    pub(crate) max_sessions: usize,
+    pub(crate) codebook_hash: String,
+}
+
+impl RoleBase {
+    pub(crate) async fn new(
+        local: Local,
+        max_sessions: usize,
+    ) -> Result<Self, mulo_engine::EngineError> {
+        let codebook_hash = local
+            .worker()
+            .call(|e: &mut Engine| e.codebook_hash())
+            .await??;
+        Ok(Self {
+            local,
+            max_sessions,
+            codebook_hash,
+        })
+    }
+}
+
+/// `Release` of a role: frees the session on the torch thread (idempotent).
+pub(crate) async fn release_session(
+    local: &Local,
+    id: String,
+    drafter: bool,
+) -> Result<tonic::Response<proto::ReleaseResponse>, Status> {
+    let released = local
+        .worker()
+        .call(move |e: &mut Engine| {
+            if drafter {
+                e.drafter.as_mut().is_some_and(|d| d.release(&id))
+            } else {
+                e.verifier.as_mut().is_some_and(|v| v.release(&id))
+            }
+        })
+        .await
+        .map_err(|e| convert::status(&e))?;
+    Ok(tonic::Response::new(proto::ReleaseResponse { released }))
+}
+
+/// `Status` of a role: its live sessions and limit, and whether it drains.
+pub(crate) async fn role_status(
+    local: &Local,
+    max_sessions: usize,
+    drafter: bool,
+) -> Result<tonic::Response<proto::StatusResponse>, Status> {
+    let (d, v) = local
+        .worker()
+        .call(|e: &mut Engine| e.live_sessions())
+        .await
+        .map_err(|e| convert::status(&e))?;
+    Ok(tonic::Response::new(proto::StatusResponse {
+        live_sessions: if drafter { d } else { v } as u32,
+        max_sessions: max_sessions as u32,
+        in_flight: 0,
+        draining: DRAINING.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+}

@@ -1,0 +1,3 @@
+fn main() {
+    mulo_build_support::link_libtorch();
+}
