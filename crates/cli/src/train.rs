@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mulo_engine::TorchWorker;
@@ -11,6 +11,7 @@ use mulo_train::trainers::evaluator::{train_evaluator, EvaluatorTrainOptions};
 use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
 use mulo_train::trainers::upsampler::{train_upsampler, UpsamplerTrainOptions};
 use mulo_train::trainers::vq::{train_vq, train_vq_decoder, VqDecoderOptions, VqTrainOptions};
+use mulo_train::trainers::Stop;
 use mulo_train::TrainError;
 use serde::Serialize;
 
@@ -415,10 +416,30 @@ pub struct TrainGptArgs {
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f64,
     /// How training sequences are drawn: `base` weighs every base emoji the same (its skin-tone
-    /// variations share one draw), `image` weighs every image the same (People & Body, with its
-    /// skin tones, is then 60% of the data).
+    /// variations share one draw), `category` every category the same (then every base emoji of
+    /// it), `image` every image the same (People & Body, with its skin tones, is then 60% of the
+    /// data).
     #[arg(long, value_enum, default_value_t = Balance::Image)]
     pub balance: Balance,
+    /// Label smoothing of the training cross-entropy (0 = none; held-out NLL is never smoothed).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Decay of an exponential moving average of the weights, which is what the run writes and
+    /// probes (0 = no average: the last weights).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema: f64,
+    /// Micro-batches of --batch sequences accumulated into each optimizer step (the effective
+    /// batch is batch x accum).
+    #[arg(long, default_value_t = 1)]
+    pub accum: usize,
+    /// Pause after this many steps: save a checkpoint in --work and exit 0 without writing the
+    /// model; continue with --resume.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<usize>,
+    /// Pause after this many minutes of this invocation, as --stop-at does: a long run spans
+    /// several sessions (--resume restores the weights, Adam's moments and the average).
+    #[arg(long, value_name = "MINUTES")]
+    pub max_minutes: Option<f64>,
     /// Kind of the matmuls and attention in training (bf16 or fp32); weights, norms and the loss
     /// stay fp32. bf16 is several times faster on CPUs with AVX512-BF16 or AMX (and on GPUs);
     /// pick fp32 on CPUs without them.
@@ -448,8 +469,20 @@ pub enum ConditionRope {
 pub enum Balance {
     /// Uniform over base emoji, then over its images.
     Base,
+    /// Uniform over categories, then over base emoji, then over images.
+    Category,
     /// Uniform over images.
     Image,
+}
+
+impl From<Balance> for mulo_train::trainers::Balance {
+    fn from(b: Balance) -> Self {
+        match b {
+            Balance::Base => Self::Base,
+            Balance::Category => Self::Category,
+            Balance::Image => Self::Image,
+        }
+    }
 }
 
 /// Flags every `mulo train <model>` takes.
@@ -580,6 +613,9 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         &a.common.runtime,
         train_upsampler,
     )?;
+    let Some(r) = r else {
+        return Ok(());
+    };
     println!(
         "trained the up-sampler in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token accuracy {:.1}% (repeating each low-res token: {:.1}%), NLL {:.4} nats; D_2(U_2(y)) = y for {:.1}% of low-res tokens (D_2 of the real 64 px tokens: {:.1}%) ({} held-out images); wrote {}",
         r.seconds,
@@ -631,6 +667,9 @@ fn run_evaluator(a: TrainEvaluatorArgs, command: &str) -> Result<()> {
         &a.common.runtime,
         train_evaluator,
     )?;
+    let Some(r) = r else {
+        return Ok(());
+    };
     println!(
         "trained the evaluator in {:.0} s ({} steps, final loss {:.4}): held-out accuracy at 64 px: category {:.1}%, subcategory {:.1}%; at 32 px: category {:.1}%, subcategory {:.1}% ({} held-out images); wrote {}",
         r.seconds,
@@ -656,7 +695,7 @@ fn run_training<O, R, F>(
     out: &Path,
     runtime: &RuntimeArgs,
     train: F,
-) -> Result<R>
+) -> Result<Option<R>>
 where
     O: Serialize + Clone + Send + 'static,
     R: Serialize + Send + 'static,
@@ -679,15 +718,24 @@ where
             pb.set_message(format!("{loss:.4}"));
         };
         train(&o, s.0, &mut progress)
-    })??;
+    })?;
     bar.finish_and_clear();
+    let report = match report {
+        Err(TrainError::Paused { step, total }) => {
+            println!(
+                "{role}: paused at step {step} of {total}; the checkpoint is saved, continue with --resume"
+            );
+            return Ok(None);
+        }
+        r => r?,
+    };
     let path = out.join(TRAIN_REPORT);
     let text = serde_json::to_string_pretty(&serde_json::json!({
         "command": command, "machine": machine, "options": opts, "report": &report,
     }))?;
     std::fs::write(&path, text + "\n").with_context(|| format!("{}", path.display()))?;
     write_card(out, role)?;
-    Ok(report)
+    Ok(Some(report))
 }
 
 fn progress_bar(steps: usize) -> ProgressBar {
@@ -709,6 +757,16 @@ fn run_gpt(
     command: &str,
 ) -> Result<()> {
     let default_steps = if role == "draft-small" { 3000 } else { 1250 };
+    check_share("label-smoothing", a.label_smoothing)?;
+    if !(0.0..1.0).contains(&a.ema) {
+        bail!("invalid --ema: must be in [0, 1), got {}", a.ema);
+    }
+    if a.accum == 0 {
+        bail!("invalid --accum: must be at least 1");
+    }
+    if a.max_minutes.is_some_and(|m| !m.is_finite() || m <= 0.0) {
+        bail!("invalid --max-minutes: must be a positive number");
+    }
     for (flag, v) in [
         ("cond-drop", a.cond_drop),
         ("name-share", a.name_share),
@@ -739,7 +797,14 @@ fn run_gpt(
         name_share: a.name_share,
         unk_drop: a.unk_drop,
         dropout: a.dropout,
-        balance_base: a.balance == Balance::Base,
+        balance: a.balance.into(),
+        label_smoothing: a.label_smoothing,
+        ema: (a.ema > 0.0).then_some(a.ema),
+        accum: a.accum,
+        stop: Stop {
+            at_step: a.stop_at,
+            after_seconds: a.max_minutes.map(|m| m * 60.0),
+        },
         keep_condition_rope: a.condition_rope == ConditionRope::Keep,
         seed: a.common.seed,
         resume: a.common.resume,
@@ -756,6 +821,9 @@ fn run_gpt(
         &a.common.runtime,
         train_gpt,
     )?;
+    let Some(report) = report else {
+        return Ok(());
+    };
     println!(
         "trained the {role} GPT in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token NLL {:.4} nats with the full captions, {:.4} with the names alone; wrote {}",
         report.seconds,
@@ -801,6 +869,9 @@ fn run_vq_decoder(a: TrainVqDecoderArgs, command: &str) -> Result<()> {
         &a.common.runtime,
         train_vq_decoder,
     )?;
+    let Some(r) = r else {
+        return Ok(());
+    };
     println!(
         "trained the VQ decoder in {:.0} s ({} steps, final loss {:.4}): held-out PSNR {:.2} dB at 64 px (was {:.2}), {:.2} dB at 32 px (was {:.2}), codebook usage {:.1}%, tokens unchanged {:.2}% ({} held-out images); wrote {}",
         r.seconds,
@@ -854,6 +925,9 @@ fn run_vq(a: TrainVqArgs, command: &str) -> Result<()> {
         &a.common.runtime,
         train_vq,
     )?;
+    let Some(report) = report else {
+        return Ok(());
+    };
     // A new VQ: the report of an earlier one a decoder fine-tune kept aside no longer applies.
     let stale = opts.out.join(FIRST_VQ_REPORT);
     if stale.is_file() {

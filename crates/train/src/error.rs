@@ -12,6 +12,14 @@ pub enum TrainError {
     /// An evaluation run failed (the message names the file or setting).
     #[error("evaluation: {0}")]
     Eval(String),
+    /// A run stopped early by its step or time budget, with a checkpoint to `--resume` from.
+    #[error("paused at step {step} of {total}: the checkpoint is saved, continue with --resume")]
+    Paused {
+        /// Steps completed (and checkpointed).
+        step: usize,
+        /// Steps of the whole run.
+        total: usize,
+    },
     /// The engine (roles, family, worker) failed.
     #[error(transparent)]
     Engine(#[from] EngineError),

@@ -263,6 +263,7 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
     use mulo_engine::prompt::{load_tokenizer, tokenize_prompt};
     use mulo_model::Gpt;
     use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
+    use mulo_train::trainers::{Balance, Stop};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = google_data(d);
@@ -286,7 +287,11 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
         name_share: 0.5,
         unk_drop: 0.1,
         dropout: 0.1,
-        balance_base: true,
+        balance: Balance::Category,
+        label_smoothing: 0.1,
+        ema: Some(0.9),
+        accum: 2,
+        stop: Stop::default(),
         keep_condition_rope: true,
         seed: 0,
         resume: false,
@@ -441,4 +446,88 @@ fn eval_prompts_name_heldout_and_training_emoji() {
         (wave.1.as_str(), wave.2.as_str()),
         ("People & Body", "hand-fingers-open")
     );
+}
+
+/// A GPT run paused by its budget and resumed ends with exactly the weights of the run straight
+/// through: the checkpoint keeps Adam's moments and the weight average (EMA), and batches depend
+/// only on the step. Resuming from a checkpoint without the optimizer state (the old format)
+/// restarts Adam and ends elsewhere.
+#[test]
+fn gpt_training_paused_and_resumed_equals_straight_through() {
+    use mulo_model::Gpt;
+    use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
+    use mulo_train::trainers::{Balance, Stop};
+    use mulo_train::TrainError;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = google_data(d);
+    save_random_vq(&d.join("vq"));
+    let opts = |name: &str| GptTrainOptions {
+        data: data.clone(),
+        vq: d.join("vq"),
+        out: d.join(name),
+        work: d.join(format!("work-{name}")),
+        image_size: 32,
+        dim: 32,
+        n_layer: 1,
+        n_head: 2,
+        caption_len: 6,
+        caption_dim: 8,
+        steps: 6,
+        batch: 2,
+        lr: 3e-3,
+        weight_decay: 0.01,
+        cond_drop: 0.5,
+        name_share: 0.5,
+        unk_drop: 0.1,
+        dropout: 0.0,
+        balance: Balance::Base,
+        label_smoothing: 0.0,
+        ema: Some(0.5),
+        accum: 1,
+        stop: Stop::default(),
+        keep_condition_rope: false,
+        seed: 4,
+        resume: false,
+        dtype: DType::Fp32,
+        compute: DType::Fp32,
+        vq_link: Some("../vq".into()),
+    };
+    let weights = |name: &str| {
+        let (g, _) = Gpt::load(&d.join(name), tch::Device::Cpu, None).unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = g
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let none = &mut |_: usize, _: usize, _: f64| {};
+    train_gpt(&opts("straight"), tch::Device::Cpu, none).unwrap();
+
+    let mut paused = opts("paused");
+    paused.stop.at_step = Some(3);
+    match train_gpt(&paused, tch::Device::Cpu, none) {
+        Err(TrainError::Paused { step: 3, total: 6 }) => {}
+        other => panic!("expected a pause at step 3, got {other:?}"),
+    }
+    assert!(!paused.out.join("model.safetensors").exists());
+    paused.stop = Stop::default();
+    paused.resume = true;
+    let mut steps = Vec::new();
+    train_gpt(&paused, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
+    assert_eq!(steps, vec![4, 5, 6]);
+    assert_eq!(weights("straight"), weights("paused"));
+
+    // The same pause, then the optimizer state removed: Adam restarts, the weights differ.
+    let mut old = opts("old");
+    old.stop.at_step = Some(3);
+    assert!(train_gpt(&old, tch::Device::Cpu, none).is_err());
+    std::fs::remove_file(old.work.join("optimizer.safetensors")).unwrap();
+    old.stop = Stop::default();
+    old.resume = true;
+    train_gpt(&old, tch::Device::Cpu, none).unwrap();
+    assert_ne!(weights("straight"), weights("old"));
 }

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
+use super::{sample_rows, step_rng, EmojiTensors, Recipe, Stop, Trainer};
 use crate::data::emoji::Split;
 use crate::error::TrainError;
 
@@ -145,6 +145,8 @@ pub fn train_evaluator(
         min_ratio: 0.02,
         adamw: nn::AdamW::default(),
         ckpt_every: 250,
+        ema: None,
+        stop: Stop::default(),
     };
     let mut trainer = Trainer::open(ev.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let mut last_loss = f64::NAN;

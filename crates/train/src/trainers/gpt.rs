@@ -12,7 +12,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    adamw, io_err, parameter_count, sample_grouped, step_rng, EmojiTensors, Recipe, Trainer,
+    adamw, io_err, parameter_count, step_rng, Balance, EmojiTensors, Recipe, Sampler, Stop, Trainer,
 };
 use crate::data::emoji::Split;
 use crate::error::TrainError;
@@ -60,10 +60,19 @@ pub struct GptTrainOptions {
     pub unk_drop: f64,
     /// Dropout of the input embeddings and the residual branches during training.
     pub dropout: f64,
-    /// Draw training sequences uniformly over base emoji (then one of its images) instead of
-    /// uniformly over images: skin-tone variations otherwise make People & Body most of the data
-    /// and its prior swamps the caption.
-    pub balance_base: bool,
+    /// How training sequences are drawn (over images, base emoji or categories): skin-tone
+    /// variations otherwise make People & Body most of the data and its prior swamps the caption.
+    pub balance: Balance,
+    /// Label smoothing of the training loss (0 = plain cross-entropy; held-out NLL never smooths).
+    pub label_smoothing: f64,
+    /// Decay of the exponential moving average of the weights that the run writes (none: the
+    /// last weights).
+    pub ema: Option<f64>,
+    /// Micro-batches of `batch` sequences accumulated into each optimizer step.
+    pub accum: usize,
+    /// When this invocation pauses (checkpoint, then `TrainError::Paused`; continue with
+    /// `resume`).
+    pub stop: Stop,
     /// Leave the caption positions unrotated by RoPE (content-dependent attention to caption
     /// words) instead of LlamaGen's zeroed queries and keys there.
     pub keep_condition_rope: bool,
@@ -146,6 +155,7 @@ fn batch_loss(
     ids: &Tensor,
     mask: &Tensor,
     drop: &Tensor,
+    smoothing: f64,
 ) -> Result<Tensor, TrainError> {
     let t = gpt.config().cls_token_num;
     let n = tokens.size()[1];
@@ -157,9 +167,13 @@ fn batch_loss(
     let h = gpt.forward_full(&x, Some(mask))?;
     let logits = gpt.head(&h.narrow(1, t - 1, n));
     let v = logits.size()[2];
-    Ok(logits
-        .view([-1, v])
-        .cross_entropy_for_logits(&tokens.reshape([-1])))
+    Ok(logits.view([-1, v]).cross_entropy_loss::<Tensor>(
+        &tokens.reshape([-1]),
+        None,
+        tch::Reduction::Mean,
+        -100,
+        smoothing,
+    ))
 }
 
 /// Steps between the held-out probes in the loss log.
@@ -188,11 +202,68 @@ fn heldout_nll(
                 &ids.index_select(0, &r).to_device(device),
                 &mask.index_select(0, &r).to_device(device),
                 &none,
+                0.0,
             )?;
             total += f64::try_from(&l)? * chunk.len() as f64;
         }
         Ok(total / rows.len().max(1) as f64)
     })
+}
+
+/// The caption ids and masks of every item: full captions and names alone.
+struct Captions<'a> {
+    ids: &'a Tensor,
+    mask: &'a Tensor,
+    name_ids: &'a Tensor,
+    name_mask: &'a Tensor,
+}
+
+/// The loss of one micro-batch of `opts.batch` sequences drawn by `sampler`: a share captioned
+/// by the name alone, caption words dropped to `<unk>`, conditions dropped for CFG.
+#[allow(clippy::too_many_arguments)]
+fn micro_batch_loss(
+    gpt: &Gpt,
+    opts: &GptTrainOptions,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    sampler: &Sampler,
+    tokens: &Tensor,
+    captions: &Captions,
+    tokenizer: &CaptionTokenizer,
+    device: Device,
+) -> Result<Tensor, TrainError> {
+    let rows = sampler.sample(rng, opts.batch);
+    let drops: Vec<bool> = (0..opts.batch)
+        .map(|_| rng.random::<f64>() < opts.cond_drop)
+        .collect();
+    let by_name: Vec<bool> = (0..opts.batch)
+        .map(|_| rng.random::<f64>() < opts.name_share)
+        .collect();
+    let unk: Vec<bool> = (0..opts.batch * tokenizer.max_len)
+        .map(|_| rng.random::<f64>() < opts.unk_drop)
+        .collect();
+    let r = Tensor::from_slice(&rows);
+    let by_name = Tensor::from_slice(&by_name).view([-1, 1]);
+    let ids = captions
+        .name_ids
+        .index_select(0, &r)
+        .where_self(&by_name, &captions.ids.index_select(0, &r));
+    let mask = captions
+        .name_mask
+        .index_select(0, &r)
+        .where_self(&by_name, &captions.mask.index_select(0, &r));
+    let unk = Tensor::from_slice(&unk)
+        .view([opts.batch as i64, -1])
+        .logical_and(&mask);
+    let ids = ids.masked_fill(&unk, i64::from(mulo_core::caption::UNK));
+    let to_dev = |t: Tensor| t.to_device(device);
+    batch_loss(
+        gpt,
+        &to_dev(tokens.index_select(0, &r)),
+        &to_dev(ids),
+        &to_dev(mask),
+        &to_dev(Tensor::from_slice(&drops)),
+        opts.label_smoothing,
+    )
 }
 
 /// Trains a caption-conditioned GPT; `progress(step, total, loss)` after every step.
@@ -206,11 +277,7 @@ pub fn train_gpt(
     let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
     let side = opts.image_size as i64 / vq.config().downsample_factor();
     let train = data.train_rows()?;
-    let groups = if opts.balance_base {
-        data.train_groups()?
-    } else {
-        train.iter().map(|&r| vec![r]).collect()
-    };
+    let sampler = Sampler::new(&data, opts.balance)?;
     let heldout = data.indices(Split::Heldout);
     let probe_rows: Vec<i64> = heldout
         .iter()
@@ -270,48 +337,38 @@ pub fn train_gpt(
         min_ratio: 0.1,
         adamw: adamw(0.95, opts.weight_decay),
         ckpt_every: 250,
+        ema: opts.ema,
+        stop: opts.stop,
     };
     let mut trainer = Trainer::open(gpt.var_store_mut(), &recipe, &opts.work, opts.resume)?;
-    let to_dev = |t: Tensor| t.to_device(device);
     let mut last_loss = f64::NAN;
+    let captions = Captions {
+        ids: &cap_ids,
+        mask: &cap_mask,
+        name_ids: &name_ids,
+        name_mask: &name_mask,
+    };
     for step in trainer.start..opts.steps {
         let mut rng = step_rng(opts.seed, step);
-        let rows = sample_grouped(&mut rng, &groups, opts.batch);
-        let drops: Vec<bool> = (0..opts.batch)
-            .map(|_| rng.random::<f64>() < opts.cond_drop)
-            .collect();
-        let by_name: Vec<bool> = (0..opts.batch)
-            .map(|_| rng.random::<f64>() < opts.name_share)
-            .collect();
-        let unk: Vec<bool> = (0..opts.batch * tokenizer.max_len)
-            .map(|_| rng.random::<f64>() < opts.unk_drop)
-            .collect();
-        let r = Tensor::from_slice(&rows);
-        let by_name = Tensor::from_slice(&by_name).view([-1, 1]);
-        let ids = name_ids
-            .index_select(0, &r)
-            .where_self(&by_name, &cap_ids.index_select(0, &r));
-        let mask = name_mask
-            .index_select(0, &r)
-            .where_self(&by_name, &cap_mask.index_select(0, &r));
-        let unk = Tensor::from_slice(&unk)
-            .view([opts.batch as i64, -1])
-            .logical_and(&mask);
-        let ids = ids.masked_fill(&unk, i64::from(mulo_core::caption::UNK));
-        let loss = batch_loss(
-            &gpt,
-            &to_dev(tokens.index_select(0, &r)),
-            &to_dev(ids),
-            &to_dev(mask),
-            &to_dev(Tensor::from_slice(&drops)),
-        )?;
-        last_loss = trainer.step(step, &loss)?;
+        trainer.zero_grad();
+        let mut total = 0.0;
+        for _ in 0..opts.accum.max(1) {
+            let loss = micro_batch_loss(
+                &gpt, opts, &mut rng, &sampler, &tokens, &captions, &tokenizer, device,
+            )?;
+            (&loss / opts.accum.max(1) as f64).backward();
+            total += f64::try_from(&loss)?;
+        }
+        trainer.apply(step)?;
+        last_loss = total / opts.accum.max(1) as f64;
         // Every PROBE_EVERY steps, the held-out NLL (names alone) of a fixed subset, dropout off:
         // the loss log then shows when the model starts to over-fit.
         let done = step + 1;
         let probe = if done.is_multiple_of(PROBE_EVERY) || done == opts.steps {
             gpt.set_train_dropout(0.0);
-            let nll = heldout_nll(&gpt, &probe_rows, &tokens, &name_ids, &name_mask, device);
+            let nll = trainer.with_final_weights(|| {
+                heldout_nll(&gpt, &probe_rows, &tokens, &name_ids, &name_mask, device)
+            });
             gpt.set_train_dropout(opts.dropout);
             serde_json::json!({ "heldout_nll_name_probe": nll? })
         } else {

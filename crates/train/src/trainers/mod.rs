@@ -3,6 +3,7 @@
 
 pub mod evaluator;
 pub mod gpt;
+mod optim;
 pub mod upsampler;
 pub mod vq;
 
@@ -13,11 +14,12 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig, VarStore};
+use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::emoji::{DataError, Meta, Split};
 use crate::error::TrainError;
+use optim::{AdamW, Ema};
 
 /// Linear warm-up to `peak_lr`, then cosine decay to `peak_lr · min_ratio` at `total` steps.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -97,22 +99,32 @@ impl Checkpoints {
         }
     }
 
-    /// Saves the variables and the number of completed steps.
-    pub fn save(&self, vs: &VarStore, step: usize) -> Result<(), TrainError> {
+    /// Saves the variables, the optimiser state (`optimizer.safetensors`: Adam's moments and,
+    /// with EMA, the averaged weights) and the number of completed steps. Each file is written
+    /// under a temporary name and renamed, the step record last.
+    pub fn save(
+        &self,
+        vs: &VarStore,
+        optimizer: &[(String, Tensor)],
+        step: usize,
+    ) -> Result<(), TrainError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
         let tmp = self.dir.join("checkpoint.tmp.safetensors");
         vs.save(&tmp)?;
         std::fs::rename(&tmp, self.dir.join("checkpoint.safetensors"))
             .map_err(|e| io_err(&self.dir, e))?;
+        let tmp = self.dir.join("optimizer.tmp.safetensors");
+        Tensor::write_safetensors(optimizer, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join(OPTIMIZER_FILE)).map_err(|e| io_err(&self.dir, e))?;
         let info = serde_json::to_string(&CheckpointInfo { step })
             .map_err(|e| TrainError::Train(e.to_string()))?;
         let path = self.dir.join("checkpoint.json");
         std::fs::write(&path, info).map_err(|e| io_err(&path, e))
     }
 
-    /// Loads the variables of the last checkpoint, if any, and returns its completed steps.
-    /// (Optimizer moments are not saved: a resumed run restarts Adam's statistics.)
-    pub fn load(&self, vs: &mut VarStore) -> Result<Option<usize>, TrainError> {
+    /// Loads the variables of the last checkpoint, if any; returns its completed steps and the
+    /// optimiser state (none in checkpoints written before it was kept: Adam then restarts).
+    pub fn load(&self, vs: &mut VarStore) -> Result<Option<Resumed>, TrainError> {
         let info = self.dir.join("checkpoint.json");
         if !info.exists() {
             return Ok(None);
@@ -121,8 +133,31 @@ impl Checkpoints {
         let ci: CheckpointInfo = serde_json::from_str(&text)
             .map_err(|e| TrainError::Train(format!("{}: {e}", info.display())))?;
         vs.load(self.dir.join("checkpoint.safetensors"))?;
-        Ok(Some(ci.step))
+        let path = self.dir.join(OPTIMIZER_FILE);
+        let optimizer = if path.exists() {
+            let t = Tensor::read_safetensors(&path)
+                .map_err(|e| TrainError::Train(format!("{}: {e}", path.display())))?;
+            Some(t.into_iter().collect())
+        } else {
+            None
+        };
+        Ok(Some(Resumed {
+            step: ci.step,
+            optimizer,
+        }))
     }
+}
+
+/// File of the optimiser state in a checkpoint directory.
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// What a checkpoint restores besides the weights.
+#[derive(Debug)]
+pub struct Resumed {
+    /// Completed steps.
+    pub step: usize,
+    /// The optimiser state by tensor name, when the checkpoint has one.
+    pub optimizer: Option<std::collections::HashMap<String, Tensor>>,
 }
 
 /// The optimiser settings of a training loop: AdamW, linear warm-up over `steps / warmup_div`
@@ -135,6 +170,28 @@ pub(crate) struct Recipe {
     pub min_ratio: f64,
     pub adamw: nn::AdamW,
     pub ckpt_every: usize,
+    /// Decay of the exponential moving average of the weights (none: no average); with one, the
+    /// held-out probes and the written model use the averaged weights.
+    pub ema: Option<f64>,
+    /// When to pause before the last step (a checkpoint, then [`TrainError::Paused`]).
+    pub stop: Stop,
+}
+
+/// A budget for one invocation of a long run: pause (checkpoint and return) after a step or once
+/// a wall-clock time has passed, so that a run spans several sessions with `--resume`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Stop {
+    /// Pause once this many steps are done.
+    pub at_step: Option<usize>,
+    /// Pause at the first step that ends after this many seconds of this invocation.
+    pub after_seconds: Option<f64>,
+}
+
+impl Stop {
+    /// Whether to pause after `done` steps, `seconds` into this invocation.
+    pub fn reached(&self, done: usize, seconds: f64) -> bool {
+        self.at_step.is_some_and(|s| done >= s) || self.after_seconds.is_some_and(|t| seconds >= t)
+    }
 }
 
 /// AdamW with β1 0.9, the given β2 and weight decay, ε 1e-8.
@@ -171,6 +228,59 @@ pub(crate) fn sample_grouped(rng: &mut ChaCha8Rng, groups: &[Vec<i64>], n: usize
         .collect()
 }
 
+/// How a trainer draws its training rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Uniform over images (skin-tone variations make People & Body 60% of the draws).
+    Image,
+    /// Uniform over base emoji, then over its images (skin tones and vendors are variations of
+    /// one emoji).
+    Base,
+    /// Uniform over categories, then over the category's base emoji, then over its images.
+    Category,
+}
+
+/// Draws training rows by a [`Balance`]: a category, then a group (base emoji) of it, then a row
+/// of the group, each uniformly.
+#[derive(Debug, Clone)]
+pub(crate) struct Sampler {
+    /// Category → groups → rows.
+    categories: Vec<Vec<Vec<i64>>>,
+}
+
+impl Sampler {
+    /// The sampler of the training split of `data`.
+    pub fn new(data: &EmojiTensors, balance: Balance) -> Result<Self, TrainError> {
+        let categories = match balance {
+            Balance::Image => vec![data.train_rows()?.into_iter().map(|r| vec![r]).collect()],
+            Balance::Base => vec![data.train_groups()?],
+            Balance::Category => {
+                let mut by: std::collections::BTreeMap<usize, Vec<Vec<i64>>> = Default::default();
+                for g in data.train_groups()? {
+                    let cat = data.meta.items[g[0] as usize].category_id;
+                    by.entry(cat).or_default().push(g);
+                }
+                by.into_values().collect()
+            }
+        };
+        Ok(Self { categories })
+    }
+
+    /// `n` rows (with replacement).
+    pub fn sample(&self, rng: &mut ChaCha8Rng, n: usize) -> Vec<i64> {
+        match self.categories.as_slice() {
+            [one] => sample_grouped(rng, one, n),
+            all => (0..n)
+                .flat_map(|_| {
+                    let c = rng.random_range(0..all.len());
+                    sample_grouped(rng, &all[c], 1)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Number of parameters in a variable store.
 pub(crate) fn parameter_count(vs: &VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
@@ -178,7 +288,9 @@ pub(crate) fn parameter_count(vs: &VarStore) -> i64 {
 
 /// The optimiser step, loss log, checkpoints and progress shared by every training loop.
 pub(crate) struct Trainer {
-    opt: nn::Optimizer,
+    stop: Stop,
+    opt: AdamW,
+    ema: Option<Ema>,
     sched: Schedule,
     log: TrainLog,
     ckpt: Checkpoints,
@@ -204,16 +316,35 @@ impl Trainer {
             min_ratio: recipe.min_ratio,
         };
         let ckpt = Checkpoints::new(work);
-        let start = if resume {
-            ckpt.load(vs)?.unwrap_or(0)
-        } else {
-            0
-        };
+        let resumed = if resume { ckpt.load(vs)? } else { None };
         std::fs::create_dir_all(work).map_err(|e| io_err(work, e))?;
-        let log = TrainLog::open(&work.join("loss.jsonl"), resume)?;
-        let opt = recipe.adamw.build(vs, sched.peak_lr)?;
+        let mut log = TrainLog::open(&work.join("loss.jsonl"), resume)?;
+        let mut opt = AdamW::new(vs, recipe.adamw);
+        let mut ema = recipe.ema.map(|d| Ema::new(vs, d));
+        let start = match resumed {
+            None => 0,
+            Some(Resumed {
+                step,
+                optimizer: Some(state),
+            }) => {
+                opt.load_state(&state)?;
+                if let Some(ema) = &mut ema {
+                    ema.load_state(&state)?;
+                }
+                step
+            }
+            Some(Resumed {
+                step,
+                optimizer: None,
+            }) => {
+                log.write(&serde_json::json!({"step": step, "event": "resume without optimizer state: Adam's moments restart"}))?;
+                step
+            }
+        };
         Ok(Self {
+            stop: recipe.stop,
             opt,
+            ema,
             sched,
             log,
             ckpt,
@@ -239,12 +370,34 @@ impl Trainer {
     /// One optimiser step on `loss` (lr from the schedule, gradient norm clipped at 1); returns
     /// the loss value.
     pub fn step(&mut self, step: usize, loss: &Tensor) -> Result<f64, TrainError> {
-        self.opt.set_lr(self.sched.lr(step));
-        self.opt.zero_grad();
+        self.zero_grad();
         loss.backward();
-        self.opt.clip_grad_norm(1.0);
-        self.opt.step();
+        self.apply(step)?;
         Ok(f64::try_from(loss)?)
+    }
+
+    /// Clears the gradients (before accumulating a step's micro-batches).
+    pub fn zero_grad(&mut self) {
+        self.opt.zero_grad();
+    }
+
+    /// The update of step `step` from the gradients accumulated since [`Trainer::zero_grad`]:
+    /// norm clipped at 1, AdamW at the schedule's rate, then the weight average.
+    pub fn apply(&mut self, step: usize) -> Result<(), TrainError> {
+        self.opt.clip_grad_norm(1.0)?;
+        self.opt.step(self.sched.lr(step));
+        if let Some(ema) = &mut self.ema {
+            ema.update();
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the weights the run will write: the average with EMA, else the current.
+    pub fn with_final_weights<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.ema {
+            Some(ema) => ema.with_average(f),
+            None => f(),
+        }
     }
 
     /// Closes a step: the log record every 25 steps (with `extra` fields), a checkpoint every
@@ -268,9 +421,19 @@ impl Trainer {
             self.log.write(&rec)?;
         }
         if done.is_multiple_of(self.ckpt_every) {
-            self.ckpt.save(vs, done)?;
+            self.save(vs, done)?;
         }
         progress(done, self.sched.total, loss);
+        if done < self.sched.total && self.stop.reached(done, self.seconds()) {
+            self.save(vs, done)?;
+            self.log.write(
+                &serde_json::json!({"step": done, "event": "paused", "seconds": self.seconds()}),
+            )?;
+            return Err(TrainError::Paused {
+                step: done,
+                total: self.sched.total,
+            });
+        }
         Ok(())
     }
 
@@ -279,9 +442,22 @@ impl Trainer {
         self.log.write(record)
     }
 
-    /// Saves the final checkpoint.
+    /// Saves the final checkpoint, then puts the averaged weights in the model when the run
+    /// keeps an average (what the caller writes next).
     pub fn finish(&self, vs: &VarStore) -> Result<(), TrainError> {
-        self.ckpt.save(vs, self.sched.total)
+        self.save(vs, self.sched.total)?;
+        if let Some(ema) = &self.ema {
+            ema.copy_into_model();
+        }
+        Ok(())
+    }
+
+    fn save(&self, vs: &VarStore, done: usize) -> Result<(), TrainError> {
+        let mut state = self.opt.state();
+        if let Some(ema) = &self.ema {
+            state.extend(ema.state());
+        }
+        self.ckpt.save(vs, &state, done)
     }
 
     /// Seconds since the run started.
@@ -436,6 +612,22 @@ mod tests {
         let rows = sample_grouped(&mut rng, &single, 20_000);
         let first = rows.iter().filter(|&&r| r == 0).count() as f64 / rows.len() as f64;
         assert!((first - 0.1).abs() < 0.02, "{first}");
+    }
+
+    #[test]
+    fn category_sampling_weighs_categories_then_emoji() {
+        // Category 0: one emoji of one image; category 1: two emoji, of one and of four images.
+        let s = Sampler {
+            categories: vec![vec![vec![0]], vec![vec![1], vec![2, 3, 4, 5]]],
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let rows = s.sample(&mut rng, 40_000);
+        let share = |f: &dyn Fn(i64) -> bool| {
+            rows.iter().filter(|&&r| f(r)).count() as f64 / rows.len() as f64
+        };
+        assert!((share(&|r| r == 0) - 0.5).abs() < 0.02);
+        assert!((share(&|r| r == 1) - 0.25).abs() < 0.02);
+        assert!((share(&|r| r == 5) - 0.0625).abs() < 0.01);
     }
 
     #[test]

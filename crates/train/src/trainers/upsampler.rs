@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::gpt::tokenize_images;
-use super::{adamw, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
+use super::{adamw, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Stop, Trainer};
 use crate::data::emoji::Split;
 use crate::error::TrainError;
 
@@ -106,6 +106,8 @@ pub fn train_upsampler(
         min_ratio: 0.05,
         adamw: adamw(0.99, opts.weight_decay),
         ckpt_every: 500,
+        ema: None,
+        stop: Stop::default(),
     };
     let mut trainer = Trainer::open(ups.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let v = vq.config().codebook_size;

@@ -7,7 +7,7 @@ use rand::Rng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{adamw, psnr_u8, sample_rows, step_rng, EmojiTensors, Recipe, Trainer};
+use super::{adamw, psnr_u8, sample_rows, step_rng, EmojiTensors, Recipe, Stop, Trainer};
 use crate::data::emoji::Split;
 use crate::error::TrainError;
 
@@ -102,6 +102,8 @@ pub fn train_vq(
         min_ratio: 0.05,
         adamw: adamw(0.99, 0.0),
         ckpt_every: 500,
+        ema: None,
+        stop: Stop::default(),
     };
     let mut trainer = Trainer::open(vq.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let v = opts.config.codebook_size;
@@ -277,6 +279,8 @@ pub fn train_vq_decoder(
         min_ratio: 0.05,
         adamw: adamw(0.99, 0.0),
         ckpt_every: 500,
+        ema: None,
+        stop: Stop::default(),
     };
     let mut trainer = Trainer::open(vq.var_store_mut(), &recipe, &opts.work, opts.resume)?;
     let mut last_loss = f64::NAN;
