@@ -156,7 +156,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(c) => format!("{machine}; services: {}", c.placement),
         None => machine,
     };
-    let total = (a.n + a.warmup) * variants.len();
+    let floor_images = if a.no_quality { 0 } else { a.n };
+    let total = (a.n + a.warmup) * variants.len() + floor_images;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("bench {bar:40} {pos}/{len} images  eta {eta}")
@@ -171,6 +172,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         &rt,
         &mut || bar.inc(1),
     )?;
+    let floor = if a.no_quality {
+        Vec::new()
+    } else {
+        mulo_train::bench::ar_floor(&settings, &local, &rt, &mut || bar.inc(1))?
+    };
     bar.finish_and_clear();
     let quality = if a.no_quality {
         Vec::new()
@@ -179,7 +185,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .data
             .clone()
             .unwrap_or_else(|| cache_root().join("data/emoji"));
-        mulo_train::bench::quality(&settings, &measured, &family, &worker, data_dir)?
+        mulo_train::bench::quality(&settings, &measured, floor, &family, &worker, data_dir)?
     };
     let report = BenchReport {
         command: crate::common::command_line(),
@@ -310,7 +316,7 @@ fn opt(v: Option<f64>, scale: f64, digits: usize) -> String {
 
 fn print_table(rows: &[BenchRow]) {
     println!(
-        "{:<44} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6}",
+        "{:<44} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6}",
         "method",
         "med s",
         "p90 s",
@@ -321,11 +327,14 @@ fn print_table(rows: &[BenchRow]) {
         "acc%",
         "resmp%",
         "FID",
-        "adh%"
+        "adh%",
+        "tNLL",
+        "tpNLL",
+        "FD-AR"
     );
     for r in rows {
         println!(
-            "{:<44} {:>8.3} {:>8.3} {:>6.2}x {:>7.1} {:>7.1} {:>6.2} {:>6.1} {:>6.1} {:>7} {:>6}",
+            "{:<44} {:>8.3} {:>8.3} {:>6.2}x {:>7.1} {:>7.1} {:>6.2} {:>6.1} {:>6.1} {:>7} {:>6} {:>6} {:>6} {:>6}",
             r.spec,
             r.latency_median_s,
             r.latency_p90_s,
@@ -336,7 +345,15 @@ fn print_table(rows: &[BenchRow]) {
             100.0 * r.acceptance_rate,
             100.0 * r.resampled_fraction,
             opt(r.fid_emoji, 1.0, 2),
-            opt(r.adherence, 100.0, 1)
+            opt(r.adherence, 100.0, 1),
+            opt(r.target_nll, 1.0, 2),
+            opt(r.target_pooled_nll, 1.0, 2),
+            opt(r.fd_to_ar, 1.0, 2)
+        );
+    }
+    if let Some(floor) = rows.iter().find_map(|r| r.fd_ar_floor) {
+        println!(
+            "tNLL: the target's NLL per token of each method's images (tpNLL: of the token's pool); FD-AR: Frechet distance to AR's images, noise floor {floor:.2} (two AR sets)"
         );
     }
     for r in rows.iter().filter(|r| r.mode == "distributed") {

@@ -374,6 +374,19 @@ fn toy_family_trains_evaluates_and_generates() {
         }
     }
     assert_eq!(rows[0]["tokens_per_target_pass"].as_f64(), Some(1.0));
+    // Target-relative quality: every row has the target's NLL of its images and its pooled form
+    // (never above it), the distance to AR's images (none for AR itself) and one noise floor.
+    let floor = rows[0]["fd_ar_floor"].as_f64().unwrap();
+    assert!(floor > 0.0, "two AR sets with other seeds differ");
+    for r in rows {
+        let nll = r["target_nll"].as_f64().unwrap();
+        let pooled = r["target_pooled_nll"].as_f64().unwrap();
+        assert!(nll > 0.0 && (0.0..=nll + 1e-9).contains(&pooled), "{r}");
+        assert!(r["target_nll_se"].as_f64().unwrap() >= 0.0, "{r}");
+        assert!(r["fd_to_ar"].as_f64().unwrap() >= 0.0, "{r}");
+        assert_eq!(r["fd_ar_floor"].as_f64(), Some(floor));
+    }
+    assert!(rows[0]["fd_to_ar"].as_f64().unwrap() < 1e-3, "{}", rows[0]);
     // τ = 0 accepts everything: one verify pass per block plus the prefill.
     let all = rows.iter().find(|r| r["params"]["tau"] == "0").unwrap();
     assert_eq!(all["acceptance_rate"].as_f64(), Some(1.0), "{all}");

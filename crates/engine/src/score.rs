@@ -60,3 +60,38 @@ pub fn score_tokens(
         })
     })
 }
+
+/// How likely the target finds a token grid: its mean negative log-likelihood per token under the
+/// processed distribution, and the pooled one (the mass on each token's pool of nearest codes).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TargetNll {
+    /// Mean of `−log p_i(x_i)` over the grid (nats).
+    pub nll: f64,
+    /// Mean of `−log Σ_{v ∈ B_k(x_i)} p_i(v)` over the grid (nats): a near miss inside the pool
+    /// MuLo accepts with costs little here, a miss costs as much as in `nll`.
+    pub pooled_nll: f64,
+}
+
+/// [`TargetNll`] of `tokens` under `model` (teacher-forced, processed with `params`); `pools` is
+/// the `[V, k]` nearest-code table (any device).
+pub fn target_nll(
+    model: &Gpt,
+    cond: &Condition,
+    tokens: &TokenGrid,
+    params: &SamplingParams,
+    pools: &Tensor,
+) -> Result<TargetNll, EngineError> {
+    let s = score_tokens(model, cond, tokens, params)?;
+    let n = s.token_logprobs.len().max(1) as f64;
+    let nll = -s.token_logprobs.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let ids = Tensor::from_slice(&tokens.to_i64());
+    let pool = pools.to_device(tch::Device::Cpu).index_select(0, &ids);
+    let mass = s.logprobs.exp().gather(1, &pool, false).sum_dim_intlist(
+        [1i64].as_slice(),
+        false,
+        Kind::Double,
+    );
+    // A sum of probabilities can round above 1 (a pool of the whole codebook).
+    let pooled_nll = f64::try_from(mass.clamp_max(1.0).log().mean(Kind::Double).neg())?;
+    Ok(TargetNll { nll, pooled_nll })
+}

@@ -261,6 +261,22 @@ impl VerifierCore {
             .ok_or_else(|| EngineError::Precondition("pool table".into()))
     }
 
+    /// The target's [`TargetNll`] of a finished grid (a text prompt goes through the target's
+    /// tokenizer, as for a session), with the pools of `pool_k` nearest codes.
+    pub fn score_target(
+        &mut self,
+        cond: &mulo_core::Condition,
+        tokens: &[i64],
+        params: &SamplingParams,
+        pool_k: usize,
+    ) -> Result<crate::score::TargetNll, EngineError> {
+        let pools = self.pool(pool_k)?.1.shallow_clone();
+        let cfg = self.target.config();
+        let grid = mulo_core::TokenGrid::new(cfg.grid, tokens.to_vec(), cfg.vocab_size as usize)?;
+        let cond = condition_for(cond, self.target_tokenizer.as_ref());
+        crate::score::target_nll(&self.target, &cond, &grid, params, &pools)
+    }
+
     /// Opens (or re-opens at a new epoch) a session: prefills the condition on the target and,
     /// when `with_draft`, on the draft model. `committed` tokens (a migrated session) are
     /// committed and re-fed by the next call.

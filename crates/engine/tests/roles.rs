@@ -461,3 +461,37 @@ async fn mulo_falls_back_to_ar_without_a_drafter() {
     assert_eq!(out.stats.fallback.as_deref(), Some("no drafter"));
     assert_eq!(out.stats.target_passes, 16);
 }
+
+/// The target's NLL of a grid equals minus the mean of `mulo score`'s token log-probabilities;
+/// the pooled NLL is never above it, equals it with pools of one code and is zero with pools of
+/// the whole codebook.
+#[test]
+fn target_nll_and_its_pooled_form() {
+    let mut e = engine();
+    let v = e.verifier.as_mut().unwrap();
+    let tokens: Vec<i64> = (0..16).map(|i| (i * 7 + 3) % V).collect();
+    let cond = Condition::Class(2);
+    for cfg in [1.0, 3.0] {
+        let params = sampling(cfg);
+        let grid =
+            mulo_core::TokenGrid::new(GridSize::square(4), tokens.clone(), V as usize).unwrap();
+        let scores = mulo_engine::score_tokens(v.target(), &cond, &grid, &params).unwrap();
+        let want = -scores
+            .token_logprobs
+            .iter()
+            .map(|&x| f64::from(x))
+            .sum::<f64>()
+            / 16.0;
+        let one = v.score_target(&cond, &tokens, &params, 1).unwrap();
+        assert!((one.nll - want).abs() < 1e-9, "{one:?} vs {want}");
+        assert!((one.pooled_nll - one.nll).abs() < 1e-5, "{one:?}");
+        let four = v.score_target(&cond, &tokens, &params, 4).unwrap();
+        assert_eq!(four.nll, one.nll);
+        assert!(four.pooled_nll < one.nll - 1e-3, "{four:?}");
+        let all = v.score_target(&cond, &tokens, &params, V as usize).unwrap();
+        assert!(all.pooled_nll.abs() < 1e-5, "{all:?}");
+    }
+    assert!(v
+        .score_target(&cond, &tokens[..15], &sampling(1.0), 4)
+        .is_err());
+}

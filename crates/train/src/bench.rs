@@ -70,6 +70,19 @@ pub struct BenchRow {
     pub adherence_category: Option<f64>,
     /// Subcategory adherence.
     pub adherence_subcategory: Option<f64>,
+    /// The target's mean NLL per token of this method's outputs (teacher-forced, the run's
+    /// sampling): SD equals AR's within noise, lossy methods are higher.
+    pub target_nll: Option<f64>,
+    /// Standard error of `target_nll` over the images.
+    pub target_nll_se: Option<f64>,
+    /// The target's mean pooled NLL per token: `-log` of its mass on the token's pool of MuLo's
+    /// default `pool_k` nearest codes (a near miss inside the pool costs little).
+    pub target_pooled_nll: Option<f64>,
+    /// Fréchet distance of the evaluator features of this method's images to AR's images.
+    pub fd_to_ar: Option<f64>,
+    /// Fréchet distance between AR's images and a second AR set with other seeds: the noise
+    /// floor of `fd_to_ar`.
+    pub fd_ar_floor: Option<f64>,
     /// Median compute seconds per stage.
     pub stages_median_s: BTreeMap<String, f64>,
 }
@@ -129,7 +142,8 @@ pub struct Measured {
     pub wire: Vec<u64>,
 }
 
-/// FID-emoji, category and subcategory adherence of one variant.
+/// The quality of one variant: against the real images (FID-emoji, adherence) and relative to
+/// the target (its NLL of the outputs, Fréchet distance to AR's own samples).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Quality {
     /// FID-emoji against the real images.
@@ -138,7 +152,21 @@ pub struct Quality {
     pub category: f64,
     /// Subcategory adherence.
     pub subcategory: f64,
+    /// The target's mean NLL per token of the outputs (teacher-forced, the run's sampling).
+    pub target_nll: f64,
+    /// Standard error of `target_nll` over the images.
+    pub target_nll_se: f64,
+    /// The same with each token's pool of nearest codes (MuLo's default `pool_k`).
+    pub target_pooled_nll: f64,
+    /// Fréchet distance of the evaluator features to AR's samples.
+    pub fd_to_ar: f64,
+    /// Fréchet distance between AR's samples and a second AR set with other seeds (the noise
+    /// floor of `fd_to_ar`).
+    pub fd_ar_floor: f64,
 }
+
+/// Seeds of the second AR set (the floor of `fd_to_ar`) start this far from the run's.
+pub const FLOOR_SEED_OFFSET: u64 = 1_000_003;
 
 /// The prompt row of the `i`-th generation of a run whose first `warmup` ones are untimed:
 /// measured image `j` uses row `j` (wrapping) and seed `seed + j`, as `mulo eval` does, so its
@@ -295,28 +323,106 @@ pub fn measure(
     Ok(out)
 }
 
+/// AR over the run's prompts again with seeds `seed + FLOOR_SEED_OFFSET + j` (untimed): the
+/// second sample set of `fd_ar_floor`. `progress` is called after each image.
+pub fn ar_floor(
+    settings: &BenchSettings,
+    local: &Local,
+    rt: &tokio::runtime::Runtime,
+    progress: &mut dyn FnMut(),
+) -> Result<Vec<Vec<i64>>, TrainError> {
+    let rows = &settings.prompts;
+    (0..settings.n)
+        .map(|j| {
+            let req = GenerateRequest {
+                id: format!("bench-floor-{j}"),
+                condition: Condition::Prompt(rows[j % rows.len()].prompt.clone()),
+                sampling: settings.sampling,
+                seed: settings.seed + FLOOR_SEED_OFFSET + j as u64,
+                method: Method::Ar,
+            };
+            let out = rt
+                .block_on(generate(None, local, &req, &mut |_| {}))
+                .map_err(|e| TrainError::Eval(format!("AR floor image {j}: {e}")))?;
+            progress();
+            Ok(out.tokens)
+        })
+        .collect()
+}
+
 /// The evaluator and the features of the real images, held on the torch thread.
 struct Reference {
     evaluator: Evaluator,
     real: Tensor,
 }
 
-/// FID-emoji and adherence of every variant's images: decodes the grids, scores them with the
-/// family's evaluator against the real images of `data_dir` (from `mulo data emoji`).
-pub fn quality(
+/// Evaluator scores and the target's NLL of one set of grids.
+struct Scored {
+    features: Tensor,
+    category: Vec<i64>,
+    subcategory: Vec<i64>,
+    nll: Vec<f64>,
+    pooled_nll: Vec<f64>,
+}
+
+/// Decodes `grids` (image `j` of prompt row `j`), scores them with the evaluator and under the
+/// target.
+fn score_set(
+    worker: &Arc<TorchWorker<Engine>>,
+    reference: &Arc<std::sync::Mutex<Reference>>,
     settings: &BenchSettings,
-    measured: &Measured,
+    grids: Vec<Vec<i64>>,
+) -> Result<Scored, TrainError> {
+    let reference = reference.clone();
+    let params = settings.sampling;
+    let prompts: Vec<String> = (0..grids.len())
+        .map(|j| settings.prompts[j % settings.prompts.len()].prompt.clone())
+        .collect();
+    worker.run(move |e: &mut Engine| {
+        let images: Vec<Tensor> = grids
+            .iter()
+            .map(|g| e.decode_tensor(g))
+            .collect::<Result<_, _>>()?;
+        let r = reference
+            .lock()
+            .map_err(|_| TrainError::Eval("evaluator state poisoned".into()))?;
+        let s = score_images(&r.evaluator, &Tensor::cat(&images, 0))?;
+        let v = e
+            .verifier
+            .as_mut()
+            .ok_or_else(|| TrainError::Eval("the bench needs the verifier role".into()))?;
+        let pool_k = MuloParams::default().pool_k;
+        let mut nll = Vec::new();
+        let mut pooled_nll = Vec::new();
+        for (g, p) in grids.iter().zip(&prompts) {
+            let t = v.score_target(&Condition::Prompt(p.clone()), g, &params, pool_k)?;
+            nll.push(t.nll);
+            pooled_nll.push(t.pooled_nll);
+        }
+        Ok::<_, TrainError>(Scored {
+            features: s.features,
+            category: s.category,
+            subcategory: s.subcategory,
+            nll,
+            pooled_nll,
+        })
+    })?
+}
+
+/// Loads the evaluator, the prompts' labels and the real images' features on the torch thread.
+fn reference(
+    settings: &BenchSettings,
     family: &Family,
     worker: &Arc<TorchWorker<Engine>>,
     data_dir: PathBuf,
-) -> Result<Vec<Quality>, TrainError> {
+) -> Result<(Reference, Vec<(i64, i64)>), TrainError> {
     let target_cfg = mulo_model::ModelConfig::load_gpt(&family.path(Member::Target)?)?;
     let ev_dir = family.path(Member::Evaluator)?;
     let side = (target_cfg.grid.rows as i64)
         * worker
             .run(|e: &mut Engine| e.vq.as_ref().map_or(1, |v| v.config().downsample_factor()))?;
     let prompts = settings.prompts.clone();
-    let (reference, labels) = worker.run(move |e: &mut Engine| {
+    worker.run(move |e: &mut Engine| {
         let device = e
             .vq
             .as_ref()
@@ -338,40 +444,65 @@ pub fn quality(
             },
             labels,
         ))
-    })??;
+    })?
+}
+
+/// Mean and standard error of the mean.
+pub fn mean_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// The quality of every variant: FID-emoji and adherence against the real images of `data_dir`
+/// (from `mulo data emoji`), the target's NLL of the outputs, and the Fréchet distance to AR's
+/// samples (the first variant) next to the floor from `floor` (a second AR set, [`ar_floor`]).
+pub fn quality(
+    settings: &BenchSettings,
+    measured: &Measured,
+    floor: Vec<Vec<i64>>,
+    family: &Family,
+    worker: &Arc<TorchWorker<Engine>>,
+    data_dir: PathBuf,
+) -> Result<Vec<Quality>, TrainError> {
+    let (reference, labels) = reference(settings, family, worker, data_dir)?;
     let reference = Arc::new(std::sync::Mutex::new(reference));
-    let want_cat: Vec<i64> = (0..settings.n)
-        .map(|i| labels[i % labels.len()].0)
-        .collect();
-    let want_sub: Vec<i64> = (0..settings.n)
-        .map(|i| labels[i % labels.len()].1)
-        .collect();
-    let mut out = Vec::new();
-    for grids in &measured.tokens {
-        let grids = grids.clone();
-        let reference = reference.clone();
-        let (fid, cat, sub) = worker.run(move |e: &mut Engine| {
-            let images: Vec<Tensor> = grids
-                .iter()
-                .map(|g| e.decode_tensor(g))
-                .collect::<Result<_, _>>()?;
-            let r = reference
-                .lock()
-                .map_err(|_| TrainError::Eval("evaluator state poisoned".into()))?;
-            let s = score_images(&r.evaluator, &Tensor::cat(&images, 0))?;
-            Ok::<_, TrainError>((
-                frechet_distance(&s.features, &r.real)?,
-                s.category,
-                s.subcategory,
-            ))
-        })??;
-        out.push(Quality {
-            fid,
-            category: agreement(&cat, &want_cat),
-            subcategory: agreement(&sub, &want_sub),
-        });
-    }
-    Ok(out)
+    let want = |f: fn(&(i64, i64)) -> i64| -> Vec<i64> {
+        (0..settings.n)
+            .map(|i| f(&labels[i % labels.len()]))
+            .collect()
+    };
+    let (want_cat, want_sub) = (want(|l| l.0), want(|l| l.1));
+    let sets: Vec<Scored> = measured
+        .tokens
+        .iter()
+        .map(|grids| score_set(worker, &reference, settings, grids.clone()))
+        .collect::<Result<_, _>>()?;
+    let floor = score_set(worker, &reference, settings, floor)?;
+    let r = reference
+        .lock()
+        .map_err(|_| TrainError::Eval("evaluator state poisoned".into()))?;
+    let ar = &sets
+        .first()
+        .ok_or_else(|| TrainError::Eval("no variants".into()))?
+        .features;
+    let fd_ar_floor = frechet_distance(&floor.features, ar)?;
+    sets.iter()
+        .map(|s| {
+            let (target_nll, target_nll_se) = mean_se(&s.nll);
+            Ok(Quality {
+                fid: frechet_distance(&s.features, &r.real)?,
+                category: agreement(&s.category, &want_cat),
+                subcategory: agreement(&s.subcategory, &want_sub),
+                target_nll,
+                target_nll_se,
+                target_pooled_nll: mean_se(&s.pooled_nll).0,
+                fd_to_ar: frechet_distance(&s.features, ar)?,
+                fd_ar_floor,
+            })
+        })
+        .collect()
 }
 
 /// Median latency of a variant's images.
@@ -483,6 +614,11 @@ pub fn report_rows(
             adherence: q.map(|x| x.category),
             adherence_category: q.map(|x| x.category),
             adherence_subcategory: q.map(|x| x.subcategory),
+            target_nll: q.map(|x| x.target_nll),
+            target_nll_se: q.map(|x| x.target_nll_se),
+            target_pooled_nll: q.map(|x| x.target_pooled_nll),
+            fd_to_ar: q.map(|x| x.fd_to_ar),
+            fd_ar_floor: q.map(|x| x.fd_ar_floor),
             stages_median_s: stage_medians(st),
         });
     }

@@ -381,7 +381,10 @@ mod tests {
         let trained = weights(&vs);
         let averaged = ema.with_average(|| weights(&vs));
         assert_eq!(weights(&vs), trained, "the trained weights come back");
-        assert_ne!(averaged, trained, "the average differs from the last iterate");
+        assert_ne!(
+            averaged, trained,
+            "the average differs from the last iterate"
+        );
         assert_ne!(averaged, start, "and from the start");
         let state: HashMap<String, Tensor> = ema.state().into_iter().collect();
         let mut again = Ema::new(&vs, 0.5);
