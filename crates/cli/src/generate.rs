@@ -50,6 +50,15 @@ pub struct GenerateArgs {
     /// Also write the tokens as a JSON array of ints in raster order.
     #[arg(long, value_name = "FILE.json")]
     pub tokens_out: Option<PathBuf>,
+    /// Also write an acceptance map (PNG): the image with each token tinted by what happened to
+    /// it (accepted draft, rejected and resampled, expanded around a rejection, or sampled by the
+    /// target without a proposal) and a legend with the counts. Needs a family (not --model).
+    #[arg(long, value_name = "FILE.png", conflicts_with_all = ["model", "gateway"])]
+    pub map: Option<PathBuf>,
+    /// Also run AR on the same prompt and seed in this process (both warm) and print the
+    /// speed-up of --method against it. Needs a family (not --model).
+    #[arg(long, conflicts_with_all = ["model", "gateway"])]
+    pub vs_ar: bool,
     /// VQ model directory that decodes the tokens (default: the model config's `vq`).
     #[arg(long, env = "MULO_VQ", value_name = "DIR")]
     pub vq: Option<PathBuf>,
@@ -260,23 +269,54 @@ fn run_family(
     let pb = bar.clone();
     let drafter: Option<&dyn mulo_engine::DrafterRole> =
         if roles.drafter { Some(&local) } else { None };
+    if args.vs_ar {
+        // Both runs warm: the models have run once before either is timed.
+        worker.run(|e: &mut Engine| e.warm_up())??;
+    }
+    let mut events: Vec<mulo_engine::BlockEvent> = Vec::new();
     let outcome = rt.block_on(mulo_engine::generate(drafter, &local, &req, &mut |e| {
-        pb.set_position(e.committed as u64)
+        pb.set_position(e.committed as u64);
+        events.push(e.clone());
     }))?;
     bar.finish_and_clear();
+    let ar_seconds = if args.vs_ar {
+        let ar = mulo_engine::GenerateRequest {
+            id: "generate-ar".into(),
+            method: mulo_core::Method::Ar,
+            ..req.clone()
+        };
+        Some(
+            rt.block_on(mulo_engine::generate(None, &local, &ar, &mut |_| {}))?
+                .stats
+                .seconds,
+        )
+    } else {
+        None
+    };
     if let Some(path) = &args.tokens_out {
         write_tokens(path, &outcome.tokens)?;
     }
-    if let Some(path) = &out {
+    if out.is_some() || args.map.is_some() {
         let tokens = outcome.tokens.clone();
-        let png = worker.run(move |e: &mut Engine| -> Result<Vec<u8>> {
+        let rgb = worker.run(move |e: &mut Engine| -> Result<image::RgbImage> {
             let img = e.decode_tensor(&tokens)?;
-            Ok(image_io::png_bytes(&img.get(0))?)
+            Ok(image_io::to_rgb8(&img.get(0))?)
         })??;
-        std::fs::write(path, png).with_context(|| format!("{}", path.display()))?;
+        if let Some(path) = &out {
+            let mut png = std::io::Cursor::new(Vec::new());
+            rgb.write_to(&mut png, image::ImageFormat::Png)?;
+            std::fs::write(path, png.into_inner())
+                .with_context(|| format!("{}", path.display()))?;
+        }
+        if let Some(path) = &args.map {
+            let fates = crate::map::fates(&events, n);
+            let g = target_cfg.grid;
+            crate::map::write_map(path, &rgb, g.rows, g.cols, &fates)?;
+        }
     }
     let mut wrote: Vec<String> = Vec::new();
     wrote.extend(out.iter().map(|p| p.display().to_string()));
+    wrote.extend(args.map.iter().map(|p| p.display().to_string()));
     wrote.extend(args.tokens_out.iter().map(|p| p.display().to_string()));
     println!(
         "{} (seed {}); wrote {}",
@@ -284,6 +324,15 @@ fn run_family(
         args.seed,
         wrote.join(", ")
     );
+    if let Some(ar) = ar_seconds {
+        println!(
+            "speed-up vs AR on the same prompt and seed: {:.2}x ({} {:.3} s, ar {:.3} s)",
+            ar / outcome.stats.seconds.max(1e-9),
+            outcome.stats.method,
+            outcome.stats.seconds,
+            ar
+        );
+    }
     Ok(())
 }
 

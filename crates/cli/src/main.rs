@@ -13,6 +13,7 @@ mod eval;
 mod generate;
 mod info;
 mod init;
+mod map;
 mod plot;
 mod score;
 mod train;

@@ -15,7 +15,7 @@ const FONTS: &[&str] = &[
     "/Library/Fonts/Arial.ttf",
 ];
 
-fn register_font() -> bool {
+pub(crate) fn register_font() -> bool {
     for f in FONTS {
         if let Ok(bytes) = std::fs::read(f) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());

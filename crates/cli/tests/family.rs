@@ -310,6 +310,41 @@ fn toy_family_trains_evaluates_and_generates() {
             "{method}: {line}"
         );
     }
+    // The demo's command: MuLo with an acceptance map and the speed-up against AR.
+    let map = d.join("map.png");
+    let line = ok(&[
+        "generate",
+        "grinning face",
+        "--family",
+        s(&fam),
+        "--method",
+        "mulo",
+        "--out",
+        s(&png),
+        "--map",
+        s(&map),
+        "--vs-ar",
+        "--no-progress",
+    ]);
+    assert!(
+        line.contains("speed-up vs AR on the same prompt and seed"),
+        "{line}"
+    );
+    let m = image::open(&map).unwrap();
+    assert_eq!(
+        (m.width(), m.height()),
+        (256, 296),
+        "64 px x4 and the legend"
+    );
+    let e = fails(&[
+        "generate",
+        "x",
+        "--model",
+        &j(&fam, "target"),
+        "--map",
+        s(&map),
+    ]);
+    assert!(e.contains("--map"), "{e}");
     let e = fails(&[
         "generate",
         "x",
