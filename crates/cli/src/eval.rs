@@ -6,7 +6,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use mulo_engine::{default_family_dir, generate_ar, Family, Member, TorchWorker};
+use mulo_core::{MuloParams, TokenGrid};
+use mulo_engine::{
+    default_family_dir, generate_ar, pool_table, target_nll, Family, Member, TargetNll, TorchWorker,
+};
 use mulo_model::evaluator::Evaluator;
 use mulo_model::{image_io, Gpt, VqModel};
 use mulo_train::eval::{
@@ -160,6 +163,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
             result.seconds,
             result.median_image_seconds
         );
+        if let (Some(nll), Some(pooled)) = (result.target_nll, result.target_pooled_nll) {
+            println!(
+                "{}: the target's NLL per token of these images {nll:.3} nats, pooled {pooled:.3}",
+                result.method
+            );
+        }
         report.methods.push(result);
         if grid_images.is_none() {
             grid_images = Some(images);
@@ -232,23 +241,33 @@ fn eval_method(
         );
     }
     let started = Instant::now();
-    let (images, times) = worker.run(move |s: &mut State| -> Result<(Tensor, Vec<f64>)> {
+    let is_target = member == Member::Target;
+    let (images, times, nlls) = worker.run(move |s: &mut State| -> Result<_> {
         let (gpt, _) = Gpt::load(&dir, s.device, runtime.dtype_for(s.device))?;
         let g = gpt.config().grid;
+        let pools = pool_table(&s.vq.codes(), MuloParams::default().pool_k)?;
         let mut images = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
+        let mut nlls = Vec::with_capacity(n);
         for (i, cond) in conds.iter().enumerate() {
             let t0 = Instant::now();
             let gen = generate_ar(&gpt, cond, &params, seed + i as u64, &mut |_, _| {})?;
+            times.push(t0.elapsed().as_secs_f64());
             let t = Tensor::from_slice(&gen.tokens)
                 .view([1, g.rows as i64, g.cols as i64])
                 .to_device(s.device);
             images.push(s.vq.decode(&t)?.clamp(-1.0, 1.0));
-            times.push(t0.elapsed().as_secs_f64());
+            if is_target {
+                let grid = TokenGrid::new(g, gen.tokens, gpt.config().vocab_size as usize)?;
+                nlls.push(target_nll(&gpt, cond, &grid, &params, &pools)?);
+            }
             pb.set_position(i as u64 + 1);
         }
-        Ok((Tensor::cat(&images, 0), times))
+        Ok((Tensor::cat(&images, 0), times, nlls))
     })??;
+    let mean = |f: fn(&TargetNll) -> f64| {
+        (!nlls.is_empty()).then(|| nlls.iter().map(f).sum::<f64>() / nlls.len() as f64)
+    };
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let Scored {
@@ -288,6 +307,8 @@ fn eval_method(
         adherence_by_category: agreement_by_label(&cat, &want_cat, &names),
         image_size: size,
         real_images: real,
+        target_nll: mean(|t| t.nll),
+        target_pooled_nll: mean(|t| t.pooled_nll),
         seconds,
         median_image_seconds: median(&times),
     };

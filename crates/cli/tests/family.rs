@@ -235,6 +235,9 @@ fn toy_family_trains_evaluates_and_generates() {
         }
         assert!(m["params"]["cfg"].is_number());
     }
+    // The target's NLL of its own AR images; none for the drafter (another model and grid).
+    assert!(methods[0]["target_nll"].as_f64().unwrap() > 0.0);
+    assert!(methods[1].get("target_nll").is_none(), "{}", methods[1]);
     let eval_ar = methods[0].clone();
     // The benchmark scores image j against prompt j, like `mulo eval`, whatever the warm-up:
     // its AR row has eval's FID-emoji and adherence (a shifted prompt list would not).
@@ -265,6 +268,14 @@ fn toy_family_trains_evaluates_and_generates() {
         "{ar} vs {eval_ar}"
     );
     assert!(close("adherence_subcategory", "adherence_subcategory") < 1e-9);
+    // ... and the target's NLL of the same images, scored by eval on the model and by the bench
+    // through the verifier role.
+    assert!(
+        close("target_nll", "target_nll") < 1e-6,
+        "{ar} vs {eval_ar}"
+    );
+    assert!(close("target_pooled_nll", "target_pooled_nll") < 1e-6);
+    assert!(ar["target_pooled_nll"].as_f64() <= ar["target_nll"].as_f64());
     // 2 columns, 3 images: two generated rows, each above a real row.
     let g = image::open(&grid).unwrap();
     assert_eq!((g.width(), g.height()), (128, 256));

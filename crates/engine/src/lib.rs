@@ -18,6 +18,6 @@ pub use coordinator::{generate, BlockEvent, GenerateRequest, MethodStats, Outcom
 pub use error::EngineError;
 pub use family::{default_family_dir, Family, Member};
 pub use roles::{DrafterRole, Engine, LoadedModel, Local, RoleSet, VerifierRole};
-pub use score::{score_tokens, target_nll, Scores, TargetNll};
+pub use score::{pool_table, score_tokens, target_nll, Scores, TargetNll};
 pub use session::{SessionRef, SessionSpec};
 pub use worker::TorchWorker;

@@ -95,3 +95,24 @@ pub fn target_nll(
     let pooled_nll = f64::try_from(mass.clamp_max(1.0).log().mean(Kind::Double).neg())?;
     Ok(TargetNll { nll, pooled_nll })
 }
+
+/// The `[V, k]` table of each code's `k` nearest codes (itself first) by L2 distance of the
+/// L2-normalised code vectors `codes` `[V, D]`, as the verifier's pools (`k` is clamped to `V`).
+pub fn pool_table(codes: &Tensor, k: usize) -> Result<Tensor, EngineError> {
+    let s = codes.size();
+    let (v, d) = match s.as_slice() {
+        [v, d] => (*v, *d),
+        _ => {
+            return Err(EngineError::Model(mulo_model::ModelError::InvalidInput(
+                format!("codes must be [V, D], got {s:?}"),
+            )))
+        }
+    };
+    let k = k.clamp(1, v.max(1) as usize);
+    let normed =
+        mulo_model::vq::l2_normalize(&codes.to_kind(Kind::Float).to_device(tch::Device::Cpu));
+    let flat = Vec::<f32>::try_from(normed.reshape([-1]))?;
+    let table = mulo_core::spec::nearest_codes(&flat, d as usize, k);
+    let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
+    Ok(Tensor::from_slice(&t).view([v, k as i64]))
+}

@@ -245,6 +245,13 @@ pub struct MethodResult {
     pub image_size: usize,
     /// Real images FID-emoji compares against.
     pub real_images: usize,
+    /// The target's mean NLL per token of the images (teacher-forced, the run's sampling); for
+    /// methods that generate at the target's resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_nll: Option<f64>,
+    /// The target's mean pooled NLL per token (pools of MuLo's default `pool_k` nearest codes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pooled_nll: Option<f64>,
     /// Wall-clock seconds of generation (decoding to pixels included).
     pub seconds: f64,
     /// Median seconds per image.
