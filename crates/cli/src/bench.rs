@@ -2,7 +2,6 @@
 //! process (AR always included as the reference), with speed and quality side by side.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -122,7 +121,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .iter()
             .any(|m| matches!(m, Method::Sd(_) | Method::Lantern(_))),
     };
-    let worker = load_engine(&family, roles, &a.runtime)?;
+    let worker = mulo_server::load_engine(&family, roles, &a.runtime, 4)?;
     let machine = machine(&worker, a.runtime.threads)?;
     let local = Local::new(worker.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -217,29 +216,6 @@ fn replot(report: &Path, plot: &Path) -> Result<()> {
     crate::plot::speed_quality(plot, &r.methods)?;
     println!("wrote {}", plot.display());
     Ok(())
-}
-
-/// The roles of `family` on one torch thread.
-fn load_engine(
-    family: &Family,
-    roles: RoleSet,
-    runtime: &RuntimeArgs,
-) -> Result<Arc<TorchWorker<Engine>>> {
-    let runtime = runtime.clone();
-    let fam = family.clone();
-    Ok(Arc::new(TorchWorker::spawn(
-        "torch",
-        move || -> Result<Engine> {
-            let device = runtime.setup()?;
-            Ok(Engine::load(
-                &fam,
-                roles,
-                device,
-                runtime.dtype_for(device),
-                4,
-            )?)
-        },
-    )?))
 }
 
 /// The report's machine line: device and torch threads.

@@ -231,18 +231,7 @@ fn run_family(
             mulo_core::Method::Sd(_) | mulo_core::Method::Lantern(_)
         ),
     };
-    let runtime = args.runtime.clone();
-    let fam = family.clone();
-    let worker = std::sync::Arc::new(TorchWorker::spawn("torch", move || -> Result<Engine> {
-        let device = runtime.setup()?;
-        Ok(Engine::load(
-            &fam,
-            roles,
-            device,
-            runtime.dtype_for(device),
-            4,
-        )?)
-    })?);
+    let worker = mulo_server::load_engine(&family, roles, &args.runtime, 4)?;
     // Each role tokenizes the prompt with its own model's vocabulary; warn once, for the target's.
     if let Some(tok) = mulo_engine::prompt::load_tokenizer(&family.path(Member::Target)?)? {
         let _ = tokenize_with_warnings(&tok, cond.clone());

@@ -140,8 +140,9 @@ fn family(dir: &Option<PathBuf>) -> Result<Family> {
     Family::load(&dir).with_context(|| format!("model family {}", dir.display()))
 }
 
-/// Loads the roles on one torch thread.
-fn engine(
+/// Loads the roles of `fam` on one torch thread (the device, dtype and threads of `runtime`),
+/// each holding up to `sessions` sessions.
+pub fn load_engine(
     fam: &Family,
     roles: RoleSet,
     runtime: &RuntimeArgs,
@@ -225,7 +226,7 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
             draft_small: args.draft_model && fam.path(Member::DraftSmall).is_ok(),
         },
     };
-    let worker = engine(&fam, roles, &args.runtime, args.max_sessions)?;
+    let worker = load_engine(&fam, roles, &args.runtime, args.max_sessions)?;
     let local = Local::new(worker.clone());
     expire_idle(worker.clone(), args.session_ttl);
     if role == "drafter" {
@@ -290,7 +291,7 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
         verifier: false,
         draft_small: false,
     };
-    let vq = engine(&fam, none, &args.runtime, 1)?;
+    let vq = load_engine(&fam, none, &args.runtime, 1)?;
     let own = vq.clone();
     let svc = gateway::GatewayService::new(
         info,

@@ -18,7 +18,7 @@ mod flags;
 mod resolution;
 mod role_base;
 
-pub use bootstrap::{main_gateway, main_role, serve_gateway, serve_role};
+pub use bootstrap::{load_engine, main_gateway, main_role, serve_gateway, serve_role};
 pub use flags::{CommonArgs, GatewayArgs, RoleArgs};
 pub use mulo_proto::v1 as proto;
 pub use resolution::expand;

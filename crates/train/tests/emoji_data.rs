@@ -258,21 +258,18 @@ fn vq_training_runs_checkpoints_resumes_and_reports() {
     assert!(log2.starts_with(&log), "the log is appended on resume");
 }
 
-#[test]
-fn gpt_training_writes_a_prompt_model_that_generates() {
-    use mulo_engine::prompt::{load_tokenizer, tokenize_prompt};
-    use mulo_model::Gpt;
-    use mulo_train::trainers::gpt::{train_gpt, GptTrainOptions};
-    use mulo_train::trainers::{Balance, Stop};
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let data = google_data(d);
-    save_random_vq(&d.join("vq"));
-    let opts = GptTrainOptions {
-        data,
+/// Options of a tiny GPT run on `data` (32 px, one layer) writing `d/<name>` with work dir
+/// `d/work-<name>`.
+fn tiny_gpt_options(
+    d: &std::path::Path,
+    data: &std::path::Path,
+    name: &str,
+) -> mulo_train::trainers::gpt::GptTrainOptions {
+    mulo_train::trainers::gpt::GptTrainOptions {
+        data: data.to_path_buf(),
         vq: d.join("vq"),
-        out: d.join("target"),
-        work: d.join("work"),
+        out: d.join(name),
+        work: d.join(format!("work-{name}")),
         image_size: 32,
         dim: 32,
         n_layer: 1,
@@ -287,18 +284,30 @@ fn gpt_training_writes_a_prompt_model_that_generates() {
         name_share: 0.5,
         unk_drop: 0.1,
         dropout: 0.1,
-        balance: Balance::Category,
+        balance: mulo_train::trainers::Balance::Category,
         label_smoothing: 0.1,
         ema: Some(0.9),
         accum: 2,
-        stop: Stop::default(),
+        stop: mulo_train::trainers::Stop::default(),
         keep_condition_rope: true,
         seed: 0,
         resume: false,
         dtype: DType::Fp16,
         compute: DType::Bf16,
         vq_link: Some("../vq".into()),
-    };
+    }
+}
+
+#[test]
+fn gpt_training_writes_a_prompt_model_that_generates() {
+    use mulo_engine::prompt::{load_tokenizer, tokenize_prompt};
+    use mulo_model::Gpt;
+    use mulo_train::trainers::gpt::train_gpt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = google_data(d);
+    save_random_vq(&d.join("vq"));
+    let opts = tiny_gpt_options(d, &data, "target");
     let mut steps = Vec::new();
     let report = train_gpt(&opts, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
     assert_eq!(steps, vec![1, 2, 3]);
@@ -462,36 +471,21 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
     let d = dir.path();
     let data = google_data(d);
     save_random_vq(&d.join("vq"));
+    // Deterministic: no dropout, fp32 throughout; EMA on, six steps.
     let opts = |name: &str| GptTrainOptions {
-        data: data.clone(),
-        vq: d.join("vq"),
-        out: d.join(name),
-        work: d.join(format!("work-{name}")),
-        image_size: 32,
-        dim: 32,
-        n_layer: 1,
-        n_head: 2,
-        caption_len: 6,
-        caption_dim: 8,
         steps: 6,
-        batch: 2,
         lr: 3e-3,
         weight_decay: 0.01,
-        cond_drop: 0.5,
-        name_share: 0.5,
-        unk_drop: 0.1,
         dropout: 0.0,
         balance: Balance::Base,
         label_smoothing: 0.0,
         ema: Some(0.5),
         accum: 1,
-        stop: Stop::default(),
         keep_condition_rope: false,
         seed: 4,
-        resume: false,
         dtype: DType::Fp32,
         compute: DType::Fp32,
-        vq_link: Some("../vq".into()),
+        ..tiny_gpt_options(d, &data, name)
     };
     let weights = |name: &str| {
         let (g, _) = Gpt::load(&d.join(name), tch::Device::Cpu, None).unwrap();
