@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// ~/.cache/mulo/data/emoji).
     #[arg(long, env = "MULO_EMOJI_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Skip FID-emoji and adherence (speed only; no evaluator or data needed).
+    /// Skip every quality measure — FID-emoji, adherence, the target's NLLs, fd_to_ar and its
+    /// floor (speed only; no evaluator or data needed, no second AR set).
     #[arg(long)]
     pub no_quality: bool,
     /// Also run every method through the three services as separate processes on loopback ports

@@ -240,36 +240,50 @@ fn eval_method(
             method.name()
         );
     }
+    let conds_for_nll = conds.clone();
     let started = Instant::now();
-    let is_target = member == Member::Target;
-    let (images, times, nlls) = worker.run(move |s: &mut State| -> Result<_> {
+    let (images, times, grids, gpt_dir) = worker.run(move |s: &mut State| -> Result<_> {
         let (gpt, _) = Gpt::load(&dir, s.device, runtime.dtype_for(s.device))?;
         let g = gpt.config().grid;
-        let pools = pool_table(&s.vq.codes(), MuloParams::default().pool_k)?;
         let mut images = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
-        let mut nlls = Vec::with_capacity(n);
+        let mut grids = Vec::with_capacity(n);
         for (i, cond) in conds.iter().enumerate() {
             let t0 = Instant::now();
             let gen = generate_ar(&gpt, cond, &params, seed + i as u64, &mut |_, _| {})?;
-            times.push(t0.elapsed().as_secs_f64());
             let t = Tensor::from_slice(&gen.tokens)
                 .view([1, g.rows as i64, g.cols as i64])
                 .to_device(s.device);
             images.push(s.vq.decode(&t)?.clamp(-1.0, 1.0));
-            if is_target {
-                let grid = TokenGrid::new(g, gen.tokens, gpt.config().vocab_size as usize)?;
-                nlls.push(target_nll(&gpt, cond, &grid, &params, &pools)?);
-            }
+            times.push(t0.elapsed().as_secs_f64());
+            grids.push(gen.tokens);
             pb.set_position(i as u64 + 1);
         }
-        Ok((Tensor::cat(&images, 0), times, nlls))
+        Ok((Tensor::cat(&images, 0), times, grids, dir))
     })??;
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let nlls = if member == Member::Target {
+        let runtime = a.runtime.clone();
+        worker.run(move |s: &mut State| -> Result<Vec<TargetNll>> {
+            let (gpt, _) = Gpt::load(&gpt_dir, s.device, runtime.dtype_for(s.device))?;
+            let cfg = gpt.config();
+            let pools = pool_table(&s.vq.codes(), MuloParams::default().pool_k)?;
+            grids
+                .into_iter()
+                .zip(&conds_for_nll)
+                .map(|(tokens, cond)| {
+                    let grid = TokenGrid::new(cfg.grid, tokens, cfg.vocab_size as usize)?;
+                    Ok(target_nll(&gpt, cond, &grid, &params, &pools)?)
+                })
+                .collect()
+        })??
+    } else {
+        Vec::new()
+    };
     let mean = |f: fn(&TargetNll) -> f64| {
         (!nlls.is_empty()).then(|| nlls.iter().map(f).sum::<f64>() / nlls.len() as f64)
     };
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
     let Scored {
         fid,
         cat,

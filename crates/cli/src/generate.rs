@@ -55,8 +55,9 @@ pub struct GenerateArgs {
     /// target without a proposal) and a legend with the counts. Needs a family (not --model).
     #[arg(long, value_name = "FILE.png", conflicts_with_all = ["model", "gateway"])]
     pub map: Option<PathBuf>,
-    /// Also run AR on the same prompt and seed in this process (both warm) and print the
-    /// speed-up of --method against it. Needs a family (not --model).
+    /// Also run AR on the same prompt and seed in this process and print the speed-up of
+    /// --method against it; both are timed after one untimed generation of each. Needs a family
+    /// (not --model).
     #[arg(long, conflicts_with_all = ["model", "gateway"])]
     pub vs_ar: bool,
     /// VQ model directory that decodes the tokens (default: the model config's `vq`).
@@ -258,9 +259,20 @@ fn run_family(
     let pb = bar.clone();
     let drafter: Option<&dyn mulo_engine::DrafterRole> =
         if roles.drafter { Some(&local) } else { None };
+    let ar = mulo_engine::GenerateRequest {
+        id: "generate-ar".into(),
+        method: mulo_core::Method::Ar,
+        ..req.clone()
+    };
     if args.vs_ar {
-        // Both runs warm: the models have run once before either is timed.
-        worker.run(|e: &mut Engine| e.warm_up())??;
+        // Both timed runs warm: one untimed generation of each first (lazy tables, caches).
+        for r in [&req, &ar] {
+            let warm = mulo_engine::GenerateRequest {
+                id: format!("{}-warm-up", r.id),
+                ..r.clone()
+            };
+            rt.block_on(mulo_engine::generate(drafter, &local, &warm, &mut |_| {}))?;
+        }
     }
     let mut events: Vec<mulo_engine::BlockEvent> = Vec::new();
     let outcome = rt.block_on(mulo_engine::generate(drafter, &local, &req, &mut |e| {
@@ -269,11 +281,6 @@ fn run_family(
     }))?;
     bar.finish_and_clear();
     let ar_seconds = if args.vs_ar {
-        let ar = mulo_engine::GenerateRequest {
-            id: "generate-ar".into(),
-            method: mulo_core::Method::Ar,
-            ..req.clone()
-        };
         Some(
             rt.block_on(mulo_engine::generate(None, &local, &ar, &mut |_| {}))?
                 .stats

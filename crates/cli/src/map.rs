@@ -18,7 +18,9 @@ pub enum Fate {
     /// A proposal the target accepted but resampled anyway: it lay next to a rejection (the
     /// expansion of radius `l`).
     Expanded,
-    /// Sampled by the target with no proposal (AR, an AR fallback, SD's bonus token).
+    /// Sampled by the target with no proposal (AR, an AR fallback). SD and LANTERN mark the
+    /// target's token after the accepted prefix (the correction after a rejection, or the bonus
+    /// after a fully accepted round) as resampled.
     Target,
 }
 

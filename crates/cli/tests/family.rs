@@ -275,7 +275,7 @@ fn toy_family_trains_evaluates_and_generates() {
         "{ar} vs {eval_ar}"
     );
     assert!(close("target_pooled_nll", "target_pooled_nll") < 1e-6);
-    assert!(ar["target_pooled_nll"].as_f64() <= ar["target_nll"].as_f64());
+    assert!(ar["target_pooled_nll"].as_f64().unwrap() <= ar["target_nll"].as_f64().unwrap());
     // 2 columns, 3 images: two generated rows, each above a real row.
     let g = image::open(&grid).unwrap();
     assert_eq!((g.width(), g.height()), (128, 256));
@@ -421,7 +421,7 @@ fn toy_family_trains_evaluates_and_generates() {
     }
     assert_eq!(rows[0]["tokens_per_target_pass"].as_f64(), Some(1.0));
     // Target-relative quality: every row has the target's NLL of its images and its pooled form
-    // (never above it), the distance to AR's images (none for AR itself) and one noise floor.
+    // (never above it), the distance to AR's images (zero for AR itself) and one noise floor.
     let floor = rows[0]["fd_ar_floor"].as_f64().unwrap();
     assert!(floor > 0.0, "two AR sets with other seeds differ");
     for r in rows {

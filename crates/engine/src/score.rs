@@ -72,8 +72,10 @@ pub struct TargetNll {
     pub pooled_nll: f64,
 }
 
-/// [`TargetNll`] of `tokens` under `model` (teacher-forced, processed with `params`); `pools` is
-/// the `[V, k]` nearest-code table (any device).
+/// [`TargetNll`] of `tokens` under `model` (teacher-forced, with the CFG scale and temperature
+/// of `params` but without top-k / top-p truncation: a lossy method can commit a token outside
+/// the truncated set, whose NLL would be infinite); `pools` is the `[V, k]` nearest-code table
+/// (any device).
 pub fn target_nll(
     model: &Gpt,
     cond: &Condition,
@@ -81,7 +83,12 @@ pub fn target_nll(
     params: &SamplingParams,
     pools: &Tensor,
 ) -> Result<TargetNll, EngineError> {
-    let s = score_tokens(model, cond, tokens, params)?;
+    let untruncated = SamplingParams {
+        top_k: 0,
+        top_p: 1.0,
+        ..*params
+    };
+    let s = score_tokens(model, cond, tokens, &untruncated)?;
     let n = s.token_logprobs.len().max(1) as f64;
     let nll = -s.token_logprobs.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
     let ids = Tensor::from_slice(&tokens.to_i64());

@@ -70,8 +70,8 @@ pub struct BenchRow {
     pub adherence_category: Option<f64>,
     /// Subcategory adherence.
     pub adherence_subcategory: Option<f64>,
-    /// The target's mean NLL per token of this method's outputs (teacher-forced, the run's
-    /// sampling): SD equals AR's within noise, lossy methods are higher.
+    /// The target's mean NLL per token of this method's outputs (teacher-forced, the run's CFG
+    /// and temperature, no top-k / top-p): SD equals AR's within noise, lossy methods are higher.
     pub target_nll: Option<f64>,
     /// Standard error of `target_nll` over the images.
     pub target_nll_se: Option<f64>,
@@ -152,7 +152,8 @@ pub struct Quality {
     pub category: f64,
     /// Subcategory adherence.
     pub subcategory: f64,
-    /// The target's mean NLL per token of the outputs (teacher-forced, the run's sampling).
+    /// The target's mean NLL per token of the outputs (teacher-forced, the run's CFG and
+    /// temperature, no truncation).
     pub target_nll: f64,
     /// Standard error of `target_nll` over the images.
     pub target_nll_se: f64,

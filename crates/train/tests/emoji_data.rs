@@ -508,6 +508,15 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
         other => panic!("expected a pause at step 3, got {other:?}"),
     }
     assert!(!paused.out.join("model.safetensors").exists());
+    // One checkpoint on disk, named by its step; a budget at or before it is refused.
+    assert!(paused.work.join("checkpoint-3.safetensors").exists());
+    assert!(paused.work.join("optimizer-3.safetensors").exists());
+    let mut again = paused.clone();
+    again.resume = true;
+    match train_gpt(&again, tch::Device::Cpu, none) {
+        Err(TrainError::Train(m)) => assert!(m.contains("--stop-at 3"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     paused.stop = Stop::default();
     paused.resume = true;
     let mut steps = Vec::new();
@@ -519,7 +528,7 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
     let mut old = opts("old");
     old.stop.at_step = Some(3);
     assert!(train_gpt(&old, tch::Device::Cpu, none).is_err());
-    std::fs::remove_file(old.work.join("optimizer.safetensors")).unwrap();
+    std::fs::remove_file(old.work.join("optimizer-3.safetensors")).unwrap();
     old.stop = Stop::default();
     old.resume = true;
     train_gpt(&old, tch::Device::Cpu, none).unwrap();

@@ -99,31 +99,59 @@ impl Checkpoints {
         }
     }
 
-    /// Saves the variables, the optimiser state (`optimizer.safetensors`: Adam's moments and,
-    /// with EMA, the averaged weights) and the number of completed steps. Each file is written
-    /// under a temporary name and renamed, the step record last.
+    /// Saves the variables (`checkpoint-<step>.safetensors`), the optimiser state
+    /// (`optimizer-<step>.safetensors`: Adam's moments and, with EMA, the averaged weights) and
+    /// then `checkpoint.json` naming the step: each written under a temporary name and renamed,
+    /// the record last, so a crash at any point leaves the previous checkpoint whole. The files
+    /// of earlier steps are removed after.
     pub fn save(
         &self,
         vs: &VarStore,
         optimizer: &[(String, Tensor)],
         step: usize,
     ) -> Result<(), TrainError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
-        let tmp = self.dir.join("checkpoint.tmp.safetensors");
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let rename = |tmp: &Path, to: &Path| std::fs::rename(tmp, to).map_err(|e| io_err(to, e));
+        let tmp = dir.join("checkpoint.tmp.safetensors");
         vs.save(&tmp)?;
-        std::fs::rename(&tmp, self.dir.join("checkpoint.safetensors"))
-            .map_err(|e| io_err(&self.dir, e))?;
-        let tmp = self.dir.join("optimizer.tmp.safetensors");
+        rename(&tmp, &dir.join(format!("checkpoint-{step}.safetensors")))?;
+        let tmp = dir.join("optimizer.tmp.safetensors");
         Tensor::write_safetensors(optimizer, &tmp)?;
-        std::fs::rename(&tmp, self.dir.join(OPTIMIZER_FILE)).map_err(|e| io_err(&self.dir, e))?;
+        rename(&tmp, &dir.join(format!("optimizer-{step}.safetensors")))?;
         let info = serde_json::to_string(&CheckpointInfo { step })
             .map_err(|e| TrainError::Train(e.to_string()))?;
-        let path = self.dir.join("checkpoint.json");
-        std::fs::write(&path, info).map_err(|e| io_err(&path, e))
+        let tmp = dir.join("checkpoint.tmp.json");
+        std::fs::write(&tmp, info).map_err(|e| io_err(&tmp, e))?;
+        rename(&tmp, &dir.join("checkpoint.json"))?;
+        self.remove_older_than(step);
+        Ok(())
+    }
+
+    /// Removes the checkpoint files of other steps (and of the format without steps).
+    fn remove_older_than(&self, step: usize) {
+        let keep = [
+            format!("checkpoint-{step}.safetensors"),
+            format!("optimizer-{step}.safetensors"),
+        ];
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = (name.starts_with("checkpoint") || name.starts_with("optimizer"))
+                && name.ends_with(".safetensors")
+                && !name.contains(".tmp.");
+            if ours && !keep.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Loads the variables of the last checkpoint, if any; returns its completed steps and the
     /// optimiser state (none in checkpoints written before it was kept: Adam then restarts).
+    /// Checkpoints of the earlier format (`checkpoint.safetensors`, `optimizer.safetensors`)
+    /// load too.
     pub fn load(&self, vs: &mut VarStore) -> Result<Option<Resumed>, TrainError> {
         let info = self.dir.join("checkpoint.json");
         if !info.exists() {
@@ -132,11 +160,22 @@ impl Checkpoints {
         let text = std::fs::read_to_string(&info).map_err(|e| io_err(&info, e))?;
         let ci: CheckpointInfo = serde_json::from_str(&text)
             .map_err(|e| TrainError::Train(format!("{}: {e}", info.display())))?;
-        vs.load(self.dir.join("checkpoint.safetensors"))?;
-        let path = self.dir.join(OPTIMIZER_FILE);
-        let optimizer = if path.exists() {
-            let t = Tensor::read_safetensors(&path)
-                .map_err(|e| TrainError::Train(format!("{}: {e}", path.display())))?;
+        let stepped = self.dir.join(format!("checkpoint-{}.safetensors", ci.step));
+        let (weights, optimizer) = if stepped.exists() {
+            (
+                stepped,
+                self.dir.join(format!("optimizer-{}.safetensors", ci.step)),
+            )
+        } else {
+            (
+                self.dir.join("checkpoint.safetensors"),
+                self.dir.join("optimizer.safetensors"),
+            )
+        };
+        vs.load(&weights)?;
+        let optimizer = if optimizer.exists() {
+            let t = Tensor::read_safetensors(&optimizer)
+                .map_err(|e| TrainError::Train(format!("{}: {e}", optimizer.display())))?;
             Some(t.into_iter().collect())
         } else {
             None
@@ -147,9 +186,6 @@ impl Checkpoints {
         }))
     }
 }
-
-/// File of the optimiser state in a checkpoint directory.
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// What a checkpoint restores besides the weights.
 #[derive(Debug)]
@@ -328,8 +364,11 @@ impl Trainer {
                 optimizer: Some(state),
             }) => {
                 opt.load_state(&state)?;
-                if let Some(ema) = &mut ema {
-                    ema.load_state(&state)?;
+                match (&mut ema, Ema::in_state(&state)) {
+                    (Some(ema), true) => ema.load_state(&state)?,
+                    (Some(_), false) => log.write(&serde_json::json!({"step": step, "event": "the checkpoint has no weight average: --ema starts it at the resumed weights"}))?,
+                    (None, true) => log.write(&serde_json::json!({"step": step, "event": "the checkpoint's weight average is dropped (no --ema)"}))?,
+                    (None, false) => {}
                 }
                 step
             }
@@ -341,6 +380,11 @@ impl Trainer {
                 step
             }
         };
+        if let Some(at) = recipe.stop.at_step.filter(|&at| at <= start) {
+            return Err(TrainError::Train(format!(
+                "--stop-at {at} is not after the checkpoint's step {start}: nothing to run"
+            )));
+        }
         Ok(Self {
             stop: recipe.stop,
             opt,
@@ -425,7 +469,9 @@ impl Trainer {
         }
         progress(done, self.sched.total, loss);
         if done < self.sched.total && self.stop.reached(done, self.seconds()) {
-            self.save(vs, done)?;
+            if !done.is_multiple_of(self.ckpt_every) {
+                self.save(vs, done)?;
+            }
             self.log.write(
                 &serde_json::json!({"step": done, "event": "paused", "seconds": self.seconds()}),
             )?;

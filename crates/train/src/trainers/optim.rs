@@ -239,6 +239,11 @@ impl Ema {
         out
     }
 
+    /// Whether a saved state holds an average.
+    pub fn in_state(saved: &HashMap<String, Tensor>) -> bool {
+        saved.contains_key(EMA_UPDATES)
+    }
+
     /// Restores a state written by [`Ema::state`].
     pub fn load_state(&mut self, saved: &HashMap<String, Tensor>) -> Result<(), TrainError> {
         for ((name, _), s) in self.params.iter().zip(&mut self.shadow) {
