@@ -524,6 +524,21 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
     assert_eq!(steps, vec![4, 5, 6]);
     assert_eq!(weights("straight"), weights("paused"));
 
+    // A checkpoint of the earlier format (files without the step in their names) resumes alike.
+    let mut legacy = opts("legacy");
+    legacy.stop.at_step = Some(3);
+    assert!(train_gpt(&legacy, tch::Device::Cpu, none).is_err());
+    for (from, to) in [
+        ("checkpoint-3.safetensors", "checkpoint.safetensors"),
+        ("optimizer-3.safetensors", "optimizer.safetensors"),
+    ] {
+        std::fs::rename(legacy.work.join(from), legacy.work.join(to)).unwrap();
+    }
+    legacy.stop = Stop::default();
+    legacy.resume = true;
+    train_gpt(&legacy, tch::Device::Cpu, none).unwrap();
+    assert_eq!(weights("straight"), weights("legacy"));
+
     // The same pause, then the optimizer state removed: Adam restarts, the weights differ.
     let mut old = opts("old");
     old.stop.at_step = Some(3);
