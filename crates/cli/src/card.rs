@@ -64,11 +64,39 @@ fn render_run(md: &mut String, train: &Value, title: &str, file: &str) -> Result
     );
     let _ = writeln!(md, "| quantity | value |\n|---|---|");
     if let Some(Value::Object(r)) = train.get("report") {
-        for (k, v) in r {
+        for (k, v) in r.iter().filter(|(k, _)| *k != "heldout_nll_curve") {
             let _ = writeln!(md, "| {k} | {} |", fmt_value(v));
         }
+        if let Some(secs) = r.get("training_seconds_total").and_then(Value::as_f64) {
+            let _ = writeln!(
+                md,
+                "\nBudget used: {:.0} minutes of training steps in {} piece(s) (data loading and the held-out measurement not counted).",
+                secs / 60.0,
+                r.get("pieces").and_then(Value::as_u64).unwrap_or(1)
+            );
+        }
+        render_curve(md, r.get("heldout_nll_curve"));
     }
     Ok(())
+}
+
+/// The held-out NLL against steps, from the report's `heldout_nll_curve`.
+fn render_curve(md: &mut String, curve: Option<&Value>) {
+    let Some(points) = curve.and_then(Value::as_array).filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "\n### Held-out NLL against steps (names alone, 256 held-out images, dropout off)\n\n| step | held-out NLL |\n|---|---|"
+    );
+    for p in points {
+        if let (Some(step), Some(nll)) = (
+            p.get(0).and_then(Value::as_u64),
+            p.get(1).and_then(Value::as_f64),
+        ) {
+            let _ = writeln!(md, "| {step} | {nll:.4} |");
+        }
+    }
 }
 
 /// Renders `<dir>/MODEL_CARD.md` for a model of `role` from the reports in `dir`.

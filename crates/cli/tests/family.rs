@@ -191,6 +191,13 @@ fn toy_family_trains_evaluates_and_generates() {
         card.contains("mulo train vq --data") && card.contains("psnr64"),
         "{card}"
     );
+    // A GPT's card states the budget it used and its held-out NLL against steps.
+    let card = std::fs::read_to_string(fam.join("target/MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("Budget used:") && card.contains("Held-out NLL against steps"),
+        "{card}"
+    );
+    assert!(!card.contains("| heldout_nll_curve |"), "{card}");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(fam.join("vq/train_report.json")).unwrap())
             .unwrap();

@@ -520,8 +520,12 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
     paused.stop = Stop::default();
     paused.resume = true;
     let mut steps = Vec::new();
-    train_gpt(&paused, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
+    let report = train_gpt(&paused, tch::Device::Cpu, &mut |s, _, _| steps.push(s)).unwrap();
     assert_eq!(steps, vec![4, 5, 6]);
+    // The report counts both pieces and carries the held-out curve (a probe at the last step).
+    assert_eq!(report.pieces, 2);
+    assert!(report.training_seconds_total > report.seconds);
+    assert_eq!(report.heldout_nll_curve.last().map(|p| p.0), Some(6));
     assert_eq!(weights("straight"), weights("paused"));
 
     // A checkpoint of the earlier format (files without the step in their names) resumes alike.

@@ -1,7 +1,7 @@
 //! Training the emoji family's GPTs (target at 64 px / 16×16 tokens, drafter at 32 px / 8×8, the
 //! small high-resolution draft model) on VQ tokens with caption conditions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mulo_core::caption::CaptionTokenizer;
 use mulo_core::{GridSize, SamplingParams};
@@ -106,6 +106,38 @@ pub struct GptReport {
     pub parameters: i64,
     /// Words in the caption vocabulary.
     pub caption_vocab: usize,
+    /// Training seconds over every piece of the run (a run paused and resumed across sessions),
+    /// from the loss log: the budget it used.
+    pub training_seconds_total: f64,
+    /// Invocations the run took (1 when it ran straight through).
+    pub pieces: usize,
+    /// `[step, held-out NLL]` of the probes in the loss log (names alone, 256 held-out images,
+    /// dropout off, the weights the run writes): the curve against steps.
+    pub heldout_nll_curve: Vec<(usize, f64)>,
+}
+
+/// The budget and held-out curve of a run from its loss log (appended over every piece):
+/// training seconds summed over the pieces (each paused piece's last record, plus `last`
+/// seconds of the final one), the number of pieces, and the held-out probes.
+fn run_history(log: &Path, last: f64) -> (f64, usize, Vec<(usize, f64)>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut seconds = last;
+    let mut pieces = 1;
+    let mut curve = Vec::new();
+    for r in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if r["event"] == "paused" {
+            seconds += r["seconds"].as_f64().unwrap_or(0.0);
+            pieces += 1;
+        }
+        if let (Some(step), Some(nll)) = (r["step"].as_u64(), r["heldout_nll_name_probe"].as_f64())
+        {
+            curve.push((step as usize, nll));
+        }
+    }
+    (seconds, pieces, curve)
 }
 
 /// Encodes every image of the data set at `size` px: `[N, tokens]` int64 on the CPU.
@@ -386,7 +418,12 @@ pub fn train_gpt(
     let heldout_nll_full = heldout_nll(&saved, &heldout, &tokens, &cap_ids, &cap_mask, device)?;
     let heldout_nll_name = heldout_nll(&saved, &heldout, &tokens, &name_ids, &name_mask, device)?;
     let parameters = parameter_count(saved.var_store());
+    let (training_seconds_total, pieces, heldout_nll_curve) =
+        run_history(&opts.work.join("loss.jsonl"), trainer.seconds());
     let report = GptReport {
+        training_seconds_total,
+        pieces,
+        heldout_nll_curve,
         steps: opts.steps,
         seconds: trainer.seconds(),
         final_loss: last_loss,
