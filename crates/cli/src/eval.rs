@@ -13,8 +13,8 @@ use mulo_engine::{
 use mulo_model::evaluator::Evaluator;
 use mulo_model::{image_io, Gpt, VqModel};
 use mulo_train::eval::{
-    agreement, agreement_by_label, frechet_distance, label_ids, median, read_prompts, score_images,
-    EvalReport, MethodResult, PromptRow,
+    agreement, agreement_by_key, agreement_by_label, frechet_distance, label_ids, median,
+    prompts_of, read_prompts, score_images, EvalReport, MethodResult, PromptRow,
 };
 use mulo_train::trainers::EmojiTensors;
 use tch::{Device, Tensor};
@@ -319,6 +319,7 @@ fn eval_method(
         adherence_category: agreement(&cat, &want_cat),
         adherence_subcategory: agreement(&sub, &want_sub),
         adherence_by_category: agreement_by_label(&cat, &want_cat, &names),
+        adherence_by_prompt: agreement_by_key(&cat, &want_cat, &prompts_of(&rows, n)),
         image_size: size,
         real_images: real,
         target_nll: mean(|t| t.nll),

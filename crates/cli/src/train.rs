@@ -432,6 +432,15 @@ pub struct TrainGptArgs {
     /// batch is batch x accum).
     #[arg(long, default_value_t = 1)]
     pub accum: usize,
+    /// Probability that a training sequence shows its image mirrored left to right (tokenised
+    /// once more at the start; never Flags or Symbols, which read wrong mirrored). 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub mirror: f64,
+    /// Probability that an input image token (not a target) is replaced by a random code in
+    /// training, so that the previous tokens cannot identify a memorised training image and the
+    /// caption keeps a say in every token. 0 = plain teacher forcing.
+    #[arg(long, default_value_t = 0.0)]
+    pub token_noise: f64,
     /// Pause after this many steps: save a checkpoint in --work and exit 0 without writing the
     /// model; continue with --resume.
     #[arg(long, value_name = "STEP")]
@@ -772,6 +781,8 @@ fn run_gpt(
         ("name-share", a.name_share),
         ("unk-drop", a.unk_drop),
         ("dropout", a.dropout),
+        ("mirror", a.mirror),
+        ("token-noise", a.token_noise),
     ] {
         check_share(flag, v)?;
     }
@@ -801,6 +812,8 @@ fn run_gpt(
         label_smoothing: a.label_smoothing,
         ema: (a.ema > 0.0).then_some(a.ema),
         accum: a.accum,
+        mirror: a.mirror,
+        token_noise: a.token_noise,
         stop: Stop {
             at_step: a.stop_at,
             after_seconds: a.max_minutes.map(|m| m * 60.0),

@@ -16,7 +16,10 @@ use mulo_model::evaluator::Evaluator;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::eval::{agreement, frechet_distance, label_ids, median, score_images, PromptRow};
+use crate::eval::{
+    agreement, agreement_by_key, agreement_by_label, frechet_distance, label_ids, median,
+    prompts_of, score_images, LabelAdherence, PromptRow,
+};
 use crate::trainers::EmojiTensors;
 use crate::TrainError;
 
@@ -70,6 +73,12 @@ pub struct BenchRow {
     pub adherence_category: Option<f64>,
     /// Subcategory adherence.
     pub adherence_subcategory: Option<f64>,
+    /// Category adherence of the prompts of each expected category.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adherence_by_category: BTreeMap<String, LabelAdherence>,
+    /// Category adherence of each prompt's images.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adherence_by_prompt: BTreeMap<String, LabelAdherence>,
     /// The target's mean NLL per token of this method's outputs (teacher-forced, the run's CFG
     /// and temperature, no top-k / top-p): SD equals AR's within noise, lossy methods are higher.
     pub target_nll: Option<f64>,
@@ -144,7 +153,7 @@ pub struct Measured {
 
 /// The quality of one variant: against the real images (FID-emoji, adherence) and relative to
 /// the target (its NLL of the outputs, Fréchet distance to AR's own samples).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Quality {
     /// FID-emoji against the real images.
     pub fid: f64,
@@ -152,6 +161,10 @@ pub struct Quality {
     pub category: f64,
     /// Subcategory adherence.
     pub subcategory: f64,
+    /// Category adherence by expected category.
+    pub by_category: BTreeMap<String, LabelAdherence>,
+    /// Category adherence by prompt.
+    pub by_prompt: BTreeMap<String, LabelAdherence>,
     /// The target's mean NLL per token of the outputs (teacher-forced, the run's CFG and
     /// temperature, no truncation).
     pub target_nll: f64,
@@ -489,6 +502,8 @@ pub fn quality(
         .ok_or_else(|| TrainError::Eval("no variants".into()))?
         .features;
     let fd_ar_floor = frechet_distance(&floor.features, ar)?;
+    let names = &r.evaluator.config().category_names;
+    let prompts = prompts_of(&settings.prompts, settings.n);
     sets.iter()
         .map(|s| {
             let (target_nll, target_nll_se) = mean_se(&s.nll);
@@ -496,6 +511,8 @@ pub fn quality(
                 fid: frechet_distance(&s.features, &r.real)?,
                 category: agreement(&s.category, &want_cat),
                 subcategory: agreement(&s.subcategory, &want_sub),
+                by_category: agreement_by_label(&s.category, &want_cat, names),
+                by_prompt: agreement_by_key(&s.category, &want_cat, &prompts),
                 target_nll,
                 target_nll_se,
                 target_pooled_nll: mean_se(&s.pooled_nll).0,
@@ -615,6 +632,8 @@ pub fn report_rows(
             adherence: q.map(|x| x.category),
             adherence_category: q.map(|x| x.category),
             adherence_subcategory: q.map(|x| x.subcategory),
+            adherence_by_category: q.map(|x| x.by_category.clone()).unwrap_or_default(),
+            adherence_by_prompt: q.map(|x| x.by_prompt.clone()).unwrap_or_default(),
             target_nll: q.map(|x| x.target_nll),
             target_nll_se: q.map(|x| x.target_nll_se),
             target_pooled_nll: q.map(|x| x.target_pooled_nll),

@@ -163,14 +163,28 @@ pub fn agreement_by_label(
     expected: &[i64],
     names: &[String],
 ) -> BTreeMap<String, LabelAdherence> {
+    let keys: Vec<String> = expected
+        .iter()
+        .map(|e| {
+            usize::try_from(*e)
+                .ok()
+                .and_then(|i| names.get(i))
+                .cloned()
+                .unwrap_or_else(|| format!("#{e}"))
+        })
+        .collect();
+    agreement_by_key(predicted, expected, &keys)
+}
+
+/// [`agreement`] split by a key per image (`keys[i]` is image `i`'s, e.g. its prompt).
+pub fn agreement_by_key(
+    predicted: &[i64],
+    expected: &[i64],
+    keys: &[String],
+) -> BTreeMap<String, LabelAdherence> {
     let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (p, e) in predicted.iter().zip(expected) {
-        let name = usize::try_from(*e)
-            .ok()
-            .and_then(|i| names.get(i))
-            .cloned()
-            .unwrap_or_else(|| format!("#{e}"));
-        let c = counts.entry(name).or_insert((0, 0));
+    for ((p, e), key) in predicted.iter().zip(expected).zip(keys) {
+        let c = counts.entry(key.clone()).or_insert((0, 0));
         c.0 += 1;
         c.1 += usize::from(p == e);
     }
@@ -180,6 +194,13 @@ pub fn agreement_by_label(
             let adherence = hits as f64 / n as f64;
             (k, LabelAdherence { n, adherence })
         })
+        .collect()
+}
+
+/// The prompt of each of `n` images generated over `rows` in order, wrapping around.
+pub fn prompts_of(rows: &[PromptRow], n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| rows[i % rows.len().max(1)].prompt.clone())
         .collect()
 }
 
@@ -241,6 +262,9 @@ pub struct MethodResult {
     /// Category adherence of the prompts of each expected category.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub adherence_by_category: BTreeMap<String, LabelAdherence>,
+    /// Category adherence of each prompt's images (which prompts the model draws).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adherence_by_prompt: BTreeMap<String, LabelAdherence>,
     /// Image side in pixels.
     pub image_size: usize,
     /// Real images FID-emoji compares against.
@@ -343,5 +367,17 @@ mod tests {
         assert_eq!(by["b"], want(2, 0.5));
         assert_eq!(by["#7"], want(1, 1.0));
         assert_eq!(by.len(), 3);
+        let keys: Vec<String> = ["p", "q", "p", "q"].map(String::from).into();
+        let by = agreement_by_key(&[0, 1, 1, 1], &[0, 0, 1, 1], &keys);
+        assert_eq!(by["p"], want(2, 1.0));
+        assert_eq!(by["q"], want(2, 0.5));
+        let rows: Vec<PromptRow> = ["a", "b"]
+            .map(|p| PromptRow {
+                prompt: p.into(),
+                category: "c".into(),
+                subcategory: "s".into(),
+            })
+            .into();
+        assert_eq!(prompts_of(&rows, 3), vec!["a", "b", "a"]);
     }
 }

@@ -70,6 +70,12 @@ pub struct GptTrainOptions {
     pub ema: Option<f64>,
     /// Micro-batches of `batch` sequences accumulated into each optimizer step.
     pub accum: usize,
+    /// Probability that an input token of a training sequence (not a target) is replaced by a
+    /// random code (0 = plain teacher forcing).
+    pub token_noise: f64,
+    /// Probability that a training sequence is the tokens of its image mirrored left to right
+    /// (never for the categories in [`UNMIRRORED`], whose orientation carries meaning).
+    pub mirror: f64,
     /// When this invocation pauses (checkpoint, then `TrainError::Paused`; continue with
     /// `resume`).
     pub stop: Stop,
@@ -102,6 +108,14 @@ pub struct GptReport {
     pub heldout_nll: f64,
     /// The same, conditioned on the emoji names alone (the form of the evaluation prompts).
     pub heldout_nll_name: f64,
+    /// The same with the null caption: `heldout_nll_null − heldout_nll_name` is what the
+    /// caption tells the model about an unseen emoji (nats per token).
+    pub heldout_nll_null: f64,
+    /// Mean token cross-entropy on 256 training images with their names (dropout off).
+    pub train_nll_name: f64,
+    /// The same with the null caption: near `train_nll_name` when the model draws its training
+    /// images from the previous tokens and ignores the caption.
+    pub train_nll_null: f64,
     /// Parameters of the model.
     pub parameters: i64,
     /// Words in the caption vocabulary.
@@ -147,11 +161,72 @@ pub fn tokenize_images(
     size: usize,
     device: Device,
 ) -> Result<Tensor, TrainError> {
+    encode_all(vq, data, size, device, false)
+}
+
+/// Categories whose emoji are never mirrored by `--mirror`: flags, text, arrows and signs read
+/// wrong mirrored.
+pub const UNMIRRORED: [&str; 2] = ["Flags", "Symbols"];
+
+/// The tokens of every image, plus those of the mirrored images when the run mirrors.
+struct TrainTokens {
+    plain: Tensor,
+    /// Tokens of each image mirrored left to right, and whether its category may be mirrored.
+    mirrored: Option<(Tensor, Vec<bool>)>,
+}
+
+impl TrainTokens {
+    fn new(
+        vq: &VqModel,
+        data: &EmojiTensors,
+        opts: &GptTrainOptions,
+        device: Device,
+    ) -> Result<Self, TrainError> {
+        let plain = encode_all(vq, data, opts.image_size, device, false)?;
+        let mirrored = if opts.mirror > 0.0 {
+            let ok = data.meta.items.iter();
+            let ok = ok.map(|it| !UNMIRRORED.contains(&it.category.as_str()));
+            let t = encode_all(vq, data, opts.image_size, device, true)?;
+            Some((t, ok.collect()))
+        } else {
+            None
+        };
+        Ok(Self { plain, mirrored })
+    }
+
+    /// The training tokens of `rows`: each mirrored with probability `p` where allowed (no
+    /// random draws when the run does not mirror, so its batches are those of earlier runs).
+    fn rows(&self, rng: &mut rand_chacha::ChaCha8Rng, rows: &[i64], p: f64) -> Tensor {
+        let r = Tensor::from_slice(rows);
+        let plain = self.plain.index_select(0, &r);
+        match &self.mirrored {
+            Some((m, ok)) if p > 0.0 => {
+                let flip: Vec<bool> = rows
+                    .iter()
+                    .map(|&i| rng.random::<f64>() < p && ok[i as usize])
+                    .collect();
+                let flip = Tensor::from_slice(&flip).view([-1, 1]);
+                m.index_select(0, &r).where_self(&flip, &plain)
+            }
+            _ => plain,
+        }
+    }
+}
+
+/// Encodes every image at `size` px (mirrored left to right when `mirror`).
+fn encode_all(
+    vq: &VqModel,
+    data: &EmojiTensors,
+    size: usize,
+    device: Device,
+    mirror: bool,
+) -> Result<Tensor, TrainError> {
     let n = data.meta.items.len() as i64;
     let mut out = Vec::new();
     let rows: Vec<i64> = (0..n).collect();
     for chunk in rows.chunks(128) {
         let x = data.batch(size, chunk, device);
+        let x = if mirror { x.flip([3]) } else { x };
         let t = vq.encode(&x)?;
         out.push(t.reshape([chunk.len() as i64, -1]).to_device(Device::Cpu));
     }
@@ -180,10 +255,13 @@ fn encode_captions(tok: &CaptionTokenizer, data: &EmojiTensors, names: bool) -> 
     )
 }
 
-/// Teacher-forced loss of a batch: mean token cross-entropy.
+/// Teacher-forced loss of a batch: mean token cross-entropy of `tokens` given the preceding
+/// tokens of `inputs` (the same grid, or one with corrupted entries).
+#[allow(clippy::too_many_arguments)]
 fn batch_loss(
     gpt: &Gpt,
     tokens: &Tensor,
+    inputs: &Tensor,
     ids: &Tensor,
     mask: &Tensor,
     drop: &Tensor,
@@ -193,7 +271,7 @@ fn batch_loss(
     let n = tokens.size()[1];
     let cond = gpt.condition_train(ids, drop)?;
     let x = Tensor::cat(
-        &[cond, gpt.embed_token_tensor(&tokens.narrow(1, 0, n - 1))],
+        &[cond, gpt.embed_token_tensor(&inputs.narrow(1, 0, n - 1))],
         1,
     );
     let h = gpt.forward_full(&x, Some(mask))?;
@@ -214,23 +292,25 @@ const PROBE_EVERY: usize = 250;
 const PROBE_ROWS: usize = 256;
 
 /// Mean token cross-entropy of `model` on `rows`, conditioned on the caption ids and masks given
-/// (rows of `ids`, `mask`), without condition dropout.
+/// (rows of `ids`, `mask`), or on the null caption when `null`.
 fn heldout_nll(
     model: &Gpt,
     rows: &[i64],
     tokens: &Tensor,
-    ids: &Tensor,
-    mask: &Tensor,
+    (ids, mask): (&Tensor, &Tensor),
+    null: bool,
     device: Device,
 ) -> Result<f64, TrainError> {
     tch::no_grad(|| {
         let mut total = 0.0;
         for chunk in rows.chunks(64) {
             let r = Tensor::from_slice(chunk);
-            let none = Tensor::zeros([chunk.len() as i64], (Kind::Bool, device));
+            let none = Tensor::full([chunk.len() as i64], i64::from(null), (Kind::Bool, device));
+            let t = tokens.index_select(0, &r).to_device(device);
             let l = batch_loss(
                 model,
-                &tokens.index_select(0, &r).to_device(device),
+                &t,
+                &t,
                 &ids.index_select(0, &r).to_device(device),
                 &mask.index_select(0, &r).to_device(device),
                 &none,
@@ -240,6 +320,26 @@ fn heldout_nll(
         }
         Ok(total / rows.len().max(1) as f64)
     })
+}
+
+/// `tokens` `[B, N]` with each entry replaced by a uniformly random code with probability `p`
+/// (no random draws when `p` is 0): the input side of `--token-noise`, so that the previous
+/// tokens alone cannot identify a memorised training image and the caption keeps a say.
+fn corrupt(rng: &mut rand_chacha::ChaCha8Rng, tokens: &Tensor, p: f64, vocab: i64) -> Tensor {
+    if p <= 0.0 {
+        return tokens.shallow_clone();
+    }
+    let n = tokens.numel();
+    let mut hit = Vec::with_capacity(n);
+    let mut code = Vec::with_capacity(n);
+    for _ in 0..n {
+        hit.push(rng.random::<f64>() < p);
+        code.push(rng.random_range(0..vocab));
+    }
+    let shape = tokens.size();
+    let hit = Tensor::from_slice(&hit).view(shape.as_slice());
+    let code = Tensor::from_slice(&code).view(shape.as_slice());
+    code.where_self(&hit, tokens)
 }
 
 /// The caption ids and masks of every item: full captions and names alone.
@@ -258,7 +358,7 @@ fn micro_batch_loss(
     opts: &GptTrainOptions,
     rng: &mut rand_chacha::ChaCha8Rng,
     sampler: &Sampler,
-    tokens: &Tensor,
+    tokens: &TrainTokens,
     captions: &Captions,
     tokenizer: &CaptionTokenizer,
     device: Device,
@@ -288,9 +388,12 @@ fn micro_batch_loss(
         .logical_and(&mask);
     let ids = ids.masked_fill(&unk, i64::from(mulo_core::caption::UNK));
     let to_dev = |t: Tensor| t.to_device(device);
+    let targets = tokens.rows(rng, &rows, opts.mirror);
+    let inputs = corrupt(rng, &targets, opts.token_noise, gpt.config().vocab_size);
     batch_loss(
         gpt,
-        &to_dev(tokens.index_select(0, &r)),
+        &to_dev(targets),
+        &to_dev(inputs),
         &to_dev(ids),
         &to_dev(mask),
         &to_dev(Tensor::from_slice(&drops)),
@@ -306,7 +409,8 @@ pub fn train_gpt(
 ) -> Result<GptReport, TrainError> {
     let data = EmojiTensors::load(&opts.data)?;
     let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
-    let tokens = tokenize_images(&vq, &data, opts.image_size, device)?;
+    let train_tokens = TrainTokens::new(&vq, &data, opts, device)?;
+    let tokens = &train_tokens.plain;
     let side = opts.image_size as i64 / vq.config().downsample_factor();
     let train = data.train_rows()?;
     let sampler = Sampler::new(&data, opts.balance)?;
@@ -314,6 +418,12 @@ pub fn train_gpt(
     let probe_rows: Vec<i64> = heldout
         .iter()
         .step_by((heldout.len() / PROBE_ROWS).max(1))
+        .copied()
+        .collect();
+    let train_probe_rows: Vec<i64> = train
+        .iter()
+        .step_by((train.len() / PROBE_ROWS).max(1))
+        .take(PROBE_ROWS)
         .copied()
         .collect();
     let tokenizer = CaptionTokenizer::build(
@@ -386,7 +496,14 @@ pub fn train_gpt(
         let mut total = 0.0;
         for _ in 0..opts.accum.max(1) {
             let loss = micro_batch_loss(
-                &gpt, opts, &mut rng, &sampler, &tokens, &captions, &tokenizer, device,
+                &gpt,
+                opts,
+                &mut rng,
+                &sampler,
+                &train_tokens,
+                &captions,
+                &tokenizer,
+                device,
             )?;
             (&loss / opts.accum.max(1) as f64).backward();
             total += f64::try_from(&loss)?;
@@ -394,15 +511,23 @@ pub fn train_gpt(
         trainer.apply(step)?;
         last_loss = total / opts.accum.max(1) as f64;
         // Every PROBE_EVERY steps, the held-out NLL (names alone) of a fixed subset, dropout off:
-        // the loss log then shows when the model starts to over-fit.
+        // the loss log then shows when the model starts to over-fit; and on held-out and
+        // training subsets with the null caption too: how much the caption tells the model.
         let done = step + 1;
         let probe = if done.is_multiple_of(PROBE_EVERY) || done == opts.steps {
             gpt.set_train_dropout(0.0);
-            let nll = trainer.with_final_weights(|| {
-                heldout_nll(&gpt, &probe_rows, &tokens, &name_ids, &name_mask, device)
+            let names = (&name_ids, &name_mask);
+            let p = trainer.with_final_weights(|| -> Result<_, TrainError> {
+                let f = |rows: &[i64], null| heldout_nll(&gpt, rows, tokens, names, null, device);
+                Ok(serde_json::json!({
+                    "heldout_nll_name_probe": f(&probe_rows, false)?,
+                    "heldout_nll_null_probe": f(&probe_rows, true)?,
+                    "train_nll_name_probe": f(&train_probe_rows, false)?,
+                    "train_nll_null_probe": f(&train_probe_rows, true)?,
+                }))
             });
             gpt.set_train_dropout(opts.dropout);
-            serde_json::json!({ "heldout_nll_name_probe": nll? })
+            p?
         } else {
             serde_json::Value::Null
         };
@@ -415,8 +540,13 @@ pub fn train_gpt(
     std::fs::write(&tok_path, text + "\n").map_err(|e| io_err(&tok_path, e))?;
     // Held-out NLL of the model as written.
     let (saved, _) = Gpt::load(&opts.out, device, Some(DType::Fp32))?;
-    let heldout_nll_full = heldout_nll(&saved, &heldout, &tokens, &cap_ids, &cap_mask, device)?;
-    let heldout_nll_name = heldout_nll(&saved, &heldout, &tokens, &name_ids, &name_mask, device)?;
+    let nll = |rows: &[i64], caps, null| heldout_nll(&saved, rows, tokens, caps, null, device);
+    let names = (&name_ids, &name_mask);
+    let heldout_nll_full = nll(&heldout, (&cap_ids, &cap_mask), false)?;
+    let heldout_nll_name = nll(&heldout, names, false)?;
+    let heldout_nll_null = nll(&heldout, names, true)?;
+    let train_nll_name = nll(&train_probe_rows, names, false)?;
+    let train_nll_null = nll(&train_probe_rows, names, true)?;
     let parameters = parameter_count(saved.var_store());
     let (training_seconds_total, pieces, heldout_nll_curve) =
         run_history(&opts.work.join("loss.jsonl"), trainer.seconds());
@@ -429,9 +559,54 @@ pub fn train_gpt(
         final_loss: last_loss,
         heldout_nll: heldout_nll_full,
         heldout_nll_name,
+        heldout_nll_null,
+        train_nll_name,
+        train_nll_null,
         parameters,
         caption_vocab: tokenizer.len(),
     };
     trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn mirrored_rows_only_where_allowed_and_no_draws_when_off() {
+        let tokens = TrainTokens {
+            plain: Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu)),
+            mirrored: Some((
+                Tensor::ones([2, 3], (Kind::Int64, Device::Cpu)),
+                vec![true, false],
+            )),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let got = tokens.rows(&mut rng, &[0, 1, 0], 1.0);
+        let got: Vec<i64> = Vec::try_from(got.sum_dim_intlist(1, false, Kind::Int64)).unwrap();
+        assert_eq!(got, vec![3, 0, 3], "row 1's category may not be mirrored");
+        // Off: the plain tokens, and the generator untouched (batches as in unmirrored runs).
+        let mut a = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let b = a.clone();
+        let got = tokens.rows(&mut a, &[0, 1], 0.0);
+        assert_eq!(i64::try_from(got.sum(Kind::Int64)).unwrap(), 0);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn token_noise_replaces_about_its_share_and_is_off_at_zero() {
+        let t = Tensor::full([40, 50], 7, (Kind::Int64, Device::Cpu));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let same = corrupt(&mut rng, &t, 0.0, 16);
+        assert!(same.equal(&t));
+        assert_eq!(rng, rand_chacha::ChaCha8Rng::seed_from_u64(3));
+        let c = corrupt(&mut rng, &t, 0.3, 16);
+        let changed = i64::try_from(c.ne(7).sum(Kind::Int64)).unwrap() as f64 / 2000.0;
+        // 30% drawn, 1/16 of those redraw code 7.
+        assert!((changed - 0.3 * 15.0 / 16.0).abs() < 0.04, "{changed}");
+        assert!(i64::try_from(c.max()).unwrap() < 16);
+    }
 }
