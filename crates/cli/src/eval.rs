@@ -319,7 +319,7 @@ fn eval_method(
         adherence_category: agreement(&cat, &want_cat),
         adherence_subcategory: agreement(&sub, &want_sub),
         adherence_by_category: agreement_by_label(&cat, &want_cat, &names),
-        adherence_by_prompt: agreement_by_key(&cat, &want_cat, &prompts_of(&rows, n)),
+        adherence_by_prompt: agreement_by_key(&cat, &want_cat, &prompts_of(rows, n)),
         image_size: size,
         real_images: real,
         target_nll: mean(|t| t.nll),
