@@ -14,6 +14,8 @@ pub const TRAIN_REPORT: &str = "train_report.json";
 pub const FIRST_VQ_REPORT: &str = "train_report.vq.json";
 /// File with a model's evaluation report (GPTs).
 pub const EVAL_REPORT: &str = "eval.json";
+/// `mulo vq-probe`'s report in a VQ directory (the card shows it).
+pub const VQ_PROBE_REPORT: &str = "vq_probe.json";
 
 fn describe(role: &str) -> &'static str {
     match role {
@@ -97,6 +99,50 @@ fn render_curve(md: &mut String, curve: Option<&Value>) {
             let _ = writeln!(md, "| {step} | {nll:.4} |");
         }
     }
+}
+
+/// The section of `mulo vq-probe`'s report, when `dir` holds one.
+fn render_vq_probe(md: &mut String, dir: &Path) -> Result<()> {
+    let path = dir.join(VQ_PROBE_REPORT);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let p: Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let db = |k: &str| {
+        p.get(k)
+            .and_then(Value::as_f64)
+            .map_or("-".into(), |v| format!("{v:.2}"))
+    };
+    let _ = writeln!(
+        md,
+        "\n## Where it loses detail (`mulo vq-probe`, also in `{VQ_PROBE_REPORT}`)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Held-out PSNR (dB, {} images) of the tokens, and of the encoder's own latents fed to the \
+         decoder without quantisation (an unlimited codebook):\n",
+        p.get("heldout_images").map(fmt_value).unwrap_or_default()
+    );
+    let _ = writeln!(md, "| size | tokens | unquantised |\n|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| 64 px (16x16) | {} | {} |",
+        db("psnr64"),
+        db("psnr64_unquantised")
+    );
+    let _ = writeln!(
+        md,
+        "| 32 px (8x8) | {} | {} |\n",
+        db("psnr32"),
+        db("psnr32_unquantised")
+    );
+    let _ = writeln!(
+        md,
+        "The 64 px tokens decoded and area-averaged to 32 px: {} dB.",
+        db("psnr32_from_64px_tokens")
+    );
+    Ok(())
 }
 
 /// Renders `<dir>/MODEL_CARD.md` for a model of `role` from the reports in `dir`.
@@ -192,7 +238,15 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
         cats.sort();
         cats.dedup();
         if !cats.is_empty() {
-            let names: Vec<String> = methods.iter().map(|m| fmt_value(&m["method"])).collect();
+            let mut names: Vec<String> = methods.iter().map(|m| fmt_value(&m["method"])).collect();
+            // The evaluator on the prompts' own real images (of the first method's size).
+            let real = methods
+                .first()
+                .and_then(|m| m.get("real_adherence"))
+                .map(|r| &r["adherence_by_category"]);
+            if real.is_some() {
+                names.push("real images".into());
+            }
             let _ = writeln!(
                 md,
                 "\nCategory adherence by the prompt's category (images, adherence):\n\n| category | {} |\n|---|{}",
@@ -202,8 +256,10 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
             for c in cats {
                 let cells: Vec<String> = methods
                     .iter()
-                    .map(|m| {
-                        let e = &m["adherence_by_category"][c.as_str()];
+                    .map(|m| &m["adherence_by_category"])
+                    .chain(real)
+                    .map(|by| {
+                        let e = &by[c.as_str()];
                         match (e["n"].as_u64(), e["adherence"].as_f64()) {
                             (Some(n), Some(a)) => format!("{n}, {:.1}%", a * 100.0),
                             _ => String::new(),
@@ -214,6 +270,7 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
             }
         }
     }
+    render_vq_probe(&mut md, dir)?;
     let out = dir.join("MODEL_CARD.md");
     std::fs::write(&out, md).with_context(|| format!("{}", out.display()))?;
     Ok(())

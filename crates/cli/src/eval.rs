@@ -12,9 +12,10 @@ use mulo_engine::{
 };
 use mulo_model::evaluator::Evaluator;
 use mulo_model::{image_io, Gpt, VqModel};
+use mulo_train::data::emoji::Split;
 use mulo_train::eval::{
     agreement, agreement_by_key, agreement_by_label, frechet_distance, label_ids, median,
-    prompts_of, read_prompts, score_images, EvalReport, MethodResult, PromptRow,
+    prompts_of, read_prompts, score_images, EvalReport, MethodResult, PromptRow, RealAdherence,
 };
 use mulo_train::trainers::EmojiTensors;
 use tch::{Device, Tensor};
@@ -169,6 +170,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 result.method
             );
         }
+        print_ceiling(&result);
         report.methods.push(result);
         if grid_images.is_none() {
             grid_images = Some(images);
@@ -185,6 +187,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     println!("wrote {}", a.json.display());
     Ok(())
+}
+
+/// Prints the adherence of the prompts' real images and that of the trained and held-out prompts.
+fn print_ceiling(r: &MethodResult) {
+    let split = |k: &str| {
+        r.adherence_by_split.get(k).map_or("-".to_string(), |a| {
+            format!("{:.1}% of {}", a.adherence * 100.0, a.n)
+        })
+    };
+    if let Some(real) = &r.real_adherence {
+        println!(
+            "{}: adherence on trained emoji {}, held-out {}; the prompts' own real images {:.1}% of {} (the evaluator's ceiling)",
+            r.method,
+            split("train"),
+            split("heldout"),
+            real.adherence_category * 100.0,
+            real.n
+        );
+    }
 }
 
 /// Generates `a.n` images with `method`, scores them and returns the result and the images.
@@ -284,30 +305,38 @@ fn eval_method(
     let mean = |f: fn(&TargetNll) -> f64| {
         (!nlls.is_empty()).then(|| nlls.iter().map(f).sum::<f64>() / nlls.len() as f64)
     };
+    let prompts = prompts_of(rows, n);
     let Scored {
         fid,
         cat,
         sub,
         real,
         names,
+        splits,
+        named,
     } = worker.run({
         let images = images.shallow_clone();
+        let prompts = prompts.clone();
         move |s: &mut State| -> Result<Scored> {
             let gen = score_images(&s.evaluator, &images)?;
             let all: Vec<i64> = (0..s.data.meta.items.len() as i64).collect();
             let real = s.data.batch(size, &all, s.device);
             let real_scores = score_images(&s.evaluator, &real)?;
+            let (splits, named) = named_images(s, &prompts, &real_scores.category);
             Ok(Scored {
                 fid: frechet_distance(&gen.features, &real_scores.features)?,
                 cat: gen.category,
                 sub: gen.subcategory,
                 real: all.len(),
                 names: s.evaluator.config().category_names.clone(),
+                splits,
+                named,
             })
         }
     })??;
     let want_cat: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].0).collect();
     let want_sub: Vec<i64> = (0..n).map(|i| labels[i % labels.len()].1).collect();
+    let real_adherence = real_adherence(&named, &want_cat, &names);
     let result = MethodResult {
         method: method.name().into(),
         params: serde_json::json!({
@@ -319,7 +348,9 @@ fn eval_method(
         adherence_category: agreement(&cat, &want_cat),
         adherence_subcategory: agreement(&sub, &want_sub),
         adherence_by_category: agreement_by_label(&cat, &want_cat, &names),
-        adherence_by_prompt: agreement_by_key(&cat, &want_cat, &prompts_of(rows, n)),
+        adherence_by_prompt: agreement_by_key(&cat, &want_cat, &prompts),
+        adherence_by_split: agreement_by_key(&cat, &want_cat, &splits),
+        real_adherence,
         image_size: size,
         real_images: real,
         target_nll: mean(|t| t.nll),
@@ -331,13 +362,57 @@ fn eval_method(
 }
 
 /// What the evaluator made of a method's images: FID-emoji, predicted category and subcategory
-/// ids, the number of real images, and the category names.
+/// ids, the number of real images, the category names, the split of each image's prompt, and the
+/// evaluator's category for the real image each prompt names (`None`: not an emoji name).
 struct Scored {
     fid: f64,
     cat: Vec<i64>,
     sub: Vec<i64>,
     real: usize,
     names: Vec<String>,
+    splits: Vec<String>,
+    named: Vec<Option<i64>>,
+}
+
+/// For each prompt: the split of the emoji it names (`train`, `heldout`, or `other` when it names
+/// none) and the evaluator's category of that emoji's real image (`real_category` is indexed by
+/// data row).
+fn named_images(
+    s: &State,
+    prompts: &[String],
+    real_category: &[i64],
+) -> (Vec<String>, Vec<Option<i64>>) {
+    prompts
+        .iter()
+        .map(|p| match s.data.meta.named(p) {
+            Some(it) => {
+                let split = match it.split {
+                    Split::Train => "train",
+                    Split::Heldout => "heldout",
+                };
+                (split.to_string(), real_category.get(it.index).copied())
+            }
+            None => ("other".to_string(), None),
+        })
+        .unzip()
+}
+
+/// Category adherence of the real images the prompts name (`None` when no prompt names one).
+fn real_adherence(
+    named: &[Option<i64>],
+    want_cat: &[i64],
+    names: &[String],
+) -> Option<RealAdherence> {
+    let (got, want): (Vec<i64>, Vec<i64>) = named
+        .iter()
+        .zip(want_cat)
+        .filter_map(|(g, w)| g.map(|g| (g, *w)))
+        .unzip();
+    (!got.is_empty()).then(|| RealAdherence {
+        n: got.len(),
+        adherence_category: agreement(&got, &want),
+        adherence_by_category: agreement_by_label(&got, &want, names),
+    })
 }
 
 /// A grid PNG: rows of generated images, each followed by a row of real images of the same
@@ -345,13 +420,13 @@ struct Scored {
 fn grid_png(s: &mut State, images: &Tensor, rows: &[PromptRow], cols: usize) -> Result<Vec<u8>> {
     let n = (images.size()[0] as usize).min(2 * cols);
     let find_real = |row: &PromptRow| -> Option<i64> {
-        let items = &s.data.meta.items;
-        let named = items.iter().find(|it| {
-            it.skin_tone.is_none()
-                && it.name.as_deref().map(str::to_lowercase).as_deref() == Some(row.prompt.as_str())
-        });
-        named
-            .or_else(|| items.iter().find(|it| it.subcategory == row.subcategory))
+        let meta = &s.data.meta;
+        meta.named(&row.prompt)
+            .or_else(|| {
+                meta.items
+                    .iter()
+                    .find(|it| it.subcategory == row.subcategory)
+            })
             .map(|it| it.index as i64)
     };
     let blank = Tensor::ones([3, 64, 64], (tch::Kind::Float, s.device));

@@ -17,6 +17,7 @@ mod map;
 mod plot;
 mod score;
 mod train;
+mod vq_probe;
 
 use std::process::ExitCode;
 
@@ -62,6 +63,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show what a model directory holds.
     Info(info::InfoArgs),
+    /// Where a VQ tokenizer loses detail: held-out PSNR with and without quantisation (JSON).
+    VqProbe(vq_probe::VqProbeArgs),
     /// Write a randomly initialised model (for demos and tests).
     #[command(subcommand)]
     Init(init::InitCommand),
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Convert(c) => convert::run(c),
         Command::Info(a) => info::run(a),
+        Command::VqProbe(a) => vq_probe::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),

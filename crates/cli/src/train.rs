@@ -59,7 +59,8 @@ pub enum Stage {
     DraftSmall,
     /// The up-sampler.
     Upsampler,
-    /// `mulo eval` of the target (with the sample grid) and of the drafter.
+    /// `mulo vq-probe` of the VQ, `mulo eval` of the target (with the sample grid) and of the
+    /// drafter.
     Eval,
     /// Re-render every MODEL_CARD.md from the reports on disk.
     Cards,
@@ -121,6 +122,7 @@ enum StageTop {
     #[command(subcommand)]
     Train(TrainCommand),
     Eval(crate::eval::EvalArgs),
+    VqProbe(crate::vq_probe::VqProbeArgs),
     #[command(subcommand)]
     Data(crate::data::DataCommand),
 }
@@ -139,6 +141,7 @@ fn run_argv(argv: &[String]) -> Result<()> {
     match cli.top {
         StageTop::Train(c) => run_stage(c, &line),
         StageTop::Eval(a) => crate::eval::run(a),
+        StageTop::VqProbe(a) => crate::vq_probe::run(a),
         StageTop::Data(c) => crate::data::run(c),
     }
 }
@@ -241,9 +244,22 @@ fn run_all(a: TrainAllArgs) -> Result<()> {
     Ok(())
 }
 
-/// `mulo eval` of the target (writing the sample grid) and of the drafter; re-renders their cards.
+/// `mulo vq-probe` of the VQ and `mulo eval` of the target (writing the sample grid) and of the
+/// drafter; re-renders their cards.
 fn run_eval_stage(fam: &Path, data: &Path, n: usize, runtime: &[String]) -> Result<()> {
     let s = |p: &Path| p.display().to_string();
+    let vq = fam.join("vq");
+    let mut argv = vec![
+        "vq-probe".to_string(),
+        "--vq".into(),
+        s(&vq),
+        "--data".into(),
+        s(data),
+    ];
+    argv.extend(["--json".into(), s(&vq.join(crate::card::VQ_PROBE_REPORT))]);
+    argv.extend(runtime.iter().cloned());
+    run_argv(&argv)?;
+    write_card(&vq, "vq")?;
     for (method, role, grid) in [("ar", "target", true), ("drafter-ar", "drafter", false)] {
         let dir = fam.join(role);
         let mut argv = vec![

@@ -191,6 +191,45 @@ fn toy_family_trains_evaluates_and_generates() {
         card.contains("mulo train vq --data") && card.contains("psnr64"),
         "{card}"
     );
+    // `mulo vq-probe`: held-out PSNR with and without quantisation; the card shows it once the
+    // report sits in the VQ's directory (`mulo train all --only cards` re-renders).
+    let probe = fam.join("vq/vq_probe.json");
+    let out = ok(&[
+        "vq-probe",
+        "--vq",
+        &j(&fam, "vq"),
+        "--data",
+        s(&data),
+        "--json",
+        s(&probe),
+    ]);
+    assert!(out.contains("held-out images: PSNR 64 px"), "{out}");
+    let p: Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    assert_eq!(p["heldout_images"], 2, "{p}");
+    for k in [
+        "psnr64",
+        "psnr32",
+        "psnr64_unquantised",
+        "psnr32_unquantised",
+        "psnr32_from_64px_tokens",
+    ] {
+        assert!(p[k].as_f64().unwrap() > 0.0, "{p}");
+    }
+    ok(&[
+        "train",
+        "all",
+        "--family",
+        s(&fam),
+        "--data",
+        s(&data),
+        "--only",
+        "cards",
+    ]);
+    let card = std::fs::read_to_string(fam.join("vq/MODEL_CARD.md")).unwrap();
+    assert!(
+        card.contains("## Where it loses detail (`mulo vq-probe`"),
+        "{card}"
+    );
     // A GPT's card states the budget it used and its held-out NLL against steps.
     let card = std::fs::read_to_string(fam.join("target/MODEL_CARD.md")).unwrap();
     assert!(
@@ -241,7 +280,16 @@ fn toy_family_trains_evaluates_and_generates() {
             assert!((0.0..=1.0).contains(&m[k].as_f64().unwrap()), "{m}");
         }
         assert!(m["params"]["cfg"].is_number());
+        // Both prompts name an emoji: one trained on, one held out, and each its real image.
+        let split = &m["adherence_by_split"];
+        let count = |k: &str| split[k]["n"].as_u64().unwrap();
+        assert_eq!(count("train") + count("heldout"), 3, "{m}");
+        assert!(split.get("other").is_none(), "{m}");
+        assert_eq!(m["real_adherence"]["n"], 3, "{m}");
+        let real = m["real_adherence"]["adherence_category"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&real), "{m}");
     }
+    assert!(out.contains("the prompts' own real images"), "{out}");
     // The target's NLL of its own AR images; none for the drafter (another model and grid).
     assert!(methods[0]["target_nll"].as_f64().unwrap() > 0.0);
     assert!(methods[1].get("target_nll").is_none(), "{}", methods[1]);

@@ -550,6 +550,32 @@ impl VqModel {
         }))
     }
 
+    /// Reconstructs images `[B, 3, H, W]` without the quantiser: the decoder fed the encoder's
+    /// latents themselves (normalised when configured), as an unlimited codebook would. What it
+    /// loses is the encoder's and decoder's share of the error; the rest is quantisation's.
+    pub fn reconstruct_unquantised(&self, images: &Tensor) -> Result<Tensor> {
+        let s = images.size();
+        let f = self.cfg.downsample_factor();
+        if s.len() != 4 || s[1] != 3 || s[2] % f != 0 || s[3] % f != 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "images must be [B, 3, H, W] with H and W multiples of {f}, got {s:?}"
+            )));
+        }
+        Ok(tch::no_grad(|| {
+            let z = self
+                .quant_conv
+                .forward(&self.encoder.forward(&images.to_kind(self.kind())));
+            let z = if self.cfg.codebook_l2_norm {
+                l2_normalize(&z.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+            } else {
+                z
+            };
+            self.decoder
+                .forward(&self.post_quant_conv.forward(&z))
+                .to_kind(Kind::Float)
+        }))
+    }
+
     /// The default down-sampler `D_r` (DESIGN §2.2 step 7): decodes token ids `[B, h, w]`, averages
     /// `r×r` pixel blocks (area down-sampling) and encodes the result: `[B, h/r, w/r]`.
     pub fn downsample_tokens(&self, tokens: &Tensor, r: i64) -> Result<Tensor> {

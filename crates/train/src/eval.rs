@@ -265,6 +265,13 @@ pub struct MethodResult {
     /// Category adherence of each prompt's images (which prompts the model draws).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub adherence_by_prompt: BTreeMap<String, LabelAdherence>,
+    /// Category adherence split by the prompt's emoji: `train` (the model saw its images),
+    /// `heldout` (never trained on: the words must generalise) or `other` (not an emoji name).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adherence_by_split: BTreeMap<String, LabelAdherence>,
+    /// The evaluator on the prompts' own real images at this size: the adherence it allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub real_adherence: Option<RealAdherence>,
     /// Image side in pixels.
     pub image_size: usize,
     /// Real images FID-emoji compares against.
@@ -280,6 +287,18 @@ pub struct MethodResult {
     pub seconds: f64,
     /// Median seconds per image.
     pub median_image_seconds: f64,
+}
+
+/// Category adherence of the real images the prompts name (the evaluator's ceiling: a method
+/// cannot be expected to beat it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RealAdherence {
+    /// Images scored (one per generated image whose prompt names an emoji).
+    pub n: usize,
+    /// Fraction the evaluator gives the prompt's category.
+    pub adherence_category: f64,
+    /// The same per expected category.
+    pub adherence_by_category: BTreeMap<String, LabelAdherence>,
 }
 
 /// An evaluation report: `{"methods": [...]}`.

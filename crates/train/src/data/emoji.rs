@@ -114,6 +114,15 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// The image whose emoji name is `prompt` (case-insensitive; skin-tone variations left out).
+    pub fn named(&self, prompt: &str) -> Option<&Item> {
+        let prompt = prompt.trim().to_lowercase();
+        self.items.iter().find(|it| {
+            it.skin_tone.is_none()
+                && it.name.as_deref().map(str::to_lowercase) == Some(prompt.clone())
+        })
+    }
+
     /// Reads `<dir>/meta.json`.
     pub fn load(dir: &Path) -> Result<Self, DataError> {
         let path = dir.join("meta.json");
