@@ -486,8 +486,9 @@ impl VqModel {
         &mut self.vs
     }
 
-    /// Encodes images `[B, 3, H, W]` in [-1, 1] to token ids `[B, H/f, W/f]`.
-    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+    /// The encoder's latents `[B, embed_dim, H/f, W/f]` of images `[B, 3, H, W]` (checked), before
+    /// any normalisation.
+    fn encoder_latents(&self, images: &Tensor) -> Result<Tensor> {
         let s = images.size();
         let f = self.cfg.downsample_factor();
         if s.len() != 4 || s[1] != 3 || s[2] % f != 0 || s[3] % f != 0 {
@@ -496,9 +497,15 @@ impl VqModel {
             )));
         }
         Ok(tch::no_grad(|| {
-            let z = self
-                .quant_conv
-                .forward(&self.encoder.forward(&images.to_kind(self.kind())));
+            self.quant_conv
+                .forward(&self.encoder.forward(&images.to_kind(self.kind())))
+        }))
+    }
+
+    /// Encodes images `[B, 3, H, W]` in [-1, 1] to token ids `[B, H/f, W/f]`.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let z = self.encoder_latents(images)?;
+        Ok(tch::no_grad(|| {
             let zs = z.size();
             let flat = z
                 .permute([0, 2, 3, 1])
@@ -554,17 +561,8 @@ impl VqModel {
     /// latents themselves (normalised when configured), as an unlimited codebook would. What it
     /// loses is the encoder's and decoder's share of the error; the rest is quantisation's.
     pub fn reconstruct_unquantised(&self, images: &Tensor) -> Result<Tensor> {
-        let s = images.size();
-        let f = self.cfg.downsample_factor();
-        if s.len() != 4 || s[1] != 3 || s[2] % f != 0 || s[3] % f != 0 {
-            return Err(ModelError::InvalidInput(format!(
-                "images must be [B, 3, H, W] with H and W multiples of {f}, got {s:?}"
-            )));
-        }
+        let z = self.encoder_latents(images)?;
         Ok(tch::no_grad(|| {
-            let z = self
-                .quant_conv
-                .forward(&self.encoder.forward(&images.to_kind(self.kind())));
             let z = if self.cfg.codebook_l2_norm {
                 l2_normalize(&z.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
             } else {

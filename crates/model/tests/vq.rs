@@ -87,3 +87,28 @@ fn downsampler_is_decode_area_pool_encode() {
     let e = vq.downsample_tokens(&t, 4).unwrap_err();
     assert!(e.to_string().contains("multiples of 4"), "{e}");
 }
+
+#[test]
+fn unquantised_reconstruction_is_the_decode_of_exact_codes() {
+    tch::manual_seed(7);
+    let mut vq = VqModel::random(cfg(), Device::Cpu, DType::Fp32, 1).unwrap();
+    let img = Tensor::rand([1, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let direct = vq.reconstruct_unquantised(&img).unwrap();
+    assert_eq!(direct.size(), vec![1, 3, 8, 8]);
+    // With random codes the quantised reconstruction differs ...
+    let quantised = vq.decode(&vq.encode(&img).unwrap()).unwrap();
+    assert!(f64::try_from((&quantised - &direct).abs().max()).unwrap() > 1e-3);
+    // ... and once the codebook holds the image's own four latents, the two agree.
+    let latents = vq.latents(&img);
+    vq.set_codes(&Tensor::arange(4, (Kind::Int64, Device::Cpu)), &latents);
+    let t = vq.encode(&img).unwrap();
+    assert!(t
+        .reshape([-1])
+        .equal(&Tensor::arange(4, (Kind::Int64, Device::Cpu))));
+    let exact = vq.decode(&t).unwrap();
+    assert!(f64::try_from((exact - direct).abs().max()).unwrap() < 1e-4);
+    let e = vq
+        .reconstruct_unquantised(&Tensor::zeros([1, 3, 6, 8], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
+    assert!(e.to_string().contains("multiples of 4"), "{e}");
+}
