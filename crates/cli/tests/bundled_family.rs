@@ -3,22 +3,13 @@
 //! for at least 3 of 4 fixed seeds (issue 15).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
-const MULO: &str = env!("CARGO_BIN_EXE_mulo");
-
-fn ok(args: &[&str]) -> String {
-    let o = Command::new(MULO).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "mulo {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::ok;
 
 /// Prompt, category and subcategory (the emoji's own, from emoji-datasource).
 const PROMPTS: [(&str, &str, &str); 5] = [

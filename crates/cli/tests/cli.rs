@@ -2,12 +2,15 @@
 //! independent float64 reference, greedy CFG tokens, determinism and error messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-const MULO: &str = env!("CARGO_BIN_EXE_mulo");
+use common::ok;
+
 const REF_SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/reference/llamagen_ref.py"
@@ -20,32 +23,9 @@ fn python() -> PathBuf {
     }
 }
 
-fn mulo(args: &[&str]) -> Output {
-    Command::new(MULO).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = mulo(args);
-    assert!(
-        o.status.success(),
-        "mulo {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Fails with exit code != 0 and exactly one line on stderr; returns that line.
 fn fails(args: &[&str]) -> String {
-    let o = mulo(args);
-    assert!(!o.status.success(), "mulo {args:?} should fail");
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one clear line expected, got: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
-    lines[0].to_string()
+    common::fails_one_line(args)
 }
 
 fn make_reference(dir: &Path, kind: &str, extra: &[&str]) {

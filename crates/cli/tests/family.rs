@@ -2,28 +2,14 @@
 //! training command, `mulo eval` (report, grid), model cards, and generation from a family.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
-const MULO: &str = env!("CARGO_BIN_EXE_mulo");
-
-fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let o = Command::new(MULO).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "mulo {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let o = Command::new(MULO).args(args).output().unwrap();
-    assert!(!o.status.success(), "mulo {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{fails, ok, MULO};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

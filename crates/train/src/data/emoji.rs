@@ -116,10 +116,13 @@ pub struct Meta {
 impl Meta {
     /// The image whose emoji name is `prompt` (case-insensitive; skin-tone variations left out).
     pub fn named(&self, prompt: &str) -> Option<&Item> {
-        let prompt = prompt.trim().to_lowercase();
+        let prompt = prompt.trim();
         self.items.iter().find(|it| {
             it.skin_tone.is_none()
-                && it.name.as_deref().map(str::to_lowercase) == Some(prompt.clone())
+                && it
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| lower(n).eq(lower(prompt)))
         })
     }
 
@@ -132,6 +135,11 @@ impl Meta {
             message: e.to_string(),
         })
     }
+}
+
+/// The characters of `s` lower-cased, without allocating.
+fn lower(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().flat_map(char::to_lowercase)
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,4 +563,46 @@ pub fn build(sources: &[(String, PathBuf)], out: &Path) -> Result<Summary, DataE
         categories: meta.categories.len(),
         subcategories: meta.subcategories.len(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn item(index: usize, name: &str, skin_tone: Option<&str>) -> Item {
+        Item {
+            index,
+            vendor: "google".into(),
+            unified: format!("{index:04X}"),
+            base: "0001".into(),
+            name: Some(name.into()),
+            caption: name.to_lowercase(),
+            category: "Flags".into(),
+            subcategory: "country-flag".into(),
+            category_id: 0,
+            subcategory_id: 0,
+            skin_tone: skin_tone.map(Into::into),
+            split: Split::Train,
+        }
+    }
+
+    #[test]
+    fn named_ignores_case_and_skin_tone_variations() {
+        let meta = Meta {
+            version: "0".into(),
+            vendors: vec!["google".into()],
+            categories: vec!["Flags".into()],
+            subcategories: vec!["country-flag".into()],
+            items: vec![
+                item(0, "waving hand", Some("medium skin tone")),
+                item(1, "waving hand", None),
+                item(2, "flag: Côte d’Ivoire", None),
+            ],
+        };
+        assert_eq!(meta.named(" Waving Hand ").unwrap().index, 1);
+        assert_eq!(meta.named("FLAG: CÔTE D’IVOIRE").unwrap().index, 2);
+        assert!(meta.named("waving").is_none());
+        assert!(meta.named("waving hands").is_none());
+    }
 }

@@ -131,27 +131,33 @@ pub struct GptReport {
 }
 
 /// The budget and held-out curve of a run from its loss log (appended over every piece):
-/// training seconds summed over the pieces (each paused piece's last record, plus `last`
-/// seconds of the final one), the number of pieces, and the held-out probes.
+/// training seconds summed over the pieces, the number of pieces, and the held-out probes (the
+/// latest probe of a step, where a piece repeated steps after a crash). Each record's `seconds`
+/// counts from the start of its piece, so a piece ends where the count falls: a pause, a crash,
+/// or a finished run extended by `--resume --steps N` (its `eval` event carries the seconds in
+/// `report`). `last` is the final piece's seconds.
 fn run_history(log: &Path, last: f64) -> (f64, usize, Vec<(usize, f64)>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut seconds = last;
-    let mut pieces = 1;
-    let mut curve = Vec::new();
+    let (mut ended, mut pieces, mut current) = (0.0, 1, 0.0);
+    let mut curve = std::collections::BTreeMap::new();
     for r in text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
-        if r["event"] == "paused" {
-            seconds += r["seconds"].as_f64().unwrap_or(0.0);
-            pieces += 1;
+        let secs = r["seconds"].as_f64().or_else(|| r["report"]["seconds"].as_f64());
+        if let Some(secs) = secs {
+            if secs < current {
+                ended += current;
+                pieces += 1;
+            }
+            current = secs;
         }
         if let (Some(step), Some(nll)) = (r["step"].as_u64(), r["heldout_nll_name_probe"].as_f64())
         {
-            curve.push((step as usize, nll));
+            curve.insert(step as usize, nll);
         }
     }
-    (seconds, pieces, curve)
+    (ended + last, pieces, curve.into_iter().collect())
 }
 
 /// Encodes every image of the data set at `size` px: `[N, tokens]` int64 on the CPU.
@@ -574,6 +580,30 @@ pub fn train_gpt(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn run_history_counts_paused_and_extended_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("loss.jsonl");
+        let lines = [
+            // Piece 1: paused at step 2.
+            r#"{"loss":5.0,"seconds":10.0,"step":1}"#,
+            r#"{"heldout_nll_name_probe":4.0,"seconds":20.0,"step":2}"#,
+            r#"{"event":"paused","seconds":21.0,"step":2}"#,
+            // Piece 2: resumed, finished at step 4 (its eval report carries the seconds).
+            r#"{"loss":4.5,"seconds":5.0,"step":3}"#,
+            r#"{"heldout_nll_name_probe":3.5,"seconds":9.0,"step":4}"#,
+            r#"{"event":"eval","report":{"seconds":12.0,"steps":4}}"#,
+            // Piece 3: the finished run extended with --resume --steps 6 (not finished yet).
+            r#"{"loss":4.0,"seconds":3.0,"step":5}"#,
+            r#"{"heldout_nll_name_probe":3.4,"seconds":6.0,"step":6}"#,
+        ];
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let (seconds, pieces, curve) = run_history(&log, 7.0);
+        assert_eq!(pieces, 3);
+        assert!((seconds - (21.0 + 12.0 + 7.0)).abs() < 1e-9, "{seconds}");
+        assert_eq!(curve, vec![(2, 4.0), (4, 3.5), (6, 3.4)]);
+    }
 
     #[test]
     fn mirrored_rows_only_where_allowed_and_no_draws_when_off() {
