@@ -144,7 +144,9 @@ fn run_history(log: &Path, last: f64) -> (f64, usize, Vec<(usize, f64)>) {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
-        let secs = r["seconds"].as_f64().or_else(|| r["report"]["seconds"].as_f64());
+        let secs = r["seconds"]
+            .as_f64()
+            .or_else(|| r["report"]["seconds"].as_f64());
         if let Some(secs) = secs {
             if secs < current {
                 ended += current;
