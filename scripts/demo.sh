@@ -9,7 +9,7 @@ bash scripts/setup-torch.sh
 cargo build --release -p mulo-cli
 mulo=target/release/mulo
 work="${MULO_DEMO_DIR:-target/demo}"
-prompt="${MULO_DEMO_PROMPT:-red apple}"
+prompt="${MULO_DEMO_PROMPT:-grinning face}"
 name="$(echo "$prompt" | tr -c 'a-zA-Z0-9\n' '-')"
 mkdir -p "$work"
 "$mulo" info models/emoji/target

@@ -49,6 +49,13 @@ fn fmt_value(v: &Value) -> String {
 /// The command, machine, options and measured report of one training run, under `title`.
 fn render_run(md: &mut String, train: &Value, title: &str, file: &str) -> Result<()> {
     let _ = writeln!(md, "## {title}\n");
+    let pieces = train["report"]["pieces"].as_u64().unwrap_or(1);
+    if pieces > 1 {
+        let _ = writeln!(
+            md,
+            "The run took {pieces} pieces (paused, or finished and extended, then continued with `--resume`); the last one's command:\n"
+        );
+    }
     if let Some(cmd) = train.get("command").and_then(Value::as_str) {
         let _ = writeln!(md, "```\n{cmd}\n```\n");
     }
@@ -274,4 +281,29 @@ pub fn write_card(dir: &Path, role: &str) -> Result<()> {
     let out = dir.join("MODEL_CARD.md");
     std::fs::write(&out, md).with_context(|| format!("{}", out.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_several_pieces_says_so_and_sums_its_budget() {
+        let train = serde_json::json!({
+            "command": "mulo train target --resume",
+            "report": {"pieces": 3, "training_seconds_total": 600.0, "heldout_nll_curve": [[250, 3.0]]},
+        });
+        let mut md = String::new();
+        render_run(&mut md, &train, "How it was made", TRAIN_REPORT).unwrap();
+        assert!(md.contains("The run took 3 pieces"), "{md}");
+        assert!(
+            md.contains("10 minutes of training steps in 3 piece(s)"),
+            "{md}"
+        );
+        let one = serde_json::json!({"command": "mulo train target", "report": {"pieces": 1}});
+        let mut md = String::new();
+        render_run(&mut md, &one, "How it was made", TRAIN_REPORT).unwrap();
+        assert!(!md.contains("pieces ("), "{md}");
+    }
 }

@@ -277,6 +277,7 @@ fn tiny_gpt_options(
         caption_len: 6,
         caption_dim: 8,
         steps: 3,
+        extend_from: Vec::new(),
         batch: 2,
         lr: 1e-3,
         weight_decay: 0.0,
@@ -556,4 +557,31 @@ fn gpt_training_paused_and_resumed_equals_straight_through() {
     old.resume = true;
     train_gpt(&old, tch::Device::Cpu, none).unwrap();
     assert_ne!(weights("straight"), weights("old"));
+
+    // A finished 3-step run extended to 6 with `resume` (the learning rate jumps to the 6-step
+    // schedule's at step 3) equals one run of 6 steps extended from 3, and differs from the
+    // straight 6-step schedule.
+    let mut short = opts("extended");
+    short.steps = 3;
+    train_gpt(&short, tch::Device::Cpu, none).unwrap();
+    short.steps = 6;
+    short.resume = true;
+    let report = train_gpt(&short, tch::Device::Cpu, none).unwrap();
+    assert_eq!(
+        report.pieces, 2,
+        "a finished run extended is a second piece"
+    );
+    let mut planned = opts("planned");
+    planned.extend_from = vec![3];
+    train_gpt(&planned, tch::Device::Cpu, none).unwrap();
+    assert_eq!(weights("extended"), weights("planned"));
+    assert_ne!(weights("straight"), weights("planned"));
+    for bad in [vec![6], vec![0], vec![4, 2]] {
+        let mut o = opts("bad");
+        o.extend_from = bad;
+        match train_gpt(&o, tch::Device::Cpu, none) {
+            Err(TrainError::Train(m)) => assert!(m.contains("--extend-from"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }

@@ -141,6 +141,7 @@ pub fn train_evaluator(
     let recipe = Recipe {
         lr: opts.lr,
         steps: opts.steps,
+        extend_from: Vec::new(),
         warmup_div: 20,
         min_ratio: 0.02,
         adamw: nn::AdamW::default(),

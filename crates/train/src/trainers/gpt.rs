@@ -44,6 +44,10 @@ pub struct GptTrainOptions {
     pub caption_dim: i64,
     /// Optimizer steps.
     pub steps: usize,
+    /// Lengths the run was first set to, increasing and below `steps` (empty: none): the
+    /// learning rate follows each one's schedule up to it, then the next's, as when a finished
+    /// run is extended with `resume` and a larger `steps`.
+    pub extend_from: Vec<usize>,
     /// Sequences per step.
     pub batch: usize,
     /// Peak learning rate.
@@ -159,7 +163,12 @@ fn run_history(log: &Path, last: f64) -> (f64, usize, Vec<(usize, f64)>) {
             curve.insert(step as usize, nll);
         }
     }
-    (ended + last, pieces, curve.into_iter().collect())
+    // An invocation with no steps left logs nothing: the count is still the previous piece's.
+    (
+        ended + current.max(last),
+        pieces,
+        curve.into_iter().collect(),
+    )
 }
 
 /// Encodes every image of the data set at `size` px: `[N, tokens]` int64 on the CPU.
@@ -483,6 +492,7 @@ pub fn train_gpt(
     let recipe = Recipe {
         lr: opts.lr,
         steps: opts.steps,
+        extend_from: opts.extend_from.clone(),
         warmup_div: 20,
         min_ratio: 0.1,
         adamw: adamw(0.95, opts.weight_decay),
@@ -605,6 +615,16 @@ mod tests {
         assert_eq!(pieces, 3);
         assert!((seconds - (21.0 + 12.0 + 7.0)).abs() < 1e-9, "{seconds}");
         assert_eq!(curve, vec![(2, 4.0), (4, 3.5), (6, 3.4)]);
+        // Run again with nothing left to train: no new piece, the seconds as they were.
+        let finished = format!(
+            "{}\n{}",
+            lines.join("\n"),
+            r#"{"event":"eval","report":{"seconds":7.0}}"#
+        );
+        std::fs::write(&log, finished).unwrap();
+        let (seconds, pieces, _) = run_history(&log, 0.1);
+        assert_eq!(pieces, 3);
+        assert!((seconds - 40.0).abs() < 1e-9, "{seconds}");
     }
 
     #[test]

@@ -47,6 +47,60 @@ impl Schedule {
     }
 }
 
+/// The learning rate of a run that was extended: one [`Schedule`] per length the run was set to,
+/// each used from the end of the one before. A run of `total` steps extended from `a` follows
+/// an `a`-step schedule up to step `a`, then the `total`-step one from where it stands there
+/// (what `--resume --steps total` does to a finished `a`-step run).
+#[derive(Debug, Clone)]
+pub struct Schedules(Vec<Schedule>);
+
+impl Schedules {
+    /// The schedules of a `total`-step run first set to each length of `extend_from`
+    /// (increasing, each below `total`); warm-up `length / warmup_div` for each.
+    pub fn new(
+        peak_lr: f64,
+        total: usize,
+        extend_from: &[usize],
+        warmup_div: usize,
+        min_ratio: f64,
+    ) -> Result<Self, TrainError> {
+        let increasing = extend_from.windows(2).all(|w| w[0] < w[1]);
+        if !increasing || extend_from.iter().any(|&a| a == 0 || a >= total) {
+            return Err(TrainError::Train(format!(
+                "--extend-from {extend_from:?}: lengths must increase and lie between 0 and --steps {total}"
+            )));
+        }
+        let schedule = |len: usize| Schedule {
+            peak_lr,
+            warmup: (len / warmup_div.max(1)).max(1),
+            total: len,
+            min_ratio,
+        };
+        Ok(Self(
+            extend_from
+                .iter()
+                .chain([&total])
+                .map(|&len| schedule(len))
+                .collect(),
+        ))
+    }
+
+    /// Learning rate at `step` (0-based).
+    pub fn lr(&self, step: usize) -> f64 {
+        let last = &self.0[self.0.len() - 1];
+        self.0
+            .iter()
+            .find(|s| step < s.total)
+            .unwrap_or(last)
+            .lr(step)
+    }
+
+    /// Steps of the whole run.
+    pub fn total(&self) -> usize {
+        self.0[self.0.len() - 1].total
+    }
+}
+
 /// A JSON-lines loss log, appended to on resume.
 #[derive(Debug)]
 pub struct TrainLog {
@@ -197,11 +251,13 @@ pub struct Resumed {
 }
 
 /// The optimiser settings of a training loop: AdamW, linear warm-up over `steps / warmup_div`
-/// steps, cosine decay to `lr · min_ratio`, a checkpoint every `ckpt_every` steps.
-#[derive(Debug, Clone, Copy)]
+/// steps, cosine decay to `lr · min_ratio` (as [`Schedules`] when the run was extended from
+/// shorter lengths), a checkpoint every `ckpt_every` steps.
+#[derive(Debug, Clone)]
 pub(crate) struct Recipe {
     pub lr: f64,
     pub steps: usize,
+    pub extend_from: Vec<usize>,
     pub warmup_div: usize,
     pub min_ratio: f64,
     pub adamw: nn::AdamW,
@@ -327,7 +383,7 @@ pub(crate) struct Trainer {
     stop: Stop,
     opt: AdamW,
     ema: Option<Ema>,
-    sched: Schedule,
+    sched: Schedules,
     log: TrainLog,
     ckpt: Checkpoints,
     started: Instant,
@@ -345,12 +401,13 @@ impl Trainer {
         work: &Path,
         resume: bool,
     ) -> Result<Self, TrainError> {
-        let sched = Schedule {
-            peak_lr: recipe.lr,
-            warmup: (recipe.steps / recipe.warmup_div.max(1)).max(1),
-            total: recipe.steps,
-            min_ratio: recipe.min_ratio,
-        };
+        let sched = Schedules::new(
+            recipe.lr,
+            recipe.steps,
+            &recipe.extend_from,
+            recipe.warmup_div,
+            recipe.min_ratio,
+        )?;
         let ckpt = Checkpoints::new(work);
         let resumed = if resume { ckpt.load(vs)? } else { None };
         std::fs::create_dir_all(work).map_err(|e| io_err(work, e))?;
@@ -455,7 +512,7 @@ impl Trainer {
         progress: &mut dyn FnMut(usize, usize, f64),
     ) -> Result<(), TrainError> {
         let done = step + 1;
-        if done.is_multiple_of(25) || done == self.sched.total {
+        if done.is_multiple_of(25) || done == self.sched.total() {
             let mut rec = serde_json::json!({
                 "step": done, "lr": self.sched.lr(step), "loss": loss, "seconds": self.seconds(),
             });
@@ -467,8 +524,8 @@ impl Trainer {
         if done.is_multiple_of(self.ckpt_every) {
             self.save(vs, done)?;
         }
-        progress(done, self.sched.total, loss);
-        if done < self.sched.total && self.stop.reached(done, self.seconds()) {
+        progress(done, self.sched.total(), loss);
+        if done < self.sched.total() && self.stop.reached(done, self.seconds()) {
             if !done.is_multiple_of(self.ckpt_every) {
                 self.save(vs, done)?;
             }
@@ -477,7 +534,7 @@ impl Trainer {
             )?;
             return Err(TrainError::Paused {
                 step: done,
-                total: self.sched.total,
+                total: self.sched.total(),
             });
         }
         Ok(())
@@ -491,7 +548,7 @@ impl Trainer {
     /// Saves the final checkpoint, then puts the averaged weights in the model when the run
     /// keeps an average (what the caller writes next).
     pub fn finish(&self, vs: &VarStore) -> Result<(), TrainError> {
-        self.save(vs, self.sched.total)?;
+        self.save(vs, self.sched.total())?;
         if let Some(ema) = &self.ema {
             ema.copy_into_model();
         }
@@ -627,6 +684,31 @@ pub fn psnr_u8(a: &Tensor, b: &Tensor) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extended_schedules_follow_each_length_in_turn() {
+        let s = |warmup, total| Schedule {
+            peak_lr: 1.0,
+            warmup,
+            total,
+            min_ratio: 0.1,
+        };
+        let plan = Schedules::new(1.0, 6000, &[3000], 20, 0.1).unwrap();
+        assert_eq!(plan.total(), 6000);
+        for step in [0, 149, 150, 2999] {
+            assert_eq!(plan.lr(step), s(150, 3000).lr(step), "step {step}");
+        }
+        for step in [3000, 4500, 5999, 7000] {
+            assert_eq!(plan.lr(step), s(300, 6000).lr(step), "step {step}");
+        }
+        // The jump at the extension: from the 3000-step floor up into the 6000-step cosine.
+        assert!(plan.lr(2999) < 0.11 && plan.lr(3000) > 0.5);
+        let plain = Schedules::new(1.0, 6000, &[], 20, 0.1).unwrap();
+        assert_eq!(plain.lr(1000), s(300, 6000).lr(1000));
+        for bad in [&[6000][..], &[0], &[4000, 2000], &[2000, 2000]] {
+            assert!(Schedules::new(1.0, 6000, bad, 20, 0.1).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn schedule_warms_up_then_decays() {

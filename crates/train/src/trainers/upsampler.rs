@@ -102,6 +102,7 @@ pub fn train_upsampler(
     let recipe = Recipe {
         lr: opts.lr,
         steps: opts.steps,
+        extend_from: Vec::new(),
         warmup_div: 20,
         min_ratio: 0.05,
         adamw: adamw(0.99, opts.weight_decay),

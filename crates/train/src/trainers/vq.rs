@@ -151,6 +151,7 @@ pub fn train_vq(
     let recipe = Recipe {
         lr: opts.lr,
         steps: opts.steps,
+        extend_from: Vec::new(),
         warmup_div: 50,
         min_ratio: 0.05,
         adamw: adamw(0.99, 0.0),
@@ -328,6 +329,7 @@ pub fn train_vq_decoder(
     let recipe = Recipe {
         lr: opts.lr,
         steps: opts.steps,
+        extend_from: Vec::new(),
         warmup_div: 50,
         min_ratio: 0.05,
         adamw: adamw(0.99, 0.0),
