@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command (README.md, .ci/run): installs libtorch if needed, then formatting,
+# The project's test command (README.md, .ci/run): installs libtorch and the reference venv of the
+# parity tests if needed, then formatting,
 # clippy with warnings as errors, the Kubernetes manifests and the Dockerfile
 # (validate-deploy.sh), and every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-torch.sh
+bash scripts/setup-test-venv.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 bash scripts/validate-deploy.sh

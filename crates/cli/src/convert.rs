@@ -26,6 +26,9 @@ const SCRIPT: &str = include_str!("../python/torch_to_safetensors.py");
 pub enum ConvertCommand {
     /// Convert a LlamaGen checkpoint (c2i GPT, t2i GPT or VQ tokenizer).
     Llamagen(LlamagenArgs),
+    /// Convert a Hugging Face T5 / flan-t5 checkpoint directory into a text encoder (its encoder
+    /// half and tokenizer.json), for t2i families (docs/byom.md).
+    T5(crate::convert_t5::T5Args),
 }
 
 /// Kind of LlamaGen checkpoint.
@@ -311,7 +314,10 @@ fn vq_config(a: &LlamagenArgs, shapes: &Shapes) -> Result<VqConfig> {
 
 /// Runs `mulo convert llamagen`.
 pub fn run(cmd: ConvertCommand) -> Result<()> {
-    let ConvertCommand::Llamagen(a) = cmd;
+    let a = match cmd {
+        ConvertCommand::Llamagen(a) => a,
+        ConvertCommand::T5(a) => return crate::convert_t5::run(a),
+    };
     let py = python(a.python.as_deref());
     let out = a.out.clone();
     if out.join("config.json").exists() || out.join("model.safetensors").exists() {

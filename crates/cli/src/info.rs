@@ -163,6 +163,21 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 c.categories, c.subcategories
             );
         }
+        ModelConfig::T5Encoder(c) => {
+            println!("  type        T5 text encoder '{}'", c.name);
+            println!(
+                "  layers      {} x width {}, {} heads of {}, feed-forward {} ({:?}{})",
+                c.num_layers,
+                c.d_model,
+                c.num_heads,
+                c.d_kv,
+                c.d_ff,
+                c.activation,
+                if c.gated { ", gated" } else { "" }
+            );
+            println!("  vocabulary  {}", c.vocab_size);
+            println!("  features    [{}, {}] per prompt", c.max_len, c.d_model);
+        }
     }
     let dt: Vec<String> = dtypes.iter().map(|(k, v)| format!("{k} x{v}")).collect();
     println!(

@@ -6,8 +6,10 @@ mod card;
 mod cluster;
 mod common;
 mod convert;
+mod convert_t5;
 mod data;
 mod decode;
+mod embed_text;
 mod encode;
 mod eval;
 mod generate;
@@ -48,6 +50,8 @@ enum Command {
     Decode(decode::DecodeArgs),
     /// Encode an image to a token grid with a VQ model.
     Encode(encode::EncodeArgs),
+    /// Caption features of prompts with a T5 text encoder (.npy, LlamaGen's layout).
+    EmbedText(embed_text::EmbedTextArgs),
     /// Convert a checkpoint of another project into mulo's model format.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
         Command::Decode(a) => decode::run(a),
         Command::Encode(a) => encode::run(a),
         Command::Convert(c) => convert::run(c),
+        Command::EmbedText(a) => embed_text::run(a),
         Command::Info(a) => info::run(a),
         Command::VqProbe(a) => vq_probe::run(a),
         Command::Eval(a) => eval::run(a),

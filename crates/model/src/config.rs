@@ -339,6 +339,8 @@ pub enum ModelConfig {
     Upsampler(crate::upsampler::UpsamplerConfig),
     /// The evaluator CNN of the emoji family.
     Evaluator(crate::evaluator::EvaluatorConfig),
+    /// A T5 text encoder (caption features of t2i GPTs).
+    T5Encoder(crate::t5::T5Config),
 }
 
 impl ModelConfig {
@@ -355,6 +357,7 @@ impl ModelConfig {
             ModelConfig::Vq(c) => c.validate(),
             ModelConfig::Upsampler(c) => c.validate(),
             ModelConfig::Evaluator(c) => c.validate(),
+            ModelConfig::T5Encoder(c) => c.validate(),
         }
         .map_err(|e| ModelError::Json {
             path,
@@ -370,6 +373,7 @@ impl ModelConfig {
             ModelConfig::Vq(_) => "a VQ model",
             ModelConfig::Upsampler(_) => "an up-sampler",
             ModelConfig::Evaluator(_) => "an evaluator",
+            ModelConfig::T5Encoder(_) => "a T5 text encoder",
         }
     }
 
@@ -410,6 +414,14 @@ impl ModelConfig {
         match Self::load(dir)? {
             ModelConfig::Evaluator(c) => Ok(c),
             other => Err(Self::wrong_kind(dir, &other, "an evaluator")),
+        }
+    }
+
+    /// Reads `<dir>/config.json`, which must describe a T5 text encoder.
+    pub fn load_t5(dir: &Path) -> Result<crate::t5::T5Config> {
+        match Self::load(dir)? {
+            ModelConfig::T5Encoder(c) => Ok(c),
+            other => Err(Self::wrong_kind(dir, &other, "a T5 text encoder")),
         }
     }
 

@@ -12,6 +12,8 @@ pub mod image_io;
 pub mod kv;
 pub mod rope;
 pub mod sampling;
+pub mod t5;
+pub mod text;
 pub mod upsampler;
 pub mod vq;
 
@@ -20,5 +22,7 @@ pub use device::parse_device;
 pub use error::{ModelError, Result};
 pub use gpt::Gpt;
 pub use kv::KvCache;
+pub use t5::{T5Config, T5Encoder};
+pub use text::TextEncoder;
 pub use upsampler::{Upsampler, UpsamplerConfig};
 pub use vq::VqModel;
