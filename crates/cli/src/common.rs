@@ -299,3 +299,14 @@ pub fn tokenize_with_warnings(
     }
     cond
 }
+
+/// The path of `target` relative to the directory `from` (both made absolute first), as a string
+/// for config files.
+pub fn relative_link(from: &Path, target: &Path) -> Result<String> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))
+    };
+    let (from, target) = (abs(from)?, abs(target)?);
+    let rel = pathdiff::diff_paths(&target, &from).unwrap_or(target);
+    Ok(rel.to_string_lossy().into_owned())
+}

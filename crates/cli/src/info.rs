@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// Arguments of `mulo info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Model directory.
+    /// Model directory, or a family directory (family.json: its members and whether they fit).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     /// Print the configuration and tensor summary as JSON.
@@ -59,6 +59,9 @@ fn weights_summary(path: &Path) -> Result<(usize, u64, BTreeMap<String, usize>, 
 
 /// Runs `mulo info`.
 pub fn run(args: InfoArgs) -> Result<()> {
+    if args.dir.join(mulo_engine::family::FAMILY_FILE).is_file() {
+        return family_info(&args);
+    }
     let cfg = ModelConfig::load(&args.dir)?;
     let (tensors, params, dtypes, bytes) = weights_summary(&weights_path(&args.dir))?;
     if args.json {
@@ -186,5 +189,17 @@ pub fn run(args: InfoArgs) -> Result<()> {
         dt.join(", "),
         bytes as f64 / 1e6
     );
+    Ok(())
+}
+
+/// `mulo info FAMILY`: the members, how they fit, or the first mismatch.
+fn family_info(args: &InfoArgs) -> Result<()> {
+    let family = mulo_engine::family::Family::load(&args.dir)?;
+    let configs = family.check()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&family.file)?);
+    } else {
+        println!("{}", crate::family::describe(&family, &configs));
+    }
     Ok(())
 }

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use mulo_core::{GridSize, SamplingParams};
 use mulo_engine::TorchWorker;
 use mulo_model::config::{ConditionConfig, PositionEmbedding};
-use mulo_model::{DType, Gpt, GptConfig, VqConfig, VqModel};
+use mulo_model::{DType, Gpt, GptConfig, Upsampler, UpsamplerConfig, VqConfig, VqModel};
 
 use crate::common::parse_grid;
 
@@ -18,6 +18,8 @@ pub enum InitCommand {
     Gpt(InitGptArgs),
     /// A random VQ tokenizer.
     Vq(InitVqArgs),
+    /// A random up-sampler over a VQ model's codebook.
+    Upsampler(InitUpsamplerArgs),
 }
 
 /// Condition kind of a new GPT.
@@ -114,6 +116,66 @@ pub struct InitVqArgs {
     pub dtype: DType,
 }
 
+/// Arguments of `mulo init upsampler`.
+#[derive(Debug, Args)]
+pub struct InitUpsamplerArgs {
+    /// Output model directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// VQ model directory whose codebook the up-sampler embeds (recorded relative to --out).
+    #[arg(long, value_name = "DIR")]
+    pub vq: PathBuf,
+    /// Up-sampling factor (2 or 4).
+    #[arg(long, default_value_t = 2)]
+    pub scale: i64,
+    /// Hidden channels.
+    #[arg(long, default_value_t = 32)]
+    pub channels: i64,
+    /// Residual blocks at low resolution.
+    #[arg(long, default_value_t = 1)]
+    pub low_blocks: i64,
+    /// Residual blocks at high resolution.
+    #[arg(long, default_value_t = 1)]
+    pub high_blocks: i64,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+fn init_upsampler(worker: &TorchWorker<()>, a: InitUpsamplerArgs) -> Result<()> {
+    if a.out.join("config.json").exists() {
+        bail!("{} already holds a model", a.out.display());
+    }
+    let vq_cfg = mulo_model::ModelConfig::load_vq(&a.vq)?;
+    std::fs::create_dir_all(&a.out)?;
+    let link = crate::common::relative_link(&a.out, &a.vq)?;
+    let cfg = UpsamplerConfig {
+        name: Some("random".into()),
+        codebook_size: vq_cfg.codebook_size,
+        codebook_embed_dim: vq_cfg.codebook_embed_dim,
+        scale: a.scale,
+        channels: a.channels,
+        low_blocks: a.low_blocks,
+        high_blocks: a.high_blocks,
+        dtype: DType::Fp32,
+        vq: Some(link),
+    };
+    let (out, vq) = (a.out.clone(), a.vq.clone());
+    worker.run(move |_| -> Result<()> {
+        let (vq, _) = VqModel::load(&vq, tch::Device::Cpu, Some(DType::Fp32))?;
+        let mut m = Upsampler::random(cfg, tch::Device::Cpu, a.seed)?;
+        m.set_codebook(&vq.codes())?;
+        m.save(&out, DType::Fp32)?;
+        Ok(())
+    })??;
+    println!(
+        "wrote a random up-sampler (x{}) to {}",
+        a.scale,
+        a.out.display()
+    );
+    Ok(())
+}
+
 /// Runs `mulo init`.
 pub fn run(cmd: InitCommand) -> Result<()> {
     let worker = TorchWorker::spawn("torch", || Ok::<_, anyhow::Error>(()))?;
@@ -193,6 +255,7 @@ pub fn run(cmd: InitCommand) -> Result<()> {
             })??;
             println!("wrote a random VQ tokenizer to {}", a.out.display());
         }
+        InitCommand::Upsampler(a) => init_upsampler(&worker, a)?,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod decode;
 mod embed_text;
 mod encode;
 mod eval;
+mod family;
 mod generate;
 mod info;
 mod init;
@@ -55,6 +56,9 @@ enum Command {
     /// Convert a checkpoint of another project into mulo's model format.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
+    /// Assemble a model family from model directories (docs/family.md).
+    #[command(subcommand)]
+    Family(family::FamilyCommand),
     /// Build a training data set.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => convert::run(c),
         Command::EmbedText(a) => embed_text::run(a),
         Command::Info(a) => info::run(a),
+        Command::Family(c) => family::run(c),
         Command::VqProbe(a) => vq_probe::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),

@@ -166,8 +166,9 @@ fn run_all(a: TrainAllArgs) -> Result<()> {
         upsampler: "upsampler".into(),
         downsampler: mulo_engine::family::Downsampler::VqArea,
         vq: "vq".into(),
-        draft_small: "draft-small".into(),
-        evaluator: "evaluator".into(),
+        draft_small: Some("draft-small".into()),
+        evaluator: Some("evaluator".into()),
+        text_encoder: None,
     };
     let path = fam.join(mulo_engine::family::FAMILY_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&family_file)? + "\n")

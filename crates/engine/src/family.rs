@@ -37,10 +37,15 @@ pub struct FamilyFile {
     pub downsampler: Downsampler,
     /// VQ tokenizer shared by both resolutions.
     pub vq: String,
-    /// Small high-resolution draft model (SD and LANTERN baselines).
-    pub draft_small: String,
-    /// Evaluator CNN (FID-emoji and adherence).
-    pub evaluator: String,
+    /// Small high-resolution draft model (SD and LANTERN baselines); optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_small: Option<String>,
+    /// Evaluator CNN (FID-emoji and adherence); optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluator: Option<String>,
+    /// T5 text encoder turning prompts into the caption features of t2i GPTs; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<String>,
 }
 
 /// A loaded family description with its directory.
@@ -67,6 +72,23 @@ pub enum Member {
     DraftSmall,
     /// The evaluator.
     Evaluator,
+    /// The T5 text encoder.
+    TextEncoder,
+}
+
+impl Member {
+    /// The member's name in messages and in `family.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Member::Target => "target",
+            Member::Drafter => "drafter",
+            Member::Upsampler => "upsampler",
+            Member::Vq => "vq",
+            Member::DraftSmall => "draft_small",
+            Member::Evaluator => "evaluator",
+            Member::TextEncoder => "text_encoder",
+        }
+    }
 }
 
 impl Family {
@@ -94,15 +116,33 @@ impl Family {
         })
     }
 
-    /// The directory of a member; an error names the member when it holds no model.
+    /// What `family.json` says about a member: `None` for an optional member it does not name.
+    fn relative(&self, member: Member) -> Option<&String> {
+        match member {
+            Member::Target => Some(&self.file.target),
+            Member::Drafter => Some(&self.file.drafter),
+            Member::Upsampler => Some(&self.file.upsampler),
+            Member::Vq => Some(&self.file.vq),
+            Member::DraftSmall => self.file.draft_small.as_ref(),
+            Member::Evaluator => self.file.evaluator.as_ref(),
+            Member::TextEncoder => self.file.text_encoder.as_ref(),
+        }
+    }
+
+    /// Whether `family.json` names the member (it may still hold no model).
+    pub fn has(&self, member: Member) -> bool {
+        self.relative(member).is_some()
+    }
+
+    /// The directory of a member; an error names the member when the family has none or it holds
+    /// no model.
     pub fn path(&self, member: Member) -> Result<PathBuf, EngineError> {
-        let rel = match member {
-            Member::Target => &self.file.target,
-            Member::Drafter => &self.file.drafter,
-            Member::Upsampler => &self.file.upsampler,
-            Member::Vq => &self.file.vq,
-            Member::DraftSmall => &self.file.draft_small,
-            Member::Evaluator => &self.file.evaluator,
+        let Some(rel) = self.relative(member) else {
+            return Err(EngineError::Family(format!(
+                "family '{}' has no {} (its family.json names none)",
+                self.file.name,
+                member.name()
+            )));
         };
         let p = self.dir.join(rel);
         if !p.join("config.json").is_file() {

@@ -6,6 +6,7 @@ pub mod coordinator;
 pub mod drafter;
 pub mod error;
 pub mod family;
+pub mod family_check;
 pub mod prompt;
 pub mod roles;
 pub mod score;

@@ -180,7 +180,7 @@ impl Engine {
             let tdir = family.path(Member::Target)?;
             let mut target = load_gpt(&tdir, device, dtype)?;
             target.set_metrics_label("target");
-            let (draft, dtok) = if roles.draft_small {
+            let (draft, dtok) = if roles.draft_small && family.has(Member::DraftSmall) {
                 let ddir = family.path(Member::DraftSmall)?;
                 let mut draft = load_gpt(&ddir, device, dtype)?;
                 draft.set_metrics_label("draft_small");
