@@ -16,6 +16,78 @@ pub enum DataCommand {
     /// Write the evaluation prompt list (TSV: prompt, category, subcategory) from a built data
     /// set: every held-out emoji and as many training emoji, by name.
     Prompts(PromptsArgs),
+    /// Any folder of PNG / JPEG images (recursively) as square RGB shards with an index, for
+    /// `mulo train upsampler` on a user's VQ (docs/byom.md).
+    Images(ImagesArgs),
+}
+
+/// Arguments of `mulo data images`.
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Folder searched recursively for .png, .jpg and .jpeg files.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Optional captions: JSONL lines {"file": "relative/path.png", "caption": "..."}.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub captions: Option<PathBuf>,
+    /// Side of the output images in pixels (the target's resolution, e.g. 512 for LlamaGen's
+    /// stage-2 model).
+    #[arg(long)]
+    pub size: u32,
+    /// Output directory (shards, index.jsonl, meta.json).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// How non-square images become square: crop keeps the central square, pad adds white.
+    #[arg(long, value_enum, default_value = "crop")]
+    pub fit: FitArg,
+    /// Images per shard file.
+    #[arg(long, default_value_t = 1024)]
+    pub shard_size: usize,
+}
+
+/// `--fit` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FitArg {
+    /// Keep the central square.
+    Crop,
+    /// Pad the short side with white.
+    Pad,
+}
+
+fn run_images(a: ImagesArgs) -> Result<()> {
+    use mulo_train::data::images::{build_image_set, Fit, ImageSetOptions};
+    let o = ImageSetOptions {
+        dir: a.dir.clone(),
+        captions: a.captions.clone(),
+        size: a.size,
+        out: a.out.clone(),
+        fit: match a.fit {
+            FitArg::Crop => Fit::Crop,
+            FitArg::Pad => Fit::Pad,
+        },
+        shard_size: a.shard_size,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    let meta = build_image_set(&o, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    for s in meta.skipped.iter().take(10) {
+        eprintln!("skipped {}: {}", s.file, s.error);
+    }
+    println!(
+        "wrote {} images of {}x{} px ({} train, {} held out) in {} shard(s) to {}; skipped {} unreadable file(s)",
+        meta.count,
+        meta.size,
+        meta.size,
+        meta.train,
+        meta.heldout,
+        meta.shards.len(),
+        a.out.display(),
+        meta.skipped.len()
+    );
+    Ok(())
 }
 
 /// Arguments of `mulo data prompts`.
@@ -55,6 +127,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     let a = match cmd {
         DataCommand::Emoji(a) => a,
         DataCommand::Prompts(p) => return run_prompts(p),
+        DataCommand::Images(i) => return run_images(i),
     };
     let cache = a.cache.clone().unwrap_or_else(|| cache_root().join("npm"));
     let out = a

@@ -50,7 +50,7 @@ pub enum DataError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -260,7 +260,7 @@ pub fn eval_prompts(meta: &Meta) -> Result<Vec<(String, String, String)>, DataEr
 }
 
 /// 64-bit FNV-1a: a stable hash for the split.
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= u64::from(b);
