@@ -144,15 +144,31 @@ fn run_history(log: &Path, last: f64) -> (f64, usize, Vec<(usize, f64)>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let (mut ended, mut pieces, mut current) = (0.0, 1, 0.0);
     let mut curve = std::collections::BTreeMap::new();
+    // After a `start` event (logs since 2026-12-06), the next step or pause record opens a new
+    // piece whatever its seconds; an eval before any (a run with nothing left to train) does not.
+    let mut boundary = false;
     for r in text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
+        if r["event"] == "start" {
+            boundary = true;
+            continue;
+        }
         let secs = r["seconds"]
             .as_f64()
             .or_else(|| r["report"]["seconds"].as_f64());
         if let Some(secs) = secs {
-            if secs < current {
+            if boundary {
+                if r["event"] == "eval" {
+                    continue;
+                }
+                boundary = false;
+                if current > 0.0 {
+                    ended += current;
+                    pieces += 1;
+                }
+            } else if secs < current {
                 ended += current;
                 pieces += 1;
             }
@@ -625,6 +641,27 @@ mod tests {
         let (seconds, pieces, _) = run_history(&log, 0.1);
         assert_eq!(pieces, 3);
         assert!((seconds - 40.0).abs() < 1e-9, "{seconds}");
+    }
+
+    #[test]
+    fn start_events_mark_pieces_even_when_seconds_do_not_fall() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("loss.jsonl");
+        let lines = [
+            r#"{"event":"start","step":0}"#,
+            r#"{"event":"paused","seconds":0.02,"step":1}"#,
+            // The resumed piece's first record took longer than the whole first piece.
+            r#"{"event":"start","step":1}"#,
+            r#"{"loss":4.0,"seconds":0.5,"step":2}"#,
+            r#"{"event":"eval","report":{"seconds":0.6,"steps":2}}"#,
+            // A run with nothing left to train: a start and an eval, no new piece.
+            r#"{"event":"start","step":2}"#,
+            r#"{"event":"eval","report":{"seconds":0.001,"steps":2}}"#,
+        ];
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let (seconds, pieces, _) = run_history(&log, 0.001);
+        assert_eq!(pieces, 2);
+        assert!((seconds - 0.62).abs() < 1e-9, "{seconds}");
     }
 
     #[test]

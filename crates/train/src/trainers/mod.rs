@@ -437,6 +437,8 @@ impl Trainer {
                 step
             }
         };
+        // Marks the piece for the run's history (pieces and seconds, `run_history`).
+        log.write(&serde_json::json!({"event": "start", "step": start}))?;
         if let Some(at) = recipe.stop.at_step.filter(|&at| at <= start) {
             return Err(TrainError::Train(format!(
                 "--stop-at {at} is not after the checkpoint's step {start}: nothing to run"
