@@ -82,7 +82,11 @@ impl Evaluator {
     /// A randomly initialised evaluator; global seed `seed`.
     pub fn random(cfg: EvaluatorConfig, device: Device, seed: i64) -> Result<Self> {
         cfg.validate()?;
-        tch::manual_seed(seed);
+        crate::seed::with_global_seed(seed, || Self::initialise(cfg, device))
+    }
+
+    /// The layers, initialised from the global generator.
+    fn initialise(cfg: EvaluatorConfig, device: Device) -> Result<Self> {
         let vs = VarStore::new(device);
         let root = vs.root();
         let mut stages = Vec::new();

@@ -242,8 +242,8 @@ impl Gpt {
         seed: i64,
         init_std: f64,
     ) -> Result<Self> {
-        tch::manual_seed(seed);
-        let mut m = Self::build(cfg, device, Some(init_std))?;
+        let mut m =
+            crate::seed::with_global_seed(seed, || Self::build(cfg, device, Some(init_std)))?;
         m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
         Ok(m)

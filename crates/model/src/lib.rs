@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod kv;
 pub mod rope;
 pub mod sampling;
+pub mod seed;
 pub mod t5;
 pub mod text;
 pub mod upsampler;

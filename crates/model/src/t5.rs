@@ -284,13 +284,17 @@ impl T5Encoder {
 
     /// A randomly initialised encoder (weights `N(0, 1)` from the seed), for tests.
     pub fn random(cfg: T5Config, device: Device, seed: i64) -> Result<Self> {
-        tch::manual_seed(seed);
         let m = Self::build(cfg, device)?;
-        tch::no_grad(|| {
-            for (_, mut v) in m.vs.variables() {
-                let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.5;
-                v.copy_(&r.to_device(device));
-            }
+        crate::seed::with_global_seed(seed, || {
+            tch::no_grad(|| {
+                // By name: the store's map has no fixed order.
+                let mut vars: Vec<_> = m.vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (_, mut v) in vars {
+                    let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.5;
+                    v.copy_(&r.to_device(device));
+                }
+            })
         });
         Ok(m)
     }

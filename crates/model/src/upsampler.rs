@@ -130,7 +130,11 @@ impl Upsampler {
     /// global seed `seed`.
     pub fn random(cfg: UpsamplerConfig, device: Device, seed: i64) -> Result<Self> {
         cfg.validate()?;
-        tch::manual_seed(seed);
+        crate::seed::with_global_seed(seed, || Self::initialise(cfg, device))
+    }
+
+    /// The layers, initialised from the global generator.
+    fn initialise(cfg: UpsamplerConfig, device: Device) -> Result<Self> {
         let vs = VarStore::new(device);
         let root = vs.root();
         let c = cfg.channels;

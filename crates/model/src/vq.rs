@@ -337,8 +337,7 @@ impl VqModel {
 
     /// A randomly initialised tokenizer (torch's default initialisation), global seed `seed`.
     pub fn random(cfg: VqConfig, device: Device, dtype: DType, seed: i64) -> Result<Self> {
-        tch::manual_seed(seed);
-        let mut m = Self::build(cfg, device)?;
+        let mut m = crate::seed::with_global_seed(seed, || Self::build(cfg, device))?;
         m.vs.set_kind(dtype.kind());
         m.cfg.dtype = dtype;
         Ok(m)

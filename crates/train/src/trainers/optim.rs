@@ -271,13 +271,29 @@ mod tests {
     use tch::nn::{Module, OptimizerConfig};
     use tch::Device;
 
+    /// Values from a local seeded generator: libtorch's global one is shared with the tests
+    /// that run beside this one, so `manual_seed` + `randn` is not reproducible here.
+    fn seeded(rng: &mut rand_chacha::ChaCha8Rng, shape: &[i64]) -> Tensor {
+        use rand::Rng;
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_slice(&v).reshape(shape)
+    }
+
     /// A small linear model and a fixed regression batch.
-    fn model(seed: i64) -> (VarStore, nn::Linear, Tensor, Tensor) {
-        tch::manual_seed(seed);
+    fn model(seed: u64) -> (VarStore, nn::Linear, Tensor, Tensor) {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let vs = VarStore::new(Device::Cpu);
-        let lin = nn::linear(vs.root() / "lin", 5, 3, Default::default());
-        let x = Tensor::randn([16, 5], (Kind::Float, Device::Cpu));
-        let y = Tensor::randn([16, 3], (Kind::Float, Device::Cpu));
+        let mut lin = nn::linear(vs.root() / "lin", 5, 3, Default::default());
+        tch::no_grad(|| {
+            lin.ws.copy_(&seeded(&mut rng, &[3, 5]));
+            if let Some(bs) = lin.bs.as_mut() {
+                bs.copy_(&seeded(&mut rng, &[3]));
+            }
+        });
+        let x = seeded(&mut rng, &[16, 5]);
+        let y = seeded(&mut rng, &[16, 3]);
         (vs, lin, x, y)
     }
 
