@@ -102,6 +102,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let methods = method_list(&a.methods, a.sweep.as_deref())?;
     let family_dir = a.family.clone().unwrap_or_else(default_family_dir);
     let family = Family::load(&family_dir)?;
+    // Every quality measure needs the family's evaluator; without one the bench measures speed.
+    let no_quality = a.no_quality || !family.has(Member::Evaluator);
+    if !a.no_quality && no_quality {
+        println!(
+            "quality: no evaluator in family {} (speed only: FID-emoji, adherence, the target's NLLs and fd_to_ar are not measured)",
+            family_dir.display()
+        );
+    }
     let prompts = read_prompts(
         &a.prompts
             .clone()
@@ -156,7 +164,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(c) => format!("{machine}; services: {}", c.placement),
         None => machine,
     };
-    let floor_images = if a.no_quality { 0 } else { a.n };
+    let floor_images = if no_quality { 0 } else { a.n };
     let total = (a.n + a.warmup) * variants.len() + floor_images;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -172,13 +180,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         &rt,
         &mut || bar.inc(1),
     )?;
-    let floor = if a.no_quality {
+    let floor = if no_quality {
         Vec::new()
     } else {
         mulo_train::bench::ar_floor(&settings, &local, &rt, &mut || bar.inc(1))?
     };
     bar.finish_and_clear();
-    let quality = if a.no_quality {
+    let quality = if no_quality {
         Vec::new()
     } else {
         let data_dir = a

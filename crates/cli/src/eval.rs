@@ -116,6 +116,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let family_dir = a.family.clone().unwrap_or_else(default_family_dir);
     let family = Family::load(&family_dir)?;
+    if !family.has(Member::Evaluator) {
+        bail!(
+            "no evaluator in family {}: `mulo eval` scores with one (add it with `mulo family new --evaluator DIR`; `mulo bench` still measures speed)",
+            family_dir.display()
+        );
+    }
     let prompts_path = a.prompts.clone().unwrap_or_else(default_prompts);
     let rows = read_prompts(&prompts_path)?;
     let data_dir = a

@@ -106,6 +106,18 @@ pub fn run(args: InfoArgs) -> Result<()> {
             println!("  grid        {} ({} tokens)", c.grid, c.grid.len());
             println!("  condition   {cond}");
             println!("  positions   {:?}", c.position_embedding);
+            let elem = if c.dtype == mulo_model::DType::Fp32 {
+                4
+            } else {
+                2
+            };
+            let mib = |b: i64| b as f64 / (1 << 20) as f64;
+            println!(
+                "  kv cache    {:.1} MiB per session with CFG ({:.1} MiB without), in {}",
+                mib(c.kv_cache_bytes(2, elem)),
+                mib(c.kv_cache_bytes(1, elem)),
+                c.dtype
+            );
             let s = c.default_sampling();
             println!(
                 "  sampling    cfg {} temperature {} top-k {} top-p {}",

@@ -316,21 +316,32 @@ pub struct TrainVqDecoderArgs {
 }
 
 /// Arguments of `mulo train upsampler`.
+///
+/// `--data` is a `mulo data emoji` directory or any `mulo data images` set. Each image is
+/// tokenised by `--vq` at the high resolution (low grid × scale tokens) and, area-down-sampled
+/// by the scale, at the low resolution; the token pairs are cached in `--work` and reused while
+/// the data, VQ, grid and scale are unchanged.
 #[derive(Debug, Args)]
 pub struct TrainUpsamplerArgs {
-    /// The trained VQ model directory.
+    /// The VQ model directory that tokenises the images (its codebook is copied in).
     #[arg(long, default_value = "models/emoji/vq", value_name = "DIR")]
     pub vq: PathBuf,
     /// Model directory to write.
     #[arg(long, default_value = "models/emoji/upsampler", value_name = "DIR")]
     pub out: PathBuf,
+    /// Low-resolution token grid, the drafter's (default: image side / VQ factor / scale).
+    #[arg(long, value_name = "G", value_parser = clap::value_parser!(i64).range(1..))]
+    pub low_grid: Option<i64>,
+    /// Up-sampling factor between the drafter's and the target's grid.
+    #[arg(long, default_value_t = 2, value_parser = parse_scale)]
+    pub scale: i64,
     /// Hidden channels.
     #[arg(long, default_value_t = 128)]
     pub channels: i64,
-    /// Residual blocks at low resolution (8x8).
+    /// Residual blocks at low resolution.
     #[arg(long, default_value_t = 4)]
     pub low_blocks: i64,
-    /// Residual blocks at high resolution (16x16).
+    /// Residual blocks at high resolution.
     #[arg(long, default_value_t = 2)]
     pub high_blocks: i64,
     /// Optimizer steps.
@@ -622,9 +633,21 @@ fn run_stage(cmd: TrainCommand, command: &str) -> Result<()> {
     }
 }
 
+fn parse_scale(s: &str) -> Result<i64, String> {
+    match s {
+        "2" => Ok(2),
+        "4" => Ok(4),
+        _ => Err(format!("the scale must be 2 or 4, got '{s}'")),
+    }
+}
+
 fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let vq_link = crate::common::relative_link(&a.out, &a.vq)?;
     let opts = UpsamplerTrainOptions {
         data: a.common.data_dir(),
+        low_grid: a.low_grid,
+        scale: a.scale,
         vq: a.vq.clone(),
         out: a.out.clone(),
         work: a.common.work_dir("upsampler"),
@@ -638,7 +661,7 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         seed: a.common.seed,
         resume: a.common.resume,
         dtype: a.common.store_dtype,
-        vq_link: Some("../vq".into()),
+        vq_link: Some(vq_link),
     };
     let r = run_training(
         "upsampler",
@@ -653,7 +676,7 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         return Ok(());
     };
     println!(
-        "trained the up-sampler in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token accuracy {:.1}% (repeating each low-res token: {:.1}%), NLL {:.4} nats; D_2(U_2(y)) = y for {:.1}% of low-res tokens (D_2 of the real 64 px tokens: {:.1}%) ({} held-out images); wrote {}",
+        "trained the x{s} up-sampler ({g}x{g} -> {h}x{h} tokens{t}) in {:.0} s ({} steps, {:.2} M parameters, final loss {:.4}): held-out token accuracy {:.1}% (repeating each low-res token: {:.1}%), NLL {:.4} nats; D_{s}(U_{s}(y)) = y for {:.1}% of low-res tokens (D_{s} of the real high-res tokens: {:.1}%) ({} held-out images); wrote {}",
         r.seconds,
         r.steps,
         r.parameters as f64 / 1e6,
@@ -664,7 +687,11 @@ fn run_upsampler(a: TrainUpsamplerArgs, command: &str) -> Result<()> {
         r.roundtrip_agreement * 100.0,
         r.downsample_agreement * 100.0,
         r.heldout_images,
-        opts.out.display()
+        opts.out.display(),
+        s = r.scale,
+        g = r.low_grid,
+        h = r.low_grid * r.scale,
+        t = if r.tokenised { "" } else { ", cached tokens" },
     );
     Ok(())
 }

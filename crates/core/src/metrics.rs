@@ -34,6 +34,7 @@ pub struct Metric {
 
 const GATEWAY: &[&str] = &["gateway"];
 const ROLES: &[&str] = &["drafter", "verifier"];
+const VERIFIER: &[&str] = &["verifier"];
 const EVERY: &[&str] = &["gateway", "drafter", "verifier"];
 
 // --- gateway: requests --------------------------------------------------------------------------
@@ -91,6 +92,8 @@ pub const SESSIONS: &str = "mulo_sessions";
 pub const SESSION_LIMIT: &str = "mulo_session_limit";
 /// Bytes of KV cache held by the live sessions, by role.
 pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
+/// Text prompts turned into caption features by the verifier's text encoder, by cache outcome.
+pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
 
 /// Label values of [`STAGE_DURATION`]: `prefill` and `drafter_prefill` (the round trip of opening
 /// the session on the verifier and the drafter), the roles' reported compute of `draft`,
@@ -278,6 +281,13 @@ pub const ALL: &[Metric] = &[
         services: ROLES,
         help: "Bytes of KV cache allocated by the live sessions, by role.",
     },
+    Metric {
+        name: TEXT_ENCODINGS,
+        kind: Kind::Counter,
+        labels: &["cache"],
+        services: VERIFIER,
+        help: "Text prompts of a T5 family turned into caption features, by cache outcome (hit: the features of the same prompt were still cached; miss: the encoder ran).",
+    },
 ];
 
 /// The `outcome` label of a gRPC status code: `ok` or the code in snake case.
@@ -355,6 +365,7 @@ mod tests {
             SESSIONS,
             SESSION_LIMIT,
             KV_CACHE_BYTES,
+            TEXT_ENCODINGS,
         ] {
             assert!(seen.contains(n), "{n} is not in ALL");
         }

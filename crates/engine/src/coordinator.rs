@@ -186,7 +186,7 @@ async fn generate_in_span(
     req.sampling.validate()?;
     req.condition.validate()?;
     let start = Instant::now();
-    let spec = SessionSpec {
+    let mut spec = SessionSpec {
         id: req.id.clone(),
         epoch: 0,
         condition: req.condition.clone(),
@@ -199,6 +199,10 @@ async fn generate_in_span(
         .open(spec.clone(), with_draft, Vec::new())
         .instrument(info_span!("prefill"))
         .await?;
+    // A text prompt the verifier encoded reaches the drafter as the same features.
+    if let Some(c) = info.condition.clone() {
+        spec.condition = c;
+    }
     let mut stats = MethodStats {
         method: req.method.to_string(),
         tokens: info.rows * info.cols,

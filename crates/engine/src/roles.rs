@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use mulo_model::{DType, Gpt, Upsampler, VqModel};
+use mulo_model::{DType, Gpt, TextEncoder, Upsampler, VqModel};
 use tch::Device;
 
 use crate::drafter::{DraftReply, DrafterCore, DrafterInfo};
 use crate::error::EngineError;
 use crate::family::{Family, Member};
-use crate::prompt::load_tokenizer;
+use crate::prompt::{load_tokenizer, PromptEncoder, TEXT_CACHE_DEFAULT};
 use crate::session::{SessionRef, SessionSpec};
 use crate::verifier::{
     DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierCore, VerifierInfo, VerifyReply,
@@ -165,6 +165,24 @@ fn load_gpt(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Gpt, Eng
     Ok(Gpt::load(dir, device, dtype)?.0)
 }
 
+/// The family's T5 text encoder with its prompt cache, if it has one: on `device`, in the run's
+/// dtype except fp16 (T5's activations overflow it; fp32 then).
+fn load_text_encoder(
+    family: &Family,
+    device: Device,
+    dtype: Option<DType>,
+) -> Result<Option<PromptEncoder>, EngineError> {
+    if !family.has(Member::TextEncoder) {
+        return Ok(None);
+    }
+    let dtype = match dtype {
+        Some(DType::Fp16) => Some(DType::Fp32),
+        d => d,
+    };
+    let (enc, _) = TextEncoder::load(&family.path(Member::TextEncoder)?, device, dtype)?;
+    Ok(Some(PromptEncoder::new(enc, TEXT_CACHE_DEFAULT)))
+}
+
 impl Engine {
     /// Loads the members of `family` that `roles` need (call on the torch thread). `sessions` is
     /// each role's session limit.
@@ -190,6 +208,7 @@ impl Engine {
             };
             let mut v = VerifierCore::new(target, draft, &vq.codes(), sessions)?;
             v.set_tokenizers(load_tokenizer(&tdir)?, dtok);
+            v.set_text_encoder(load_text_encoder(family, device, dtype)?);
             Some(v)
         } else {
             None

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::EngineError;
+use crate::prompt::encode_prompt;
 use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
@@ -91,6 +92,10 @@ pub struct VerifierInfo {
     pub vocab: usize,
     /// Whether a small draft model is loaded (SD and LANTERN).
     pub draft_model: bool,
+    /// The caption features a text prompt became (families with a T5 text encoder): the
+    /// coordinator opens the drafter with them, so the prompt is encoded once per request.
+    #[serde(skip)]
+    pub condition: Option<mulo_core::Condition>,
 }
 
 struct Session {
@@ -123,6 +128,7 @@ pub struct VerifierCore {
     sessions: SessionTable<Session>,
     target_tokenizer: Option<CaptionTokenizer>,
     draft_tokenizer: Option<CaptionTokenizer>,
+    text: Option<crate::prompt::PromptEncoder>,
     wrong_residual: bool,
 }
 
@@ -192,6 +198,7 @@ impl VerifierCore {
             sessions: SessionTable::new("verifier", max_sessions),
             target_tokenizer: None,
             draft_tokenizer: None,
+            text: None,
             wrong_residual: false,
         })
     }
@@ -222,6 +229,7 @@ impl VerifierCore {
             cols: g.cols,
             vocab: self.target.config().vocab_size as usize,
             draft_model: self.draft.is_some(),
+            condition: None,
         }
     }
 
@@ -273,7 +281,8 @@ impl VerifierCore {
         let pools = self.pool(pool_k)?.1.shallow_clone();
         let cfg = self.target.config();
         let grid = mulo_core::TokenGrid::new(cfg.grid, tokens.to_vec(), cfg.vocab_size as usize)?;
-        let cond = condition_for(cond, self.target_tokenizer.as_ref());
+        let cond = encode_prompt(cond, self.text.as_mut())?.0;
+        let cond = condition_for(&cond, self.target_tokenizer.as_ref());
         crate::score::target_nll(&self.target, &cond, &grid, params, &pools)
     }
 
@@ -301,8 +310,9 @@ impl VerifierCore {
             );
         }
         let cfg = spec.sampling.uses_cfg();
+        let (condition, encoded) = encode_prompt(&spec.condition, self.text.as_mut())?;
         let cond = self.target.condition(
-            &condition_for(&spec.condition, self.target_tokenizer.as_ref()),
+            &condition_for(&condition, self.target_tokenizer.as_ref()),
             cfg,
         )?;
         let mut target = Stream::open(&self.target, &cond, &spec.sampling)?;
@@ -311,7 +321,7 @@ impl VerifierCore {
         let draft = match (&self.draft, with_draft) {
             (Some(d), true) => {
                 let cond = d.condition(
-                    &condition_for(&spec.condition, self.draft_tokenizer.as_ref()),
+                    &condition_for(&condition, self.draft_tokenizer.as_ref()),
                     cfg,
                 )?;
                 let mut s = Stream::open(d, &cond, &spec.sampling)?;
@@ -333,7 +343,20 @@ impl VerifierCore {
             },
             kv,
         );
-        Ok(self.info())
+        Ok(VerifierInfo {
+            condition: encoded,
+            ..self.info()
+        })
+    }
+
+    /// Gives the verifier a family's text encoder: text prompts then become caption features here.
+    pub fn set_text_encoder(&mut self, encoder: Option<crate::prompt::PromptEncoder>) {
+        self.text = encoder;
+    }
+
+    /// The text encoder, if the family has one.
+    pub fn text_encoder(&self) -> Option<&crate::prompt::PromptEncoder> {
+        self.text.as_ref()
     }
 
     /// Frees a session (unknown ids are fine: release is idempotent).

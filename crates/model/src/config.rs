@@ -166,6 +166,14 @@ impl GptConfig {
         self.n_kv_head.unwrap_or(self.n_head)
     }
 
+    /// Bytes of the KV cache one session allocates: keys and values of every layer for the
+    /// condition and the whole grid, `batch` sequences (2 with classifier-free guidance),
+    /// `elem_bytes` per value (2 for bf16 / fp16, 4 for fp32).
+    pub fn kv_cache_bytes(&self, batch: i64, elem_bytes: i64) -> i64 {
+        let positions = self.cls_token_num + self.grid.len() as i64;
+        2 * self.n_layer * batch * self.kv_heads() * positions * self.head_dim() * elem_bytes
+    }
+
     /// SwiGLU hidden width, computed as LlamaGen does.
     pub fn ffn_hidden(&self) -> i64 {
         if let Some(h) = self.ffn_hidden {

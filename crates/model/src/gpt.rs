@@ -394,7 +394,7 @@ impl Gpt {
                 "this model is class-conditional: give a class id".into(),
             )),
             (CondEmbed::Caption { .. }, Condition::Prompt(_)) => Err(ModelError::InvalidInput(
-                "this model has no caption tokenizer: give precomputed caption features".into(),
+                "this model has no caption tokenizer and no text encoder came with it: give caption features (--caption-features), or add a T5 text encoder to its family (docs/byom.md)".into(),
             )),
             (CondEmbed::Caption { .. }, Condition::Class(_)) => Err(ModelError::InvalidInput(
                 "this model is text-conditional: give caption features, not a class id".into(),

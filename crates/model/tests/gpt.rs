@@ -520,3 +520,16 @@ fn bf16_compute_keeps_fp32_weights_and_close_logits() {
         assert!(max_abs(&reference, &full_logits(&m, &cond, true, &toks)) < 1e-6);
     }
 }
+
+#[test]
+fn kv_cache_bytes_is_what_a_session_allocates() {
+    for (kv, dtype, elem) in [(None, DType::Fp32, 4), (Some(2), DType::Bf16, 2)] {
+        let cfg = config(true, kv, PositionEmbedding::Rope2d);
+        let m = Gpt::random(cfg.clone(), Device::Cpu, dtype, 3, 0.02).unwrap();
+        let positions = cfg.cls_token_num + cfg.grid.len() as i64;
+        for batch in [1, 2] {
+            let cache = m.new_cache(batch, positions).unwrap();
+            assert_eq!(cfg.kv_cache_bytes(batch, elem), cache.bytes());
+        }
+    }
+}

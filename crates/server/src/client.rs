@@ -33,7 +33,7 @@ pub fn count_bytes<M: Message>(peer: &str, sent: bool, m: &M) {
     metrics::counter!(name, "peer" => peer.to_string()).increment(n);
 }
 
-use crate::convert::{engine_error, ref_out, spec_out, tokens_in};
+use crate::convert::{condition_in, engine_error, ref_out, spec_out, tokens_in};
 
 fn ids(v: &[i64]) -> Result<Vec<u32>, EngineError> {
     v.iter()
@@ -326,6 +326,12 @@ impl VerifierRole for RemoteVerifier {
             c.open(r).await
         })
         .await?;
+        let condition = match r.condition {
+            Some(c) => {
+                Some(condition_in("condition", Some(c)).map_err(|s| engine_error(&self.addr, &s))?)
+            }
+            None => None,
+        };
         let i = r.info.unwrap_or_default();
         let g = grid_in(i.grid);
         Ok(VerifierInfo {
@@ -333,6 +339,7 @@ impl VerifierRole for RemoteVerifier {
             cols: g.cols,
             vocab: i.vocab as usize,
             draft_model: i.draft_model,
+            condition,
         })
     }
 

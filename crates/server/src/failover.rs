@@ -234,11 +234,16 @@ impl VerifierRole for Failover {
                 .await
             {
                 Ok(info) => {
+                    // A migration re-opens with the features a text prompt became.
+                    let mut kept = spec.clone();
+                    if let Some(c) = &info.condition {
+                        kept.condition = c.clone();
+                    }
                     if let Ok(mut s) = self.sessions.lock() {
                         s.insert(
                             spec.id.clone(),
                             Track {
-                                spec: spec.clone(),
+                                spec: kept,
                                 with_draft,
                                 replica: list[k].clone(),
                                 epoch: spec.epoch,

@@ -7,7 +7,7 @@ use mulo_engine::{Engine, EngineError, Local, VerifierRole};
 use mulo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{invalid, ref_in, spec_in, status, tokens_in, tokens_out};
+use crate::convert::{condition_out, invalid, ref_in, spec_in, status, tokens_in, tokens_out};
 
 /// `mulo.v1.Verifier` served from this process's torch thread.
 #[derive(Debug, Clone)]
@@ -69,9 +69,11 @@ impl pb::verifier_server::Verifier for VerifierService {
         )
         .await
         .map_err(|e| status(&e))?;
+        let condition = info.condition.as_ref().map(condition_out).transpose()?;
         Ok(Response::new(pb::VerifierOpenResponse {
             info: Some(self.info_out(&info)),
             seconds: t.elapsed().as_secs_f64(),
+            condition,
         }))
     }
 

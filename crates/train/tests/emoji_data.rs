@@ -404,6 +404,8 @@ fn upsampler_training_reports_and_reloads() {
     save_random_vq(&d.join("vq"));
     let opts = UpsamplerTrainOptions {
         data,
+        low_grid: None,
+        scale: 2,
         vq: d.join("vq"),
         out: d.join("up"),
         work: d.join("work"),
@@ -440,6 +442,44 @@ fn upsampler_training_reports_and_reloads() {
     let named = up.var_store().variables();
     let stored = &named["codebook"];
     assert!(f64::try_from((stored - vq.codes()).abs().max()).unwrap() < 1e-2);
+    // The images were tokenised once: resuming reads the cached token pairs.
+    let f = vq.config().downsample_factor();
+    assert!(
+        r.tokenised && r.scale == 2 && r.low_grid == 64 / f / 2,
+        "{r:?}"
+    );
+    let more = UpsamplerTrainOptions {
+        steps: 4,
+        resume: true,
+        ..opts.clone()
+    };
+    let r = train_upsampler(&more, tch::Device::Cpu, &mut |_, _, _| {}).unwrap();
+    assert!(!r.tokenised, "{r:?}");
+    // Scale 4 on a grid given explicitly: tokenised again, a x4 model.
+    let x4 = UpsamplerTrainOptions {
+        scale: 4,
+        low_grid: Some(64 / f / 4),
+        out: d.join("up4"),
+        work: d.join("work4"),
+        ..opts.clone()
+    };
+    let r = train_upsampler(&x4, tch::Device::Cpu, &mut |_, _, _| {}).unwrap();
+    assert!(
+        r.tokenised && r.scale == 4 && r.low_grid == 64 / f / 4,
+        "{r:?}"
+    );
+    let up = Upsampler::load(&x4.out, tch::Device::Cpu).unwrap();
+    assert_eq!(up.config().scale, 4);
+    let low = tch::Tensor::from_slice(&[3i64, 1, 4, 1]).view([1, 2, 2]);
+    assert_eq!(up.upsample(&low).unwrap().size(), vec![1, 8, 8]);
+    // A grid whose images the data set cannot give is one clear error.
+    let bad = UpsamplerTrainOptions {
+        low_grid: Some(64 / f),
+        work: d.join("work-bad"),
+        ..opts.clone()
+    };
+    let e = train_upsampler(&bad, tch::Device::Cpu, &mut |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("px images"), "{e}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod evaluator;
 pub mod gpt;
 mod optim;
+pub mod token_pairs;
 pub mod upsampler;
 pub mod vq;
 

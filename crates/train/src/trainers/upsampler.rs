@@ -1,4 +1,5 @@
-//! Training the up-sampler `U_2` on (32 px tokens, 64 px tokens) pairs of the same images.
+//! Training the up-sampler `U_r` on (low-resolution tokens, high-resolution tokens) pairs of the
+//! same images, from the emoji data or any `mulo data images` set, with any VQ, grid and scale.
 
 use std::path::PathBuf;
 
@@ -6,16 +7,19 @@ use mulo_model::{DType, Upsampler, UpsamplerConfig, VqModel};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::gpt::tokenize_images;
-use super::{adamw, parameter_count, sample_rows, step_rng, EmojiTensors, Recipe, Stop, Trainer};
-use crate::data::emoji::Split;
+use super::token_pairs::{token_pairs, PairSpec};
+use super::{adamw, parameter_count, sample_rows, step_rng, Recipe, Stop, Trainer};
 use crate::error::TrainError;
 
 /// Settings of an up-sampler training run.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpsamplerTrainOptions {
-    /// Data directory written by `mulo data emoji`.
+    /// Data directory written by `mulo data emoji` or `mulo data images`.
     pub data: PathBuf,
+    /// Low-resolution token grid (default: the data's image side over the VQ factor and scale).
+    pub low_grid: Option<i64>,
+    /// Up-sampling factor, 2 or 4.
+    pub scale: i64,
     /// VQ model that tokenises the images (its codebook is copied into the up-sampler).
     pub vq: PathBuf,
     /// Model directory to write.
@@ -57,16 +61,22 @@ pub struct UpsamplerReport {
     pub final_loss: f64,
     /// Parameters (the frozen codebook copy included).
     pub parameters: i64,
-    /// Fraction of held-out 64 px tokens that `U_2(32 px tokens)` gets right.
+    /// Low-resolution grid side.
+    pub low_grid: i64,
+    /// Up-sampling factor.
+    pub scale: i64,
+    /// Whether the images were tokenised by this run (false: tokens read from the cache).
+    pub tokenised: bool,
+    /// Fraction of held-out high-resolution tokens that `U_r(low tokens)` gets right.
     pub heldout_token_accuracy: f64,
-    /// The same for the naive proposal (each low-res token repeated over its 2×2 cell).
+    /// The same for the naive proposal (each low-res token repeated over its r×r cell).
     pub repeat_token_accuracy: f64,
     /// Mean held-out token cross-entropy (nats).
     pub heldout_nll: f64,
-    /// Fraction of held-out low-res tokens `y` with `D_2(U_2(y)) = y` (token-wise).
+    /// Fraction of held-out low-res tokens `y` with `D_r(U_r(y)) = y` (token-wise).
     pub roundtrip_agreement: f64,
-    /// For reference: fraction of held-out low-res tokens equal to `D_2` of the image's own
-    /// 64 px tokens.
+    /// For reference: fraction of held-out low-res tokens equal to `D_r` of the image's own
+    /// high-resolution tokens.
     pub downsample_agreement: f64,
     /// Held-out images.
     pub heldout_images: usize,
@@ -78,19 +88,30 @@ pub fn train_upsampler(
     device: Device,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<UpsamplerReport, TrainError> {
-    let data = EmojiTensors::load(&opts.data)?;
     let (vq, _) = VqModel::load(&opts.vq, device, Some(DType::Fp32))?;
-    let f = vq.config().downsample_factor();
-    let (lo_side, hi_side) = (32 / f, 64 / f);
-    let low = tokenize_images(&vq, &data, 32, device)?.view([-1, lo_side, lo_side]);
-    let high = tokenize_images(&vq, &data, 64, device)?.view([-1, hi_side, hi_side]);
-    let train = data.train_rows()?;
-    let heldout = data.indices(Split::Heldout);
+    let spec = PairSpec {
+        data: &opts.data,
+        vq_dir: &opts.vq,
+        low_grid: opts.low_grid,
+        scale: opts.scale,
+        cache: &opts.work,
+    };
+    let pairs = token_pairs(&spec, &vq, device)?;
+    if pairs.train.is_empty() || pairs.heldout.is_empty() {
+        return Err(TrainError::Train(format!(
+            "{}: the up-sampler needs training and held-out images ({} and {})",
+            opts.data.display(),
+            pairs.train.len(),
+            pairs.heldout.len()
+        )));
+    }
+    let (low, high, train, heldout) = (&pairs.low, &pairs.high, &pairs.train, &pairs.heldout);
+    let scale = opts.scale;
     let cfg = UpsamplerConfig {
-        name: Some("emoji-upsampler-x2".into()),
+        name: Some(format!("{}-upsampler-x{scale}", pairs.source)),
         codebook_size: vq.config().codebook_size,
         codebook_embed_dim: vq.config().codebook_embed_dim,
-        scale: 2,
+        scale,
         channels: opts.channels,
         low_blocks: opts.low_blocks,
         high_blocks: opts.high_blocks,
@@ -115,10 +136,8 @@ pub fn train_upsampler(
     let mut last_loss = f64::NAN;
     for step in trainer.start..opts.steps {
         let mut rng = step_rng(opts.seed, step);
-        let rows = sample_rows(&mut rng, &train, opts.batch);
-        let r = Tensor::from_slice(&rows);
-        let x = low.index_select(0, &r).to_device(device);
-        let y = high.index_select(0, &r).to_device(device);
+        let rows = sample_rows(&mut rng, train, opts.batch);
+        let (x, y) = pair_batch(low, high, &rows, device);
         let logits = ups.logits(&x);
         let loss = logits
             .permute([0, 2, 3, 1])
@@ -133,9 +152,7 @@ pub fn train_upsampler(
     let mut sums = [0.0f64; 5];
     tch::no_grad(|| -> Result<(), TrainError> {
         for chunk in heldout.chunks(128) {
-            let r = Tensor::from_slice(chunk);
-            let x = low.index_select(0, &r).to_device(device);
-            let y = high.index_select(0, &r).to_device(device);
+            let (x, y) = pair_batch(low, high, chunk, device);
             let logits = saved.logits(&x);
             let nll = logits
                 .permute([0, 2, 3, 1])
@@ -143,10 +160,10 @@ pub fn train_upsampler(
                 .cross_entropy_for_logits(&y.reshape([-1]));
             let pred = logits.argmax(1, false);
             let repeat = x
-                .repeat_interleave_self_int(2, Some(1), None)
-                .repeat_interleave_self_int(2, Some(2), None);
-            let back = vq.downsample_tokens(&pred, 2)?;
-            let own = vq.downsample_tokens(&y, 2)?;
+                .repeat_interleave_self_int(scale, Some(1), None)
+                .repeat_interleave_self_int(scale, Some(2), None);
+            let back = vq.downsample_tokens(&pred, scale)?;
+            let own = vq.downsample_tokens(&y, scale)?;
             let mean_eq = |a: &Tensor, b: &Tensor| -> Result<f64, TrainError> {
                 Ok(f64::try_from(
                     a.eq_tensor(b).to_kind(Kind::Float).mean(Kind::Float),
@@ -168,6 +185,9 @@ pub fn train_upsampler(
         seconds: trainer.seconds(),
         final_loss: last_loss,
         parameters,
+        low_grid: low.size()[1],
+        scale,
+        tokenised: pairs.tokenised,
         heldout_token_accuracy: sums[0] / n,
         repeat_token_accuracy: sums[1] / n,
         heldout_nll: sums[2] / n,
@@ -177,4 +197,11 @@ pub fn train_upsampler(
     };
     trainer.event(&serde_json::json!({"event": "eval", "report": &report}))?;
     Ok(report)
+}
+
+/// Low and high tokens of `rows` as int64 on `device`.
+fn pair_batch(low: &Tensor, high: &Tensor, rows: &[i64], device: Device) -> (Tensor, Tensor) {
+    let r = Tensor::from_slice(rows);
+    let take = |t: &Tensor| t.index_select(0, &r).to_device(device).to_kind(Kind::Int64);
+    (take(low), take(high))
 }
