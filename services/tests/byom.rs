@@ -52,6 +52,15 @@ fn mulo(args: &[&str]) -> String {
     String::from_utf8(run(Command::new(mulo_cli()).args(args)).stdout).unwrap()
 }
 
+/// The one-line error of a `mulo` command that must fail.
+fn mulo_fails(args: &[&str]) -> String {
+    let o = Command::new(mulo_cli()).args(args).output().unwrap();
+    assert!(!o.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    err
+}
+
 fn python(args: &[&str]) {
     run(Command::new(test_python()).args(args));
 }
@@ -295,6 +304,20 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
     a.extend(["--tokens-out", s(&from_features)]);
     mulo(&a);
     assert_eq!(tokens(&from_features), embedded);
+
+    // Without an evaluator: eval says so, bench measures speed only.
+    let e = mulo_fails(&["eval", "--family", s(&fam), "--n", "2"]);
+    assert!(e.contains("no evaluator"), "{e}");
+    let report = d.join("bench.json");
+    let said = mulo(&[
+        "bench", "--family", s(&fam), "--method", "mulo", "--n", "2", "--warmup", "0",
+        "--threads", "2", "--json", s(&report),
+    ]);
+    assert!(said.contains("quality: no evaluator"), "{said}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(rows["methods"].as_array().unwrap().len(), 2, "{rows}");
+    assert!(rows["methods"][1]["fid_emoji"].is_null(), "{rows}");
 
     let role = ["--family", s(&fam), "--threads", "1"];
     let mut drafter: Proc = start("mulo-drafter", &role);

@@ -301,8 +301,14 @@ pub fn run_block(block: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> (S
 pub fn mulo_cli() -> PathBuf {
     let deps = std::env::current_exe().unwrap();
     let dir = deps.parent().unwrap().parent().unwrap().to_path_buf();
+    // The profile of this test binary (target/<profile>/deps): build that one, not the default.
+    let mut args = vec!["build", "--quiet", "-p", "mulo-cli", "--bin", "mulo"];
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+    if profile != "debug" {
+        args.extend(["--profile", profile]);
+    }
     let ok = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "mulo-cli", "--bin", "mulo"])
+        .args(&args)
         .status()
         .unwrap()
         .success();
