@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{connect, mulo_cli, start, Proc};
+use common::{connect, free_port, metric, mulo_cli, scrape, start, Proc};
 
 const T5_REF: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -310,8 +310,19 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
     assert!(e.contains("no evaluator"), "{e}");
     let report = d.join("bench.json");
     let said = mulo(&[
-        "bench", "--family", s(&fam), "--method", "mulo", "--n", "2", "--warmup", "0",
-        "--threads", "2", "--json", s(&report),
+        "bench",
+        "--family",
+        s(&fam),
+        "--method",
+        "mulo",
+        "--n",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+        "--json",
+        s(&report),
     ]);
     assert!(said.contains("quality: no evaluator"), "{said}");
     let rows: serde_json::Value =
@@ -321,7 +332,22 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
 
     let role = ["--family", s(&fam), "--threads", "1"];
     let mut drafter: Proc = start("mulo-drafter", &role);
-    let mut verifier: Proc = start("mulo-verifier", &role);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut verifier: Proc = start(
+        "mulo-verifier",
+        &[
+            "--family",
+            s(&fam),
+            "--threads",
+            "1",
+            "--text-encoder-device",
+            "cpu",
+            "--text-cache",
+            "2",
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
     connect(&mut drafter).await;
     connect(&mut verifier).await;
     let mut gateway = start(
@@ -340,4 +366,10 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
     connect(&mut gateway).await;
     let served = generate(["--gateway", &gateway.addr], &d.join("served.json"));
     assert_eq!(served, embedded);
+    // The verifier encoded the prompt once; the second request found its features cached.
+    let again = generate(["--gateway", &gateway.addr], &d.join("again.json"));
+    assert_eq!(again, embedded);
+    let text = scrape(&metrics);
+    let count = |cache| metric(&text, "mulo_text_encodings_total", &[("cache", cache)]);
+    assert_eq!((count("miss"), count("hit")), (1.0, 1.0), "{text}");
 }

@@ -18,7 +18,7 @@ pub use ar::{generate_ar, Generation, GenerationStats};
 pub use coordinator::{generate, BlockEvent, GenerateRequest, MethodStats, Outcome};
 pub use error::EngineError;
 pub use family::{default_family_dir, Family, Member};
-pub use roles::{DrafterRole, Engine, LoadedModel, Local, RoleSet, VerifierRole};
+pub use roles::{DrafterRole, Engine, LoadedModel, Local, RoleSet, TextOptions, VerifierRole};
 pub use score::{pool_table, score_tokens, target_nll, Scores, TargetNll};
 pub use session::{SessionRef, SessionSpec};
 pub use worker::TorchWorker;

@@ -165,12 +165,31 @@ fn load_gpt(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Gpt, Eng
     Ok(Gpt::load(dir, device, dtype)?.0)
 }
 
-/// The family's T5 text encoder with its prompt cache, if it has one: on `device`, in the run's
-/// dtype except fp16 (T5's activations overflow it; fp32 then).
+/// Where the verifier runs a family's T5 text encoder, and how many prompts it caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextOptions {
+    /// Device of the encoder; `None`: the verifier's.
+    pub device: Option<Device>,
+    /// Prompts whose features are kept (least recently used out first).
+    pub cache: usize,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        Self {
+            device: None,
+            cache: TEXT_CACHE_DEFAULT,
+        }
+    }
+}
+
+/// The family's T5 text encoder with its prompt cache, if it has one: on the options' device
+/// (else `device`), in the run's dtype except fp16 (T5's activations overflow it; fp32 then).
 fn load_text_encoder(
     family: &Family,
     device: Device,
     dtype: Option<DType>,
+    text: TextOptions,
 ) -> Result<Option<PromptEncoder>, EngineError> {
     if !family.has(Member::TextEncoder) {
         return Ok(None);
@@ -179,8 +198,9 @@ fn load_text_encoder(
         Some(DType::Fp16) => Some(DType::Fp32),
         d => d,
     };
+    let device = text.device.unwrap_or(device);
     let (enc, _) = TextEncoder::load(&family.path(Member::TextEncoder)?, device, dtype)?;
-    Ok(Some(PromptEncoder::new(enc, TEXT_CACHE_DEFAULT)))
+    Ok(Some(PromptEncoder::new(enc, text.cache)))
 }
 
 impl Engine {
@@ -192,6 +212,25 @@ impl Engine {
         device: Device,
         dtype: Option<DType>,
         sessions: usize,
+    ) -> Result<Self, EngineError> {
+        Self::load_with_text(
+            family,
+            roles,
+            device,
+            dtype,
+            sessions,
+            TextOptions::default(),
+        )
+    }
+
+    /// [`Self::load`] with the text encoder's device and cache size chosen.
+    pub fn load_with_text(
+        family: &Family,
+        roles: RoleSet,
+        device: Device,
+        dtype: Option<DType>,
+        sessions: usize,
+        text: TextOptions,
     ) -> Result<Self, EngineError> {
         let (vq, _) = VqModel::load(&family.path(Member::Vq)?, device, dtype)?;
         let verifier = if roles.verifier {
@@ -208,7 +247,7 @@ impl Engine {
             };
             let mut v = VerifierCore::new(target, draft, &vq.codes(), sessions)?;
             v.set_tokenizers(load_tokenizer(&tdir)?, dtok);
-            v.set_text_encoder(load_text_encoder(family, device, dtype)?);
+            v.set_text_encoder(load_text_encoder(family, device, dtype, text)?);
             Some(v)
         } else {
             None

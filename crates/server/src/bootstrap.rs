@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mulo_engine::{default_family_dir, Engine, Family, Local, Member, RoleSet, TorchWorker};
+use mulo_engine::prompt::TEXT_CACHE_DEFAULT;
+use mulo_engine::{
+    default_family_dir, Engine, Family, Local, Member, RoleSet, TextOptions, TorchWorker,
+};
 use mulo_proto::v1::capabilities_server::{Capabilities, CapabilitiesServer};
 use mulo_proto::v1::{InfoRequest, InfoResponse};
 use tonic::transport::server::Router;
@@ -148,18 +151,40 @@ pub fn load_engine(
     runtime: &RuntimeArgs,
     sessions: usize,
 ) -> Result<Arc<TorchWorker<Engine>>> {
+    load_engine_with_text(fam, roles, runtime, sessions, None, TEXT_CACHE_DEFAULT)
+}
+
+/// [`load_engine`] with the text encoder on `text_device` (default: the runtime's device) caching
+/// `text_cache` prompts.
+pub fn load_engine_with_text(
+    fam: &Family,
+    roles: RoleSet,
+    runtime: &RuntimeArgs,
+    sessions: usize,
+    text_device: Option<String>,
+    text_cache: usize,
+) -> Result<Arc<TorchWorker<Engine>>> {
     let runtime = runtime.clone();
     let fam = fam.clone();
     Ok(Arc::new(TorchWorker::spawn(
         "torch",
         move || -> Result<Engine> {
             let device = runtime.setup()?;
-            Ok(Engine::load(
+            let text = TextOptions {
+                device: text_device
+                    .as_deref()
+                    .map(mulo_model::parse_device)
+                    .transpose()
+                    .context("--text-encoder-device")?,
+                cache: text_cache,
+            };
+            Ok(Engine::load_with_text(
                 &fam,
                 roles,
                 device,
                 runtime.dtype_for(device),
                 sessions,
+                text,
             )?)
         },
     )?))
@@ -226,7 +251,14 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
             draft_small: args.draft_model && fam.path(Member::DraftSmall).is_ok(),
         },
     };
-    let worker = load_engine(&fam, roles, &args.runtime, args.max_sessions)?;
+    let worker = load_engine_with_text(
+        &fam,
+        roles,
+        &args.runtime,
+        args.max_sessions,
+        args.text_encoder_device.clone(),
+        args.text_cache,
+    )?;
     let local = Local::new(worker.clone());
     expire_idle(worker.clone(), args.session_ttl);
     if role == "drafter" {

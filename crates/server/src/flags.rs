@@ -59,6 +59,14 @@ pub struct RoleArgs {
     /// Verifier only: also load the family's small draft model (the SD and LANTERN baselines).
     #[arg(long, env = "MULO_DRAFT_MODEL", default_value_t = true, action = clap::ArgAction::Set)]
     pub draft_model: bool,
+    /// Verifier only, families with a T5 text encoder: the device it runs on (cpu, cuda, cuda:N;
+    /// default: --device). Text prompts are encoded here once per request.
+    #[arg(long, env = "MULO_TEXT_ENCODER_DEVICE", value_name = "DEVICE")]
+    pub text_encoder_device: Option<String>,
+    /// Verifier only: prompts whose caption features are kept (least recently used out first).
+    #[arg(long, env = "MULO_TEXT_CACHE", default_value_t = mulo_engine::prompt::TEXT_CACHE_DEFAULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub text_cache: usize,
 }
 
 /// Flags of `mulo-gateway`.
