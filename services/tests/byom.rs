@@ -233,11 +233,12 @@ fn tokens(p: &Path) -> Vec<i64> {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// `--method mulo` from the text prompt: in this process with `--family`, or through `--gateway`.
-fn generate(place: [&str; 2], out: &Path) -> Vec<i64> {
-    let a = [
-        "generate",
-        PROMPT,
+/// `--method mulo` for `condition` (the prompt, or caption feature flags): in this process with
+/// `--family`, or through `--gateway`.
+fn generate(condition: &[&str], place: [&str; 2], out: &Path) -> Vec<i64> {
+    let mut a = vec!["generate"];
+    a.extend_from_slice(condition);
+    a.extend([
         place[0],
         place[1],
         "--method",
@@ -246,10 +247,8 @@ fn generate(place: [&str; 2], out: &Path) -> Vec<i64> {
         "5",
         "--threads",
         "2",
-        "--no-progress",
-        "--tokens-out",
-        s(out),
-    ];
+    ]);
+    a.extend(["--no-progress", "--tokens-out", s(out)]);
     let said = mulo(&a);
     // MuLo-SD ran: the drafter drafted (it could open its session with the prompt's features).
     assert!(
@@ -268,7 +267,7 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
     let info = mulo(&["info", s(&fam)]);
     assert!(info.contains("text encoder"), "{info}");
 
-    let embedded = generate(["--family", s(&fam)], &d.join("embedded.json"));
+    let embedded = generate(&[PROMPT], ["--family", s(&fam)], &d.join("embedded.json"));
     assert_eq!(embedded.len(), 256);
     assert!(embedded.iter().all(|&t| (0..256).contains(&t)));
     // The same prompt's features through --caption-features give the same image.
@@ -284,25 +283,9 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
         s(&mask),
         PROMPT,
     ]);
-    let mut a = vec![
-        "generate",
-        "--caption-features",
-        s(&feats),
-        "--caption-mask",
-        s(&mask),
-        "--family",
-        s(&fam),
-        "--method",
-        "mulo",
-        "--seed",
-        "5",
-        "--threads",
-        "2",
-        "--no-progress",
-    ];
     let from_features = d.join("features.json");
-    a.extend(["--tokens-out", s(&from_features)]);
-    mulo(&a);
+    let cond = ["--caption-features", s(&feats), "--caption-mask", s(&mask)];
+    generate(&cond, ["--family", s(&fam)], &from_features);
     assert_eq!(tokens(&from_features), embedded);
 
     // Without an evaluator: eval says so, bench measures speed only.
@@ -364,10 +347,18 @@ async fn llamagen_t5_family_from_checkpoints_generates_from_text_embedded_and_se
         ],
     );
     connect(&mut gateway).await;
-    let served = generate(["--gateway", &gateway.addr], &d.join("served.json"));
+    let served = generate(
+        &[PROMPT],
+        ["--gateway", &gateway.addr],
+        &d.join("served.json"),
+    );
     assert_eq!(served, embedded);
     // The verifier encoded the prompt once; the second request found its features cached.
-    let again = generate(["--gateway", &gateway.addr], &d.join("again.json"));
+    let again = generate(
+        &[PROMPT],
+        ["--gateway", &gateway.addr],
+        &d.join("again.json"),
+    );
     assert_eq!(again, embedded);
     let text = scrape(&metrics);
     let count = |cache| metric(&text, "mulo_text_encodings_total", &[("cache", cache)]);
