@@ -11,7 +11,7 @@ use mulo_engine::{
     default_family_dir, generate_ar, pool_table, target_nll, Family, Member, TargetNll, TorchWorker,
 };
 use mulo_model::evaluator::Evaluator;
-use mulo_model::{image_io, Gpt, VqModel};
+use mulo_model::{image_io, Gpt, TextEncoder, VqModel};
 use mulo_train::data::emoji::Split;
 use mulo_train::eval::{
     agreement, agreement_by_key, agreement_by_label, frechet_distance, label_ids, median,
@@ -234,12 +234,6 @@ fn eval_method(
             Ok((dir, params, cfg.grid.rows * f, cfg.grid.len()))
         })??
     };
-    let tokenizer = mulo_engine::prompt::load_tokenizer(&dir)?.with_context(|| {
-        format!(
-            "{} has no caption tokenizer (tokenizer.json): it cannot take prompts",
-            dir.display()
-        )
-    })?;
     let bar = ProgressBar::new(a.n as u64);
     bar.set_style(
         ProgressStyle::with_template(&format!(
@@ -251,22 +245,15 @@ fn eval_method(
     let n = a.n;
     let seed = a.seed;
     let pb = bar.clone();
-    let mut unknown = std::collections::BTreeSet::new();
-    let conds: Vec<_> = (0..n)
-        .map(|i| {
-            let p = mulo_core::Condition::Prompt(rows[i % rows.len()].prompt.clone());
-            let (cond, unk, _) = mulo_engine::prompt::tokenize_prompt(&tokenizer, p);
-            unknown.extend(unk);
-            cond
-        })
+    let prompts: Vec<String> = (0..a.n)
+        .map(|i| rows[i % rows.len()].prompt.clone())
         .collect();
-    if !unknown.is_empty() {
-        eprintln!(
-            "warning: {} distinct prompt word(s) are not in the {} caption vocabulary (mapped to <unk>)",
-            unknown.len(),
-            method.name()
-        );
-    }
+    let with_t5 = worker.run(|s: &mut State| s.family.has(Member::TextEncoder))?;
+    let conds = if with_t5 {
+        encode_with_t5(worker, prompts, &a.runtime)?
+    } else {
+        tokenize_prompts(&dir, &prompts, method.name())?
+    };
     let conds_for_nll = conds.clone();
     let started = Instant::now();
     let (images, times, grids, gpt_dir) = worker.run(move |s: &mut State| -> Result<_> {
@@ -466,4 +453,55 @@ fn grid_png(s: &mut State, images: &Tensor, rows: &[PromptRow], cols: usize) -> 
         grid_rows.push(Tensor::cat(&real_row, 2));
     }
     Ok(image_io::png_bytes(&Tensor::cat(&grid_rows, 1))?)
+}
+
+/// Caption features of `prompts` from the family's T5 text encoder, in chunks, on the torch thread.
+fn encode_with_t5(
+    worker: &TorchWorker<State>,
+    prompts: Vec<String>,
+    runtime: &RuntimeArgs,
+) -> Result<Vec<mulo_core::Condition>> {
+    let runtime = runtime.clone();
+    worker.run(move |s: &mut State| -> Result<Vec<mulo_core::Condition>> {
+        let dir = s.family.path(Member::TextEncoder)?;
+        let (enc, _) = TextEncoder::load(&dir, s.device, runtime.dtype_for(s.device))?;
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(16) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            out.extend(tch::no_grad(|| enc.encode(&refs))?);
+        }
+        Ok(out)
+    })?
+}
+
+/// Word ids of `prompts` through the caption tokenizer of the model in `dir`, warning once about
+/// words it does not know.
+fn tokenize_prompts(
+    dir: &Path,
+    prompts: &[String],
+    model: &str,
+) -> Result<Vec<mulo_core::Condition>> {
+    let tokenizer = mulo_engine::prompt::load_tokenizer(dir)?.with_context(|| {
+        format!(
+            "{} has no caption tokenizer (tokenizer.json): it cannot take prompts",
+            dir.display()
+        )
+    })?;
+    let mut unknown = std::collections::BTreeSet::new();
+    let conds: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let p = mulo_core::Condition::Prompt(p.clone());
+            let (cond, unk, _) = mulo_engine::prompt::tokenize_prompt(&tokenizer, p);
+            unknown.extend(unk);
+            cond
+        })
+        .collect();
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} distinct prompt word(s) are not in the {model} caption vocabulary (mapped to <unk>)",
+            unknown.len(),
+        );
+    }
+    Ok(conds)
 }

@@ -96,6 +96,36 @@ fn unusable_input_is_one_line() {
         s(&out),
     ]);
     assert!(e.contains("none of the 1 image files could be read"), "{e}");
+    assert!(!out.join("index.jsonl").exists(), "an empty index was left");
+    // A good set rebuilt into the same directory from unreadable files keeps no meta.json: the
+    // old one would describe shards that are not there (and up-sampler token caches key on it).
+    let good = d.join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    image::RgbImage::from_pixel(20, 20, image::Rgb([9, 9, 9]))
+        .save(good.join("a.png"))
+        .unwrap();
+    let rebuilt = d.join("rebuilt");
+    let set = |src: &Path| {
+        [
+            "data",
+            "images",
+            "--dir",
+            s(src),
+            "--size",
+            "16",
+            "--out",
+            s(&rebuilt),
+        ]
+        .map(str::to_string)
+    };
+    common::ok(&set(&good));
+    assert!(rebuilt.join("meta.json").exists());
+    std::fs::write(good.join("a.png"), b"junk").unwrap();
+    fails_one_line(&set(&good));
+    assert!(
+        !rebuilt.join("meta.json").exists(),
+        "a stale meta.json was left"
+    );
     let caps = d.join("c.jsonl");
     std::fs::write(&caps, "not json\n").unwrap();
     let e = fails_one_line(&[

@@ -184,7 +184,8 @@ impl Default for TextOptions {
 }
 
 /// The family's T5 text encoder with its prompt cache, if it has one: on the options' device
-/// (else `device`), in the run's dtype except fp16 (T5's activations overflow it; fp32 then).
+/// (else `device`), in the run's dtype as `TextEncoder::load` adjusts it (fp32 on the CPU and
+/// instead of fp16).
 fn load_text_encoder(
     family: &Family,
     device: Device,
@@ -194,10 +195,6 @@ fn load_text_encoder(
     if !family.has(Member::TextEncoder) {
         return Ok(None);
     }
-    let dtype = match dtype {
-        Some(DType::Fp16) => Some(DType::Fp32),
-        d => d,
-    };
     let device = text.device.unwrap_or(device);
     let (enc, _) = TextEncoder::load(&family.path(Member::TextEncoder)?, device, dtype)?;
     Ok(Some(PromptEncoder::new(enc, text.cache)))

@@ -107,11 +107,23 @@ pub struct TextEncoder {
     dir: PathBuf,
 }
 
+/// The dtype a T5 encoder runs in when `wanted`: fp32 on the CPU (half precision is slow there)
+/// and instead of fp16 (T5's activations overflow it); bf16 and fp32 on CUDA as asked.
+pub fn encoder_dtype(wanted: DType, device: Device) -> DType {
+    match (wanted, device) {
+        (_, Device::Cpu) | (DType::Fp16, _) => DType::Fp32,
+        (d, _) => d,
+    }
+}
+
 impl TextEncoder {
     /// Loads a text encoder directory (`config.json`, `model.safetensors`, `tokenizer.json`);
-    /// returns it and the names of weight-file tensors it did not use.
+    /// returns it and the names of weight-file tensors it did not use. It runs in `dtype` (else
+    /// its config's) except in fp32 on the CPU and instead of fp16 ([`encoder_dtype`]).
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
-        let (model, unused) = T5Encoder::load(dir, device, dtype)?;
+        let stored = crate::ModelConfig::load_t5(dir)?.dtype;
+        let dtype = encoder_dtype(dtype.unwrap_or(stored), device);
+        let (model, unused) = T5Encoder::load(dir, device, Some(dtype))?;
         let max_len = usize::try_from(model.config().max_len)
             .map_err(|_| ModelError::Config("max_len must be positive".into()))?;
         let tokenizer = TextTokenizer::load(&dir.join(TEXT_TOKENIZER_FILE), max_len)?;
@@ -198,6 +210,17 @@ fn left_padded(rows: &[f32], valid: usize, len: usize, dim: usize) -> Condition 
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoder_avoids_fp16_and_half_precision_on_the_cpu() {
+        let cuda = Device::Cuda(0);
+        assert_eq!(encoder_dtype(DType::Fp16, cuda), DType::Fp32);
+        assert_eq!(encoder_dtype(DType::Bf16, cuda), DType::Bf16);
+        assert_eq!(encoder_dtype(DType::Fp32, cuda), DType::Fp32);
+        for d in [DType::Fp16, DType::Bf16, DType::Fp32] {
+            assert_eq!(encoder_dtype(d, Device::Cpu), DType::Fp32);
+        }
+    }
 
     #[test]
     fn prompts_are_lower_cased_and_collapsed() {

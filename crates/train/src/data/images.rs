@@ -228,6 +228,12 @@ pub fn build_image_set(
     }
     let captions = o.captions.as_deref().map(read_captions).transpose()?;
     std::fs::create_dir_all(&o.out).map_err(io(&o.out))?;
+    // A set is whole only once its meta.json is written: an earlier one goes first, so a build
+    // that fails part-way never leaves new shards described by an old meta.json.
+    let meta_path = o.out.join(IMAGES_META);
+    if meta_path.exists() {
+        std::fs::remove_file(&meta_path).map_err(io(&meta_path))?;
+    }
     let index_path = o.out.join("index.jsonl");
     let mut index =
         std::io::BufWriter::new(std::fs::File::create(&index_path).map_err(io(&index_path))?);
@@ -292,12 +298,12 @@ pub fn build_image_set(
     }
     index.flush().map_err(io(&index_path))?;
     if meta.count == 0 {
+        let _ = std::fs::remove_file(&index_path);
         return Err(corrupt(
             o.dir.display().to_string(),
             format!("none of the {} image files could be read", files.len()),
         ));
     }
-    let meta_path = o.out.join(IMAGES_META);
     let text =
         serde_json::to_string_pretty(&meta).map_err(|e| corrupt("meta.json", e.to_string()))?;
     std::fs::write(&meta_path, text + "\n").map_err(io(&meta_path))?;

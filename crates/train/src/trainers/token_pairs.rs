@@ -21,8 +21,14 @@ use crate::error::TrainError;
 pub const PAIRS_FILE: &str = "token-pairs.safetensors";
 /// What the cached tokens were made from.
 const PAIRS_KEY_FILE: &str = "token-pairs.json";
-/// Images tokenised per VQ call.
+/// Images tokenised per VQ call at 64 px and below; fewer for larger images (same pixel budget).
 const CHUNK: usize = 128;
+
+/// Images per VQ call for images of `side` pixels: 128 at 64 px, 2 at 512 px.
+fn chunk_for(side: i64) -> usize {
+    let budget = CHUNK as i64 * 64 * 64;
+    (budget / (side * side).max(1)).clamp(1, CHUNK as i64) as usize
+}
 
 /// Tokens of every image at both resolutions, with the split.
 #[derive(Debug)]
@@ -62,8 +68,10 @@ struct PairsKey {
     data: PathBuf,
     /// Hash of the data set's metadata file.
     data_meta: u64,
+    /// Name, size and modification time of every file of the data set (a rebuilt set differs).
+    data_files: Vec<(String, u64, u128)>,
     vq: PathBuf,
-    vq_files: Vec<(String, u64, u64)>,
+    vq_files: Vec<(String, u64, u128)>,
     low_grid: i64,
     scale: i64,
 }
@@ -137,8 +145,9 @@ impl Source {
         match self {
             Self::Emoji(e) => {
                 let n = e.images64.size()[0];
-                for start in (0..n).step_by(CHUNK) {
-                    let len = CHUNK.min((n - start) as usize) as i64;
+                let chunk = chunk_for(hi);
+                for start in (0..n).step_by(chunk) {
+                    let len = chunk.min((n - start) as usize) as i64;
                     let pick = |size: i64| -> Result<Tensor, TrainError> {
                         let t = match size {
                             64 => &e.images64,
@@ -156,8 +165,9 @@ impl Source {
                 for shard in &meta.shards {
                     let images = read_shard(&dir.join(&shard.file))?;
                     let n = images.size()[0];
-                    for start in (0..n).step_by(CHUNK) {
-                        let len = CHUNK.min((n - start) as usize) as i64;
+                    let step = chunk_for(i64::from(meta.size));
+                    for start in (0..n).step_by(step) {
+                        let len = step.min((n - start) as usize) as i64;
                         let chunk = images.narrow(0, start, len);
                         let high = area_downsample(&chunk, i64::from(meta.size) / hi)?;
                         let low = area_downsample(&high, scale)?;
@@ -236,7 +246,8 @@ fn geometry(spec: &PairSpec, size: i64, factor: i64) -> Result<(i64, i64), Train
     Ok((low_grid, hi))
 }
 
-fn file_list(dir: &Path) -> Result<Vec<(String, u64, u64)>, TrainError> {
+/// Name, size and modification time (ns) of each file in `dir`.
+fn file_list(dir: &Path) -> Result<Vec<(String, u64, u128)>, TrainError> {
     let mut out = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
     for entry in entries.flatten() {
@@ -245,7 +256,7 @@ fn file_list(dir: &Path) -> Result<Vec<(String, u64, u64)>, TrainError> {
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| d.as_nanos());
         out.push((
             entry.file_name().to_string_lossy().into_owned(),
             md.len(),
@@ -274,6 +285,7 @@ pub fn token_pairs(
     let key = PairsKey {
         data: canonical(spec.data),
         data_meta: fnv1a(&data_meta),
+        data_files: file_list(spec.data)?,
         vq: canonical(spec.vq_dir),
         vq_files: file_list(spec.vq_dir)?,
         low_grid,
@@ -371,6 +383,15 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!(area_downsample(&t, 4).unwrap().size(), vec![2, 1, 1, 3]);
+    }
+
+    #[test]
+    fn chunks_shrink_with_the_image_side() {
+        assert_eq!(chunk_for(32), 128);
+        assert_eq!(chunk_for(64), 128);
+        assert_eq!(chunk_for(256), 8);
+        assert_eq!(chunk_for(512), 2);
+        assert_eq!(chunk_for(4096), 1);
     }
 
     #[test]
