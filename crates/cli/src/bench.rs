@@ -71,6 +71,14 @@ pub struct BenchArgs {
     /// With --distributed: do not pin the roles to CPUs.
     #[arg(long, requires = "distributed")]
     pub no_pin: bool,
+    /// Closed-loop load instead of the interleaved comparison: for each method (AR first) and each
+    /// listed number of clients C, C clients send their next request as soon as the previous one
+    /// returns until --n images are done (after --warmup untimed ones); the report gives images/s,
+    /// latency p50/p90 and the scaling against C = 1 (with --distributed, through the gateway
+    /// too). No quality measures. Example: --concurrency 1,2,4,8.
+    #[arg(long, value_delimiter = ',', value_name = "C1,C2,...",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub concurrency: Vec<usize>,
     /// Run nothing: draw `--plot` from the JSON report of an earlier run.
     #[arg(long, value_name = "REPORT.json", requires = "plot")]
     pub replot: Option<PathBuf>,
@@ -130,6 +138,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .iter()
             .any(|m| matches!(m, Method::Sd(_) | Method::Lantern(_))),
     };
+    if !a.concurrency.is_empty() {
+        return crate::bench_load::run(&a, &methods, &settings, &family, &family_dir, roles);
+    }
     let worker = mulo_server::load_engine(&family, roles, &a.runtime, 4)?;
     let machine = machine(&worker, a.runtime.threads)?;
     let local = Local::new(worker.clone());
@@ -228,7 +239,7 @@ fn replot(report: &Path, plot: &Path) -> Result<()> {
 }
 
 /// The report's machine line: device and torch threads.
-fn machine(worker: &TorchWorker<Engine>, threads: Option<i32>) -> Result<String> {
+pub(crate) fn machine(worker: &TorchWorker<Engine>, threads: Option<i32>) -> Result<String> {
     Ok(worker.run(move |e: &mut Engine| {
         let device =
             e.vq.as_ref()
@@ -258,7 +269,7 @@ impl RemoteGenerate for Gateway<'_> {
 
 /// One generation through the gateway: the outcome (latency measured here, so it includes the
 /// hops) and the bytes on the wire (gateway ↔ roles, plus this request and its response).
-async fn remote_generate(
+pub(crate) async fn remote_generate(
     gw: &mut mulo_server::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
     req: &GenerateRequest,
 ) -> Result<(Outcome, u64)> {

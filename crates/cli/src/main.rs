@@ -2,6 +2,7 @@
 //! them, convert LlamaGen checkpoints and inspect model directories.
 
 mod bench;
+mod bench_load;
 mod card;
 mod cluster;
 mod common;

@@ -337,8 +337,13 @@ impl Engine {
     /// Runs every model this process holds once on throw-away inputs (a GPT prefill and token
     /// step, the up-sampler on one low-res row, a VQ decode of a 1×1 grid), so that a service
     /// reports healthy only when its first request will not pay for warming up.
-    pub fn warm_up(&self) -> Result<(), EngineError> {
-        if let Some(v) = &self.verifier {
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        if let Some(v) = &mut self.verifier {
+            // The nearest-code tables of the default MuLo-SD pool and LANTERN neighbourhood.
+            v.warm_up_pools(&[
+                mulo_core::MuloParams::default().pool_k,
+                mulo_core::method::LanternParams::default().k,
+            ])?;
             v.target().warm_up()?;
             if let Some(d) = v.draft_model() {
                 d.warm_up()?;

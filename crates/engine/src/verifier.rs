@@ -250,6 +250,20 @@ impl VerifierCore {
 
     /// The `[V, k]` nearest-code table; `k` larger than the codebook means the whole codebook
     /// (every code is within the pool: the pooled mass is 1), so it is clamped to `V`.
+    /// Builds the nearest-code tables of each `k` now, so that the first request using it does
+    /// not pay for it (warm-up).
+    pub fn warm_up_pools(&mut self, ks: &[usize]) -> Result<(), EngineError> {
+        for &k in ks {
+            self.pool(k)?;
+        }
+        Ok(())
+    }
+
+    /// Nearest-code tables built so far (each `k`, capped at the vocabulary, counts once).
+    pub fn pool_tables(&self) -> usize {
+        self.pools.len()
+    }
+
     fn pool(&mut self, k: usize) -> Result<&(Vec<u32>, Tensor), EngineError> {
         let v = self.target.config().vocab_size as usize;
         if k == 0 {

@@ -495,3 +495,15 @@ fn target_nll_and_its_pooled_form() {
         .score_target(&cond, &tokens[..15], &sampling(1.0), 4)
         .is_err());
 }
+
+#[test]
+fn warm_up_builds_the_default_nearest_code_tables() {
+    let mut e = engine();
+    assert_eq!(e.verifier.as_ref().unwrap().pool_tables(), 0);
+    e.warm_up().unwrap();
+    // MuLo-SD's pool_k and LANTERN's k both exceed this 16-code book: one full table.
+    assert_eq!(e.verifier.as_ref().unwrap().pool_tables(), 1);
+    let v = e.verifier.as_mut().unwrap();
+    v.warm_up_pools(&[3, 5, 100]).unwrap();
+    assert_eq!(v.pool_tables(), 3);
+}

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod load;
 pub mod trainers;
 
 pub use error::TrainError;
