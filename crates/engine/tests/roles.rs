@@ -282,7 +282,8 @@ fn pipelined_drafting_refreshes_the_rows_drafted_over_a_changed_realignment() {
 /// Tiny target and draft model on a 1×2 grid with a 6-token vocabulary.
 fn pair_verifier() -> VerifierCore {
     let g = GridSize { rows: 1, cols: 2 };
-    let codes = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
+    let codes =
+        mulo_model::seed::with_global_seed(6, || Tensor::randn([6, 4], (Kind::Float, Device::Cpu)));
     VerifierCore::new(gpt(g, 6, 2, 11), Some(gpt(g, 6, 1, 12)), &codes, 4).unwrap()
 }
 

@@ -254,7 +254,7 @@ impl Gpt {
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
         let cfg = ModelConfig::load_gpt(dir)?;
         let dtype = dtype.unwrap_or(cfg.dtype);
-        let mut m = Self::build(cfg, device, None)?;
+        let mut m = crate::seed::without_seed(|| Self::build(cfg, device, None))?;
         m.cfg.dtype = dtype;
         let unused = checkpoint::load_dir_weights(&mut m.vs, dir, dtype)?;
         Ok((m, unused))

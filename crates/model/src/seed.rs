@@ -2,7 +2,8 @@
 //!
 //! `tch::manual_seed` followed by initialisers is only reproducible when nothing else draws from
 //! the global generator in between; tests run in parallel threads, so every seeded construction
-//! holds one process-wide lock while it seeds and draws.
+//! holds one process-wide lock while it seeds and draws, and so does every unseeded construction
+//! (a model built before its weights are loaded draws its throw-away initial values there too).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -15,6 +16,15 @@ pub fn with_global_seed<T>(seed: i64, init: impl FnOnce() -> T) -> T {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     tch::manual_seed(seed);
+    init()
+}
+
+/// Runs `init`, which draws from the global generator without caring about its values, while no
+/// seeded construction can be disturbed by it.
+pub(crate) fn without_seed<T>(init: impl FnOnce() -> T) -> T {
+    let _held = GLOBAL_GENERATOR
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     init()
 }
 

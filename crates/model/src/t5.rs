@@ -284,8 +284,8 @@ impl T5Encoder {
 
     /// A randomly initialised encoder (weights `N(0, 1)` from the seed), for tests.
     pub fn random(cfg: T5Config, device: Device, seed: i64) -> Result<Self> {
-        let m = Self::build(cfg, device)?;
         crate::seed::with_global_seed(seed, || {
+            let m = Self::build(cfg, device)?;
             tch::no_grad(|| {
                 // By name: the store's map has no fixed order.
                 let mut vars: Vec<_> = m.vs.variables().into_iter().collect();
@@ -294,9 +294,9 @@ impl T5Encoder {
                     let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.5;
                     v.copy_(&r.to_device(device));
                 }
-            })
-        });
-        Ok(m)
+            });
+            Ok(m)
+        })
     }
 
     /// Loads a model directory (`config.json` + `model.safetensors`); `dtype` overrides the
@@ -304,7 +304,7 @@ impl T5Encoder {
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
         let cfg = ModelConfig::load_t5(dir)?;
         let dtype = dtype.unwrap_or(cfg.dtype);
-        let mut m = Self::build(cfg, device)?;
+        let mut m = crate::seed::without_seed(|| Self::build(cfg, device))?;
         m.cfg.dtype = dtype;
         let unused = checkpoint::load_dir_weights(&mut m.vs, dir, dtype)?;
         Ok((m, unused))

@@ -298,7 +298,8 @@ mod tests {
             vq: None,
         };
         let mut u = Upsampler::random(cfg, Device::Cpu, 3).unwrap();
-        let codes = Tensor::randn([32, 4], (Kind::Float, Device::Cpu));
+        let codes =
+            crate::seed::with_global_seed(4, || Tensor::randn([32, 4], (Kind::Float, Device::Cpu)));
         u.set_codebook(&codes).unwrap();
         u
     }
@@ -306,7 +307,9 @@ mod tests {
     #[test]
     fn output_rows_depend_only_on_input_rows_up_to_them() {
         let u = tiny();
-        let low = Tensor::randint(32, [2, 6, 5], (Kind::Int64, Device::Cpu));
+        let low = crate::seed::with_global_seed(5, || {
+            Tensor::randint(32, [2, 6, 5], (Kind::Int64, Device::Cpu))
+        });
         let base = tch::no_grad(|| u.logits(&low));
         assert_eq!(base.size(), [2, 32, 12, 10]);
         for row in 0..6 {
@@ -330,7 +333,9 @@ mod tests {
     #[test]
     fn prefix_upsampling_equals_full_upsampling() {
         let u = tiny();
-        let low = Tensor::randint(32, [1, 6, 5], (Kind::Int64, Device::Cpu));
+        let low = crate::seed::with_global_seed(6, || {
+            Tensor::randint(32, [1, 6, 5], (Kind::Int64, Device::Cpu))
+        });
         let full = u.upsample(&low).unwrap();
         for rows in 1..6 {
             let part = u.upsample(&low.narrow(1, 0, rows)).unwrap();
@@ -355,7 +360,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         u.save(dir.path(), DType::Fp32).unwrap();
         let v = Upsampler::load(dir.path(), Device::Cpu).unwrap();
-        let low = Tensor::randint(32, [1, 3, 3], (Kind::Int64, Device::Cpu));
+        let low = crate::seed::with_global_seed(7, || {
+            Tensor::randint(32, [1, 3, 3], (Kind::Int64, Device::Cpu))
+        });
         assert!(u.upsample(&low).unwrap().equal(&v.upsample(&low).unwrap()));
     }
 }

@@ -347,7 +347,7 @@ impl VqModel {
     pub fn load(dir: &Path, device: Device, dtype: Option<DType>) -> Result<(Self, Vec<String>)> {
         let cfg = ModelConfig::load_vq(dir)?;
         let dtype = dtype.unwrap_or(cfg.dtype);
-        let mut m = Self::build(cfg, device)?;
+        let mut m = crate::seed::without_seed(|| Self::build(cfg, device))?;
         m.cfg.dtype = dtype;
         let unused = checkpoint::load_dir_weights(&mut m.vs, dir, dtype)?;
         Ok((m, unused))

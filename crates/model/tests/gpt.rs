@@ -252,7 +252,9 @@ fn rope_matches_an_independent_table() {
     assert!(ks
         .narrow(0, n, rest)
         .equal(&t.sin.reshape([-1]).narrow(0, n, rest)));
-    let q = Tensor::randn([1, 2, 1, hd], (Kind::Float, Device::Cpu));
+    let q = mulo_model::seed::with_global_seed(2, || {
+        Tensor::randn([1, 2, 1, hd], (Kind::Float, Device::Cpu))
+    });
     let cond_pos = Tensor::from_slice(&[0i64, 1]);
     assert!(
         keep.apply(&q, &cond_pos).equal(&q),
@@ -339,7 +341,7 @@ fn same_seed_same_tokens() {
                 let t = i64::try_from(sample_from_probs(&p, &[rng.next_uniform()]).get(0)).unwrap();
                 out.push(t);
                 // Torch's global generator must not matter.
-                tch::manual_seed(i);
+                mulo_model::seed::with_global_seed(i, || ());
                 let h = m
                     .forward(
                         &m.embed_tokens(&[t], 2).unwrap(),

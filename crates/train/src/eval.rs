@@ -333,8 +333,9 @@ mod tests {
 
     #[test]
     fn frechet_distance_of_known_gaussians() {
-        tch::manual_seed(1);
-        let a = Tensor::randn([4000, 3], (Kind::Double, Device::Cpu));
+        let a = mulo_model::seed::with_global_seed(1, || {
+            Tensor::randn([4000, 3], (Kind::Double, Device::Cpu))
+        });
         assert!(frechet_distance(&a, &a).unwrap() < 1e-6);
         // Shifting the mean by d adds |d|^2.
         let shift = Tensor::from_slice(&[1.0f64, 2.0, 0.0]);
