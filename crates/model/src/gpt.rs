@@ -12,6 +12,7 @@ use mulo_core::Condition;
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
+use crate::batch::{BatchInput, BatchPlan};
 use crate::checkpoint;
 use crate::config::{ConditionConfig, DType, GptConfig, ModelConfig, PositionEmbedding};
 use crate::error::{ModelError, Result};
@@ -494,7 +495,6 @@ impl Gpt {
     }
 
     fn prefill_uncounted(&self, cond: &Conditioning, cache: &mut KvCache) -> Result<Tensor> {
-        let n = self.cfg.cls_token_num;
         if cond.batch() != cache.batch() {
             return Err(ModelError::InvalidInput(format!(
                 "condition batch {} does not match the cache batch {}",
@@ -502,16 +502,34 @@ impl Gpt {
                 cache.batch()
             )));
         }
-        cache.visible = match &cond.mask {
-            Some(m) => {
-                let rest = Tensor::ones([cache.capacity() - n], (Kind::Bool, self.device));
-                Some(Tensor::cat(&[m.to_kind(Kind::Bool), rest], 0))
-            }
-            None => None,
-        };
-        let positions: Vec<i64> = (0..n).collect();
-        let h = self.forward_uncounted(&cond.embeddings, &positions, None, cache)?;
-        Ok(self.head(&h.select(1, n - 1)))
+        let input = self.condition_input(cond, (0..cache.batch()).collect(), cache)?;
+        let h = self.forward_batch_uncounted(&[input], cache)?.remove(0);
+        Ok(self.head(&h.select(1, self.cfg.cls_token_num - 1)))
+    }
+
+    /// The prefill of `cond` into cache `rows` as one group of a batched forward (its last
+    /// input's logits predict the first image token); sets the rows' caption visibility now.
+    pub fn condition_input(
+        &self,
+        cond: &Conditioning,
+        rows: Vec<i64>,
+        cache: &mut KvCache,
+    ) -> Result<BatchInput> {
+        if rows.len() as i64 != cond.batch() {
+            return Err(ModelError::InvalidInput(format!(
+                "condition batch {} needs as many cache rows, got {}",
+                cond.batch(),
+                rows.len()
+            )));
+        }
+        cache.check_rows(&rows)?;
+        cache.set_visible(&rows, cond.mask.as_ref());
+        Ok(BatchInput {
+            x: cond.embeddings.shallow_clone(),
+            rows,
+            positions: (0..self.cfg.cls_token_num).collect(),
+            mask: None,
+        })
     }
 
     /// Runs inputs `x` `[batch, S, dim]` at absolute `positions` (`S` of them) against `cache`, writing
@@ -540,48 +558,53 @@ impl Gpt {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let s = positions.len() as i64;
         let xs = x.size();
-        if xs.len() != 3 || xs[0] != cache.batch() || xs[1] != s || xs[2] != self.cfg.dim {
+        if xs.len() != 3 || xs[0] != cache.batch() {
             return Err(ModelError::InvalidInput(format!(
-                "forward input has shape {xs:?}, expected [{}, {s}, {}]",
+                "forward input has shape {xs:?}, expected [{}, {}, {}]",
                 cache.batch(),
+                positions.len(),
                 self.cfg.dim
             )));
         }
-        if s == 0 {
-            return Err(ModelError::InvalidInput("forward with no input".into()));
-        }
-        cache.check_positions(positions)?;
-        self.check_rope_range(positions)?;
-        let max_pos = positions.iter().copied().max().unwrap_or(0);
-        let width = match mask {
-            Some(m) => {
-                let ms = m.size();
-                if ms.len() != 2 || ms[0] != s || ms[1] > cache.capacity() || ms[1] <= max_pos {
-                    return Err(ModelError::InvalidInput(format!(
-                        "attention mask has shape {ms:?}, expected [{s}, W] with {max_pos} < W <= {}",
-                        cache.capacity()
-                    )));
-                }
-                ms[1]
-            }
-            None => max_pos + 1,
+        let input = BatchInput {
+            x: x.shallow_clone(),
+            rows: (0..cache.batch()).collect(),
+            positions: positions.to_vec(),
+            mask: mask.map(Tensor::shallow_clone),
         };
-        let pos_t = Tensor::from_slice(positions).to_device(self.device);
-        let attn_mask = build_mask(
-            &pos_t,
-            &cache.slots.narrow(0, 0, width),
-            mask,
-            cache
-                .visible
-                .as_ref()
-                .map(|v| v.narrow(0, 0, width))
-                .as_ref(),
-        );
-        let h = tch::no_grad(|| self.run_layers(x, &pos_t, &attn_mask, Some((cache, width))));
-        cache.mark_written(positions);
+        Ok(self.forward_batch_uncounted(&[input], cache)?.remove(0))
+    }
+
+    /// Runs several sequence groups in one forward against the shared `cache` (each group in its
+    /// own rows, at its own positions, with its own mask; see [`BatchInput`]) and returns each
+    /// group's final-norm hidden states `[rows, S_i, dim]`: what [`Gpt::forward`] of that group
+    /// alone returns, up to float rounding.
+    pub fn forward_batch(&self, groups: &[BatchInput], cache: &mut KvCache) -> Result<Vec<Tensor>> {
+        let h = self.forward_batch_uncounted(groups, cache)?;
+        self.count_pass();
         Ok(h)
+    }
+
+    fn forward_batch_uncounted(
+        &self,
+        groups: &[BatchInput],
+        cache: &mut KvCache,
+    ) -> Result<Vec<Tensor>> {
+        let plan = BatchPlan::new(groups, self.cfg.dim, cache)?;
+        for g in groups {
+            self.check_rope_range(&g.positions)?;
+        }
+        let h = tch::no_grad(|| {
+            self.run_layers(
+                &plan.x,
+                &plan.positions,
+                &plan.mask,
+                Some((&mut *cache, &plan)),
+            )
+        });
+        cache.mark_written(&[plan.max_position]);
+        Ok(plan.split(&h))
     }
 
     /// One full causal forward of `x` `[B, S, dim]` at positions `0..S`, without a cache (the reference
@@ -628,10 +651,16 @@ impl Gpt {
         x: &Tensor,
         pos_t: &Tensor,
         mask: &Tensor,
-        mut cache: Option<(&mut KvCache, i64)>,
+        mut cache: Option<(&mut KvCache, &BatchPlan)>,
     ) -> Tensor {
         let mut h = self.drop(match &self.abs_pe {
-            Some(pe) => x + pe.index_select(0, pos_t).unsqueeze(0),
+            Some(pe) => {
+                let sz = x.size();
+                let pb = if pos_t.dim() == 2 { sz[0] } else { 1 };
+                x + pe
+                    .index_select(0, &pos_t.reshape([-1]))
+                    .view([pb, sz[1], sz[2]])
+            }
             None => x.shallow_clone(),
         });
         for (i, blk) in self.layers.iter().enumerate() {
@@ -640,7 +669,7 @@ impl Gpt {
                 &rms_norm(&h, &blk.attention_norm, self.cfg.norm_eps),
                 pos_t,
                 mask,
-                cache.as_mut().map(|(c, w)| (&mut **c, i, *w)),
+                cache.as_mut().map(|(c, plan)| (&mut **c, i, *plan)),
             );
             h = h + self.drop(a);
             let f = rms_norm(&h, &blk.ffn_norm, self.cfg.norm_eps);
@@ -659,7 +688,7 @@ impl Gpt {
         x: &Tensor,
         pos_t: &Tensor,
         mask: &Tensor,
-        cache: Option<(&mut KvCache, usize, i64)>,
+        cache: Option<(&mut KvCache, usize, &BatchPlan)>,
     ) -> Tensor {
         let sz = x.size();
         let (b, s) = (sz[0], sz[1]);
@@ -678,19 +707,13 @@ impl Gpt {
             k = rope.apply(&k, pos_t);
         }
         let q = q.transpose(1, 2);
-        let k = k.transpose(1, 2);
-        let v = v.transpose(1, 2);
         let (keys, values) = match cache {
-            Some((c, layer, width)) => {
-                let ck = c.keys[layer].kind();
-                let _ = c.keys[layer].index_copy_(2, pos_t, &k.to_kind(ck));
-                let _ = c.values[layer].index_copy_(2, pos_t, &v.to_kind(ck));
-                (
-                    c.keys[layer].narrow(2, 0, width),
-                    c.values[layer].narrow(2, 0, width),
-                )
+            Some((c, layer, plan)) => {
+                plan.write(&mut c.keys[layer], &k);
+                plan.write(&mut c.values[layer], &v);
+                (plan.read(&c.keys[layer]), plan.read(&c.values[layer]))
             }
-            None => (k, v),
+            None => (k.transpose(1, 2), v.transpose(1, 2)),
         };
         let (keys, values) = if nkv != nh {
             (

@@ -1,12 +1,14 @@
-//! A preallocated per-session KV cache written at absolute positions.
+//! A preallocated KV cache written at absolute positions: one session's (one row, two with CFG)
+//! or a role's pool whose rows the sessions share out, so that one forward serves several.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 
-/// Keys and values of every layer for one session (both halves of a CFG pair when `batch` is 2),
-/// preallocated once: `[batch, kv_heads, capacity, head_dim]` per layer. Forwards write their inputs'
-/// K/V at the inputs' absolute positions; nothing is allocated per step.
+/// Keys and values of every layer for `batch` sequences (rows), preallocated once:
+/// `[batch, kv_heads, capacity, head_dim]` per layer. A session owns one row (two with CFG: the
+/// conditional and the unconditional half). Forwards write their inputs' K/V at the inputs'
+/// absolute positions in their own rows; nothing is allocated per step.
 #[derive(Debug)]
 pub struct KvCache {
     pub(crate) keys: Vec<Tensor>,
@@ -15,7 +17,8 @@ pub struct KvCache {
     batch: i64,
     /// `[capacity]` int64 slot indices on the device, to build masks without host round trips.
     pub(crate) slots: Tensor,
-    /// `[capacity]` bool: false for condition columns hidden by a caption mask.
+    /// `[batch, capacity]` bool: false for condition columns a row's caption mask hides; `None`
+    /// while no row has a mask.
     pub(crate) visible: Option<Tensor>,
     filled: i64,
 }
@@ -73,7 +76,7 @@ impl KvCache {
         self.filled = self.filled.min(len.max(0));
     }
 
-    /// Forgets everything, including the caption mask.
+    /// Forgets everything, including the caption masks.
     pub fn reset(&mut self) {
         self.filled = 0;
         self.visible = None;
@@ -122,6 +125,45 @@ impl KvCache {
             worst = worst.max(f64::try_from(d).unwrap_or(f64::INFINITY));
         }
         worst
+    }
+
+    /// Sets the caption visibility of `rows`: `mask` `[cls]` (false hides that condition column
+    /// from every other position of the row), or every column visible.
+    pub(crate) fn set_visible(&mut self, rows: &[i64], mask: Option<&Tensor>) {
+        if mask.is_none() && self.visible.is_none() {
+            return;
+        }
+        let device = self.slots.device();
+        let visible = self
+            .visible
+            .get_or_insert_with(|| Tensor::ones([self.batch, self.capacity], (Kind::Bool, device)));
+        let row = match mask {
+            Some(m) => {
+                let n = m.size()[0].min(self.capacity);
+                let rest = Tensor::ones([self.capacity - n], (Kind::Bool, device));
+                Tensor::cat(
+                    &[
+                        m.narrow(0, 0, n).to_kind(Kind::Bool).to_device(device),
+                        rest,
+                    ],
+                    0,
+                )
+            }
+            None => Tensor::ones([self.capacity], (Kind::Bool, device)),
+        };
+        let n = rows.len() as i64;
+        let idx = Tensor::from_slice(rows).to_device(device);
+        let _ = visible.index_copy_(0, &idx, &row.unsqueeze(0).expand([n, self.capacity], false));
+    }
+
+    pub(crate) fn check_rows(&self, rows: &[i64]) -> Result<()> {
+        match rows.iter().find(|&&r| r < 0 || r >= self.batch) {
+            Some(r) => Err(ModelError::InvalidInput(format!(
+                "cache row {r} is outside the cache's {} rows",
+                self.batch
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn check_positions(&self, positions: &[i64]) -> Result<()> {

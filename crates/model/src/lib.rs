@@ -2,6 +2,7 @@
 //! masked forwards at arbitrary positions, the LlamaGen VQ tokenizer, LlamaGen-exact sampling and
 //! the project's checkpoint format (`config.json` + `model.safetensors` with LlamaGen names).
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -18,6 +19,7 @@ pub mod text;
 pub mod upsampler;
 pub mod vq;
 
+pub use batch::BatchInput;
 pub use config::{DType, GptConfig, ModelConfig, VqConfig};
 pub use device::parse_device;
 pub use error::{ModelError, Result};

@@ -70,15 +70,18 @@ impl RopeTable {
         self.len() == 0
     }
 
-    /// Rotates `x` `[B, S, H, hd]` at absolute `positions` `[S]` (computed in fp32, cast back).
+    /// Rotates `x` `[B, S, H, hd]` at absolute `positions`, `[S]` for every sequence or `[B, S]`
+    /// per sequence (computed in fp32, cast back).
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Tensor {
         let sz = x.size();
         let (b, s, h, hd) = (sz[0], sz[1], sz[2], sz[3]);
         let xs = x.to_kind(Kind::Float).reshape([b, s, h, hd / 2, 2]);
         let x0 = xs.select(-1, 0);
         let x1 = xs.select(-1, 1);
-        let c = self.cos.index_select(0, positions).view([1, s, 1, hd / 2]);
-        let sn = self.sin.index_select(0, positions).view([1, s, 1, hd / 2]);
+        let pb = if positions.dim() == 2 { b } else { 1 };
+        let flat = positions.reshape([-1]);
+        let c = self.cos.index_select(0, &flat).view([pb, s, 1, hd / 2]);
+        let sn = self.sin.index_select(0, &flat).view([pb, s, 1, hd / 2]);
         let o0 = &x0 * &c - &x1 * &sn;
         let o1 = &x1 * &c + &x0 * &sn;
         Tensor::stack(&[o0, o1], -1)
