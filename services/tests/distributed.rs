@@ -17,7 +17,7 @@ fn embedded(method: &str, prompt: &str, seed: u64) -> Vec<i64> {
     let fam = Family::load(&common::family()).unwrap();
     let target = mulo_model::ModelConfig::load_gpt(&fam.path(Member::Target).unwrap()).unwrap();
     let worker = Arc::new(
-        TorchWorker::spawn("torch", move || {
+        TorchWorker::spawn_rounds("torch", move || {
             tch::set_num_threads(1);
             Engine::load(
                 &fam,

@@ -94,6 +94,10 @@ pub const SESSION_LIMIT: &str = "mulo_session_limit";
 pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
 /// Text prompts turned into caption features by the verifier's text encoder, by cache outcome.
 pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
+/// Sessions (request groups) in each batched forward, by model.
+pub const BATCH_SESSIONS: &str = "mulo_batch_sessions";
+/// Role calls running or waiting on the torch thread, by role.
+pub const QUEUE_DEPTH: &str = "mulo_queue_depth";
 
 /// Label values of [`STAGE_DURATION`]: `prefill` and `drafter_prefill` (the round trip of opening
 /// the session on the verifier and the drafter), the roles' reported compute of `draft`,
@@ -282,6 +286,20 @@ pub const ALL: &[Metric] = &[
         help: "Bytes of KV cache allocated by the live sessions, by role.",
     },
     Metric {
+        name: BATCH_SESSIONS,
+        kind: Kind::Histogram,
+        labels: &["model"],
+        services: ROLES,
+        help: "Sessions served by each batched forward pass, by model (continuous batching: 1 when the role serves one session at a time).",
+    },
+    Metric {
+        name: QUEUE_DEPTH,
+        kind: Kind::Gauge,
+        labels: &["role"],
+        services: ROLES,
+        help: "Role calls running or waiting on the torch thread (--max-queue bounds it; more are refused with RESOURCE_EXHAUSTED).",
+    },
+    Metric {
         name: TEXT_ENCODINGS,
         kind: Kind::Counter,
         labels: &["cache"],
@@ -333,7 +351,12 @@ mod tests {
             );
             match m.kind {
                 Kind::Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
-                Kind::Histogram => assert!(m.name.ends_with("_seconds"), "{}", m.name),
+                // Durations in seconds; the one count histogram is sessions per batch.
+                Kind::Histogram => assert!(
+                    m.name.ends_with("_seconds") || m.name == BATCH_SESSIONS,
+                    "{}",
+                    m.name
+                ),
                 Kind::Gauge => assert!(!m.name.ends_with("_total"), "{}", m.name),
             }
             assert!(!m.help.is_empty() && !m.services.is_empty());
@@ -343,6 +366,8 @@ mod tests {
         }
         // Every constant is in the table.
         for n in [
+            BATCH_SESSIONS,
+            QUEUE_DEPTH,
             REQUESTS,
             REQUEST_DURATION,
             REQUESTS_IN_FLIGHT,

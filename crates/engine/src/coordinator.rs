@@ -215,6 +215,7 @@ async fn generate_in_span(
         id: req.id.clone(),
         committed: Vec::new(),
         total: info.rows * info.cols,
+        cols: info.cols.max(1),
         stats,
     };
     let result = match &req.method {
@@ -254,6 +255,8 @@ struct Run<'a> {
     id: String,
     committed: Vec<i64>,
     total: usize,
+    /// Grid columns: AR decodes and reports one row per call.
+    cols: usize,
     stats: MethodStats,
 }
 
@@ -266,34 +269,34 @@ impl Run<'_> {
         }
     }
 
-    /// AR for the rest of the grid (the AR method, and the fallback).
+    /// AR for the rest of the grid (the AR method, and the fallback), one row (the rest of the
+    /// current one first) per decode call, each reported as it lands.
     async fn ar(
         &mut self,
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
     ) -> Result<(), EngineError> {
-        let done = self.committed.len();
-        let left = self.total - done;
-        if left == 0 {
-            return Ok(());
+        while self.committed.len() < self.total {
+            let done = self.committed.len();
+            let count = self.cols - done % self.cols;
+            let t = Instant::now();
+            let reply = self
+                .verifier
+                .decode(self.at(done), count.min(self.total - done))
+                .instrument(info_span!("decode"))
+                .await?;
+            self.stats.target_passes += reply.passes;
+            self.stats.add("decode", reply.seconds);
+            self.stats.add_network(t.elapsed(), reply.seconds);
+            self.committed.extend_from_slice(&reply.tokens);
+            on_event(&BlockEvent {
+                committed: self.committed.len(),
+                total: self.total,
+                start: done,
+                tokens: reply.tokens,
+                accepted: Vec::new(),
+                resampled: Vec::new(),
+            });
         }
-        let t = Instant::now();
-        let reply = self
-            .verifier
-            .decode(self.at(done), left)
-            .instrument(info_span!("decode"))
-            .await?;
-        self.stats.target_passes += reply.passes;
-        self.stats.add("decode", reply.seconds);
-        self.stats.add_network(t.elapsed(), reply.seconds);
-        self.committed.extend_from_slice(&reply.tokens);
-        on_event(&BlockEvent {
-            committed: self.committed.len(),
-            total: self.total,
-            start: done,
-            tokens: reply.tokens,
-            accepted: Vec::new(),
-            resampled: Vec::new(),
-        });
         Ok(())
     }
 

@@ -2,8 +2,12 @@
 //! cache per session, row-by-row (or ZipAR-style parallel-row) drafting, the up-sampler `U_r`, the
 //! down-sampler `D_r` for realignment, and the VQ decoder for the final image.
 //!
-//! Everything here runs on the process's torch thread.
+//! Everything here runs on the process's torch thread. Each call is an op (see
+//! [`crate::batching`]): the drafting forwards of several sessions are batched by
+//! [`DrafterCore::round`]; the synchronous methods run one op to its end.
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Instant;
 
 use mulo_core::{GridSize, ParamError, SamplingParams};
@@ -12,8 +16,13 @@ use mulo_model::{Gpt, Upsampler, VqModel};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use tracing::Instrument;
+
+use crate::batching::{
+    block_on, hold, run_round, BatchLimits, BatchStats, Forwards, LocalOp, RowPool,
+};
 use crate::error::EngineError;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SessionTable, Stream};
+use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a draft call.
@@ -59,20 +68,33 @@ struct Session {
     committed_high: Vec<i64>,
 }
 
-/// The drafter's models and sessions (lives on the torch thread).
-pub struct DrafterCore {
-    drafter: Gpt,
+/// A drafter call's result, as an op.
+pub type Op<R> = LocalOp<Result<R, EngineError>>;
+
+/// The models a draft call uses besides the GPT (run inside the op, one session at a time).
+struct Models {
     upsampler: Upsampler,
     vq: VqModel,
     scale: usize,
-    sessions: SessionTable<Session>,
+    info: DrafterInfo,
+}
+
+/// The drafter's models and sessions (lives on the torch thread).
+pub struct DrafterCore {
+    drafter: Rc<Gpt>,
+    models: Rc<Models>,
+    sessions: Rc<RefCell<SessionTable<Session>>>,
     tokenizer: Option<CaptionTokenizer>,
+    forwards: Rc<Forwards>,
+    kv: RowPool,
+    limits: BatchLimits,
+    stats: BatchStats,
 }
 
 impl std::fmt::Debug for DrafterCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DrafterCore")
-            .field("sessions", &self.sessions.len())
+            .field("sessions", &self.sessions.borrow().len())
             .finish_non_exhaustive()
     }
 }
@@ -95,13 +117,31 @@ impl DrafterCore {
                 vq.config().codebook_size
             )));
         }
-        Ok(Self {
-            drafter,
-            upsampler,
-            vq,
+        let low = drafter.config().grid;
+        let info = DrafterInfo {
+            low,
+            high: GridSize {
+                rows: low.rows * scale,
+                cols: low.cols * scale,
+            },
             scale,
-            sessions: SessionTable::new("drafter", max_sessions),
+            vocab: v as usize,
+        };
+        let capacity = drafter.config().cls_token_num + low.len() as i64;
+        Ok(Self {
+            kv: RowPool::new(&drafter, 2, capacity)?,
+            drafter: Rc::new(drafter),
+            models: Rc::new(Models {
+                upsampler,
+                vq,
+                scale,
+                info,
+            }),
+            sessions: Rc::new(RefCell::new(SessionTable::new("drafter", max_sessions))),
             tokenizer: None,
+            forwards: Rc::default(),
+            limits: BatchLimits::default(),
+            stats: BatchStats::default(),
         })
     }
 
@@ -110,23 +150,19 @@ impl DrafterCore {
         self.tokenizer = tokenizer;
     }
 
+    /// Sets how much one batched forward may hold.
+    pub fn set_batch_limits(&mut self, limits: BatchLimits) {
+        self.limits = limits;
+    }
+
     /// Capabilities.
     pub fn info(&self) -> DrafterInfo {
-        let low = self.drafter.config().grid;
-        DrafterInfo {
-            low,
-            high: GridSize {
-                rows: low.rows * self.scale,
-                cols: low.cols * self.scale,
-            },
-            scale: self.scale,
-            vocab: self.drafter.config().vocab_size as usize,
-        }
+        self.models.info.clone()
     }
 
     /// The VQ model (final decode).
     pub fn vq(&self) -> &VqModel {
-        &self.vq
+        &self.models.vq
     }
 
     /// The low-resolution GPT.
@@ -136,7 +172,31 @@ impl DrafterCore {
 
     /// Live sessions.
     pub fn sessions(&self) -> usize {
-        self.sessions.len()
+        self.sessions.borrow().len()
+    }
+
+    /// Batched forwards run so far and the sessions they served.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    /// Forward requests waiting for a round.
+    pub fn waiting(&self) -> usize {
+        self.forwards.len()
+    }
+
+    /// Runs one scheduler round: the waiting drafting forwards as one batched forward.
+    pub fn round(&mut self) {
+        let round = run_round(
+            &self.forwards,
+            &mut [(&self.drafter, &mut self.kv)],
+            self.limits,
+        );
+        self.stats = self.stats.plus(round);
+    }
+
+    fn block<R>(&mut self, op: Op<R>) -> Result<R, EngineError> {
+        block_on(op, || self.round())
     }
 
     /// Opens (or re-opens) a session: prefills the condition on the low-res GPT. `committed`
@@ -147,16 +207,27 @@ impl DrafterCore {
         spec: &SessionSpec,
         committed: &[i64],
     ) -> Result<DrafterInfo, EngineError> {
+        let op = self.open_op(spec.clone(), committed.to_vec())?;
+        self.block(op)
+    }
+
+    /// [`Self::open`] as an op.
+    pub fn open_op(
+        &mut self,
+        spec: SessionSpec,
+        committed: Vec<i64>,
+    ) -> Result<Op<DrafterInfo>, EngineError> {
         spec.sampling.validate()?;
-        self.sessions.check_room(&spec.id)?;
+        self.sessions.borrow().check_room(&spec.id)?;
         let info = self.info();
-        let row = info.high.cols * self.scale;
+        let scale = self.models.scale;
+        let row = info.high.cols * scale;
         if !committed.len().is_multiple_of(row) || committed.len() > info.high.len() {
             return Err(ParamError::new(
                 "committed",
                 format!(
-                    "whole blocks of {} high-res rows of {} tokens",
-                    self.scale, info.high.cols
+                    "whole blocks of {scale} high-res rows of {} tokens",
+                    info.high.cols
                 ),
             )
             .into());
@@ -165,50 +236,45 @@ impl DrafterCore {
             &condition_for(&spec.condition, self.tokenizer.as_ref()),
             spec.sampling.uses_cfg(),
         )?;
-        let mut stream = Stream::open(&self.drafter, &cond, &spec.sampling)?;
-        if !committed.is_empty() {
-            stream.book.tokens = self.downsample(committed, 0)?;
-            stream.book.committed = stream.book.tokens.len();
-        }
-        let kv = stream.cache.bytes();
-        self.sessions.insert(
-            &spec.id,
-            Session {
+        let low = if committed.is_empty() {
+            Vec::new()
+        } else {
+            self.models.downsample(&committed, 0)?
+        };
+        let rows = self.kv.lease(cond.batch() as usize)?;
+        let kv = self.kv.bytes() / self.kv.cache.batch().max(1) * cond.batch();
+        let fw = Fw {
+            model: self.drafter.clone(),
+            index: 0,
+            queue: self.forwards.clone(),
+        };
+        let sessions = self.sessions.clone();
+        let work = async move {
+            let alive = Rc::new(Cell::new(true));
+            let mut stream = Stream::open(fw, rows, alive.clone(), cond, &spec.sampling).await?;
+            stream.book.committed = low.len();
+            stream.book.tokens = low;
+            let session = Session {
                 epoch: spec.epoch,
                 params: spec.sampling,
                 rng: TokenRng::new(spec.seed ^ 0x9e37_79b9_7f4a_7c15),
                 stream,
-                committed_high: committed.to_vec(),
-            },
-            kv,
-        );
-        Ok(info)
+                committed_high: committed,
+            };
+            sessions.borrow_mut().insert(&spec.id, session, alive, kv)?;
+            Ok(info)
+        };
+        Ok(Box::pin(work.in_current_span()))
     }
 
     /// Frees a session (idempotent).
     pub fn release(&mut self, id: &str) -> bool {
-        self.sessions.release(id)
+        self.sessions.borrow_mut().release(id)
     }
 
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
-        self.sessions.expire(ttl)
-    }
-
-    /// `D_r` of whole committed high-res rows starting at high-res row `first_row`: decodes them
-    /// with up to `r` rows of context above (from `context`), area down-samples and encodes.
-    fn downsample(&self, rows: &[i64], context_rows: usize) -> Result<Vec<i64>, EngineError> {
-        let cols = self.info().high.cols;
-        let r = self.scale as i64;
-        let t = Tensor::from_slice(rows)
-            .view([1, -1, cols as i64])
-            .to_device(self.vq.var_store().device());
-        let low = self.vq.downsample_tokens(&t, r)?;
-        let skip = (context_rows / self.scale) as i64;
-        let low = low.narrow(1, skip, low.size()[1] - skip);
-        Ok(Vec::<i64>::try_from(
-            low.reshape([-1]).to_device(Device::Cpu),
-        )?)
+        self.sessions.borrow_mut().expire(ttl)
     }
 
     /// Realigns the oldest pending low-res rows with the caller's committed high-res rows
@@ -224,31 +290,116 @@ impl DrafterCore {
         rows: usize,
         zipar_window: usize,
     ) -> Result<DraftReply, EngineError> {
-        let info = self.info();
-        let (w, scale) = (info.low.cols, self.scale);
-        // Realign: D_r of the committed rows (with one low-res row of context above).
-        let t0 = Instant::now();
-        let stage = tracing::info_span!("realign", tokens = realign.len()).entered();
-        let (high_committed, pending) = {
-            let s = self.sessions.peek(&r.id)?;
-            check_ref(r, s.epoch, s.committed_high.len())?;
-            (s.committed_high.len(), s.stream.book.pending())
+        let op = self.draft_op(r.clone(), realign.to_vec(), rows, zipar_window)?;
+        self.block(op)
+    }
+
+    /// [`Self::draft`] as an op: its drafting forwards batch with other sessions'.
+    pub fn draft_op(
+        &mut self,
+        r: SessionRef,
+        realign: Vec<i64>,
+        rows: usize,
+        zipar_window: usize,
+    ) -> Result<Op<DraftReply>, EngineError> {
+        let entry = self.sessions.borrow_mut().get(&r.id)?;
+        let models = self.models.clone();
+        let work = async move {
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check_ref(&r, s.epoch, s.committed_high.len())?;
+            let t0 = Instant::now();
+            let realigned = {
+                let _stage = tracing::info_span!("realign", tokens = realign.len()).entered();
+                models.realign(s, &realign, rows)?
+            };
+            let realign_seconds = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let (first, passes) = draft_rows(s, models.info.low.cols, rows, zipar_window)
+                .instrument(tracing::info_span!("draft", rows))
+                .await?;
+            let draft_seconds = t1.elapsed().as_secs_f64();
+            let t2 = Instant::now();
+            let high = {
+                let _stage = tracing::info_span!("upsample").entered();
+                models.upsample(&s.stream.book.tokens, first, rows)?
+            };
+            Ok(DraftReply {
+                first_row: first / models.info.low.cols,
+                low: s.stream.book.tokens[first..].to_vec(),
+                high,
+                passes,
+                realigned,
+                draft_seconds,
+                upsample_seconds: t2.elapsed().as_secs_f64(),
+                realign_seconds,
+            })
         };
-        // Checked before anything changes: a refused call leaves the session as it was.
+        Ok(Box::pin(work.in_current_span()))
+    }
+
+    /// Up-samples one low-res row of code 0 and discards it (start-up warm-up).
+    pub fn warm_up_upsampler(&self) -> Result<(), EngineError> {
+        let w = self.info().low.cols as i64;
+        let up = &self.models.upsampler;
+        let low = Tensor::zeros([1, 1, w], (Kind::Int64, up.var_store().device()));
+        let _ = tch::no_grad(|| up.upsample(&low))?;
+        Ok(())
+    }
+
+    /// The session's low-res KV cache rows, copied (for checks against a fresh prefill).
+    pub fn cache(&self, id: &str) -> Option<mulo_model::KvCache> {
+        let s = self.sessions.borrow().peek(id).ok()?;
+        let rows = s.peek(|s| s.stream.lease.rows.clone())?;
+        Some(self.kv.cache.extract_rows(&rows))
+    }
+
+    /// The session's low-res tokens: realigned (committed) rows, then pending drafted rows; and
+    /// how many are committed.
+    pub fn low_tokens(&self, id: &str) -> Option<(Vec<i64>, usize)> {
+        let s = self.sessions.borrow().peek(id).ok()?;
+        s.peek(|s| (s.stream.book.tokens.clone(), s.stream.book.committed))
+    }
+}
+
+impl Models {
+    /// `D_r` of whole committed high-res rows: decodes them with `context_rows` rows of context
+    /// above, area down-samples and encodes; the context's low-res rows are dropped.
+    fn downsample(&self, rows: &[i64], context_rows: usize) -> Result<Vec<i64>, EngineError> {
+        let cols = self.info.high.cols;
+        let r = self.scale as i64;
+        let t = Tensor::from_slice(rows)
+            .view([1, -1, cols as i64])
+            .to_device(self.vq.var_store().device());
+        let low = self.vq.downsample_tokens(&t, r)?;
+        let skip = (context_rows / self.scale) as i64;
+        let low = low.narrow(1, skip, low.size()[1] - skip);
+        Ok(Vec::<i64>::try_from(
+            low.reshape([-1]).to_device(Device::Cpu),
+        )?)
+    }
+
+    /// Checks a draft call and realigns the oldest pending low-res rows with `realign` (D_r of
+    /// the committed rows with one low-res row of context above); returns the low-res tokens the
+    /// realignment changed. A refused call leaves the session as it was.
+    fn realign(&self, s: &mut Session, realign: &[i64], rows: usize) -> Result<usize, EngineError> {
+        let (w, scale) = (self.info.low.cols, self.scale);
+        let high_committed = s.committed_high.len();
+        let pending = s.stream.book.pending();
         let low_after = high_committed / (scale * scale) + pending;
-        if rows == 0 || low_after + rows * w > info.low.len() {
+        if rows == 0 || low_after + rows * w > self.info.low.len() {
             return Err(ParamError::new(
                 "rows",
                 format!(
                     "{rows} low-res rows after {low_after} tokens overflow the {}-token grid",
-                    info.low.len()
+                    self.info.low.len()
                 ),
             )
             .into());
         }
         // The realigned rows are the oldest pending ones: all of them, or (pipelined drafting)
         // all but the block drafted last, which stays pending until the next call.
-        let whole_rows = info.high.cols * scale;
+        let whole_rows = self.info.high.cols * scale;
         if realign.len() > pending * scale * scale || !realign.len().is_multiple_of(whole_rows) {
             return Err(EngineError::Precondition(format!(
                 "realignment of {} high-res tokens, but {} low-res tokens ({} high-res) are pending \
@@ -258,137 +409,101 @@ impl DrafterCore {
                 pending * scale * scale
             )));
         }
-        let realigned_low = if realign.is_empty() {
+        let low = if realign.is_empty() {
             Vec::new()
         } else {
-            let row = info.high.cols;
+            let row = self.info.high.cols;
             let ctx = (high_committed / row).min(scale);
-            let mut rows_in = Vec::with_capacity((ctx * row) + realign.len());
-            let committed_high = self.committed_high(&r.id, ctx)?;
-            rows_in.extend_from_slice(&committed_high);
+            let mut rows_in = s.committed_high[high_committed - ctx * row..].to_vec();
             rows_in.extend_from_slice(realign);
             self.downsample(&rows_in, ctx)?
         };
-        let realign_seconds = t0.elapsed().as_secs_f64();
-        drop(stage);
-        let Self {
-            drafter,
-            upsampler,
-            sessions,
-            ..
-        } = self;
-        let s = sessions.get_mut(&r.id)?;
-        let before: Vec<i64> = s.stream.book.tokens[s.stream.book.committed..].to_vec();
-        let realigned = before
+        let book = &mut s.stream.book;
+        let changed = book.tokens[book.committed..]
             .iter()
-            .zip(&realigned_low)
+            .zip(&low)
             .filter(|(a, b)| a != b)
             .count();
-        s.stream.book.commit_first(&realigned_low)?;
+        book.commit_first(&low)?;
         s.committed_high.extend_from_slice(realign);
-        // A block still pending (pipelined) keeps its drafted values; its slots are re-fed with
-        // the first pass where they went stale (the realignment changed a row above them).
-        let mut previous: Vec<usize> = s.stream.book.stale_pending();
-        let first = s.stream.book.tokens.len();
-        // Draft.
-        let t1 = Instant::now();
-        let stage = tracing::info_span!("draft", rows).entered();
-        s.stream.book.forget_from(first);
+        Ok(changed)
+    }
+
+    /// `U_r` of every low-res row up to the block's end; the block's high-res rows, raster order.
+    fn upsample(&self, low: &[i64], first: usize, rows: usize) -> Result<Vec<i64>, EngineError> {
+        let w = self.info.low.cols;
         let first_row = first / w;
-        let mut next_col = vec![0usize; rows];
-        let passes_before = s.stream.passes;
-        let window = if zipar_window == 0 {
-            usize::MAX
-        } else {
-            zipar_window
-        };
-        s.stream.book.tokens.resize(first + rows * w, -1);
-        while next_col[rows - 1] < w {
-            // Open rows: row j+1 opens once row j has `window` tokens (or is done).
-            let mut queries = Vec::new();
-            for j in 0..rows {
-                if next_col[j] >= w {
-                    continue;
-                }
-                if j > 0 && next_col[j - 1] < w && next_col[j - 1] < window {
-                    break;
-                }
-                queries.push((first_row + j) * w + next_col[j]);
-                if zipar_window == 0 {
-                    break;
-                }
-            }
-            let rows_of = (zipar_window > 0).then_some(w);
-            let (p, _) = s
-                .stream
-                .query(drafter, &s.params, &previous, &queries, rows_of)?;
-            let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
-            let drawn =
-                Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
-            for (&q, &t) in queries.iter().zip(&drawn) {
-                s.stream.book.tokens[q] = t;
-                next_col[q / w - first_row] += 1;
-            }
-            previous = queries;
-        }
-        // The first token of the grid reads the prefill's logits: no pass of its own.
-        let passes = s.stream.passes - passes_before;
-        let draft_seconds = t1.elapsed().as_secs_f64();
-        drop(stage);
-        // Up-sample every low-res row so far; keep the block's high-res rows.
-        let t2 = Instant::now();
-        let _stage = tracing::info_span!("upsample").entered();
         let end_row = first_row + rows;
-        let low_t = Tensor::from_slice(&s.stream.book.tokens[..end_row * w])
+        let low_t = Tensor::from_slice(&low[..end_row * w])
             .view([1, end_row as i64, w as i64])
-            .to_device(upsampler.var_store().device());
-        let high = upsampler.upsample(&low_t)?;
-        let hc = info.high.cols as i64;
+            .to_device(self.upsampler.var_store().device());
+        let high = self.upsampler.upsample(&low_t)?;
         let block = high
-            .narrow(1, (first_row * scale) as i64, (rows * scale) as i64)
+            .narrow(
+                1,
+                (first_row * self.scale) as i64,
+                (rows * self.scale) as i64,
+            )
             .reshape([-1]);
-        let high = Vec::<i64>::try_from(block.to_kind(Kind::Int64).to_device(Device::Cpu))?;
-        debug_assert_eq!(high.len() as i64, (rows * scale) as i64 * hc);
-        Ok(DraftReply {
-            first_row,
-            low: s.stream.book.tokens[first..].to_vec(),
-            high,
-            passes,
-            realigned,
-            draft_seconds,
-            upsample_seconds: t2.elapsed().as_secs_f64(),
-            realign_seconds,
-        })
+        Ok(Vec::<i64>::try_from(
+            block.to_kind(Kind::Int64).to_device(Device::Cpu),
+        )?)
     }
+}
 
-    /// Up-samples one low-res row of code 0 and discards it (start-up warm-up).
-    pub fn warm_up_upsampler(&self) -> Result<(), EngineError> {
-        let w = self.info().low.cols as i64;
-        let low = Tensor::zeros(
-            [1, 1, w],
-            (Kind::Int64, self.upsampler.var_store().device()),
-        );
-        let _ = tch::no_grad(|| self.upsampler.upsample(&low))?;
-        Ok(())
+/// Drafts `rows` low-res rows of width `w` after every pending row, one token per open row per
+/// forward (ZipAR with `zipar_window` > 0: row `j+1` opens once row `j` has that many tokens);
+/// a block still pending (pipelined) keeps its drafted values, and its slots are re-fed with the
+/// first pass where they went stale. Returns the first drafted position and the passes spent.
+async fn draft_rows(
+    s: &mut Session,
+    w: usize,
+    rows: usize,
+    zipar_window: usize,
+) -> Result<(usize, usize), EngineError> {
+    let Session {
+        stream,
+        params,
+        rng,
+        ..
+    } = s;
+    let mut previous: Vec<usize> = stream.book.stale_pending();
+    let first = stream.book.tokens.len();
+    stream.book.forget_from(first);
+    let first_row = first / w;
+    let mut next_col = vec![0usize; rows];
+    let passes_before = stream.passes;
+    let window = if zipar_window == 0 {
+        usize::MAX
+    } else {
+        zipar_window
+    };
+    stream.book.tokens.resize(first + rows * w, -1);
+    while next_col[rows - 1] < w {
+        // Open rows: row j+1 opens once row j has `window` tokens (or is done).
+        let mut queries = Vec::new();
+        for j in 0..rows {
+            if next_col[j] >= w {
+                continue;
+            }
+            if j > 0 && next_col[j - 1] < w && next_col[j - 1] < window {
+                break;
+            }
+            queries.push((first_row + j) * w + next_col[j]);
+            if zipar_window == 0 {
+                break;
+            }
+        }
+        let rows_of = (zipar_window > 0).then_some(w);
+        let (p, _) = stream.query(params, &previous, &queries, rows_of).await?;
+        let uniforms: Vec<f64> = queries.iter().map(|_| rng.next_uniform()).collect();
+        let drawn = Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
+        for (&q, &t) in queries.iter().zip(&drawn) {
+            stream.book.tokens[q] = t;
+            next_col[q / w - first_row] += 1;
+        }
+        previous = queries;
     }
-
-    /// The session's low-res KV cache (for checks against a fresh prefill).
-    pub fn cache(&self, id: &str) -> Option<&mulo_model::KvCache> {
-        self.sessions.peek(id).ok().map(|s| &s.stream.cache)
-    }
-
-    /// The session's low-res tokens: realigned (committed) rows, then pending drafted rows.
-    pub fn low_tokens(&self, id: &str) -> Option<(&[i64], usize)> {
-        self.sessions
-            .peek(id)
-            .ok()
-            .map(|s| (s.stream.book.tokens.as_slice(), s.stream.book.committed))
-    }
-
-    fn committed_high(&self, id: &str, rows: usize) -> Result<Vec<i64>, EngineError> {
-        let s = self.sessions.peek(id)?;
-        let row = self.info().high.cols;
-        let n = s.committed_high.len();
-        Ok(s.committed_high[n - rows * row..].to_vec())
-    }
+    // The first token of the grid reads the prefill's logits: no pass of its own.
+    Ok((first, stream.passes - passes_before))
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use mulo_model::{DType, Gpt, TextEncoder, Upsampler, VqModel};
 use tch::Device;
 
+use crate::batching::{BatchLimits, LocalOp, Ops};
 use crate::drafter::{DraftReply, DrafterCore, DrafterInfo};
 use crate::error::EngineError;
 use crate::family::{Family, Member};
@@ -17,7 +18,7 @@ use crate::session::{SessionRef, SessionSpec};
 use crate::verifier::{
     DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierCore, VerifierInfo, VerifyReply,
 };
-use crate::worker::TorchWorker;
+use crate::worker::{Rounds, TorchWorker};
 
 /// The low-resolution side: drafting, up-sampling, realignment.
 #[async_trait]
@@ -90,6 +91,46 @@ pub struct Engine {
     pub verifier: Option<VerifierCore>,
     /// The VQ model (final decode, `D_r`).
     pub vq: Option<VqModel>,
+    /// Role calls running on the torch thread.
+    pub ops: Ops,
+    /// Batch limits and the bound of the call queue.
+    pub batching: Batching,
+}
+
+/// How a process batches role calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// What one batched forward may hold.
+    pub limits: BatchLimits,
+    /// Role calls running or waiting at most; more are refused (`RESOURCE_EXHAUSTED`).
+    pub max_queue: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            limits: BatchLimits::default(),
+            max_queue: 256,
+        }
+    }
+}
+
+impl Rounds for Engine {
+    fn busy(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    fn round(&mut self) {
+        self.ops.poll_all();
+        if let Some(v) = &mut self.verifier {
+            v.round();
+        }
+        if let Some(d) = &mut self.drafter {
+            d.round();
+        }
+        metrics::gauge!(mulo_core::metrics::QUEUE_DEPTH, "role" => self.role_label())
+            .set(self.ops.len() as f64);
+    }
 }
 
 /// A model a process holds, for the capability handshake.
@@ -265,7 +306,55 @@ impl Engine {
             drafter,
             verifier,
             vq: Some(vq),
+            ops: Ops::default(),
+            batching: Batching::default(),
         })
+    }
+
+    /// Sets the batch limits of both roles and the bound of the call queue.
+    pub fn set_batching(&mut self, batching: Batching) {
+        if let Some(v) = &mut self.verifier {
+            v.set_batch_limits(batching.limits);
+        }
+        if let Some(d) = &mut self.drafter {
+            d.set_batch_limits(batching.limits);
+        }
+        self.batching = batching;
+    }
+
+    fn role_label(&self) -> &'static str {
+        match (&self.verifier, &self.drafter) {
+            (Some(_), Some(_)) => "embedded",
+            (Some(_), None) => "verifier",
+            (None, Some(_)) => "drafter",
+            (None, None) => "none",
+        }
+    }
+
+    /// Batched forwards run so far by both roles and the sessions they served.
+    pub fn batch_stats(&self) -> crate::batching::BatchStats {
+        let v = self.verifier.as_ref().map(VerifierCore::batch_stats);
+        let d = self.drafter.as_ref().map(DrafterCore::batch_stats);
+        v.unwrap_or_default().plus(d.unwrap_or_default())
+    }
+
+    /// Admits a role call as an op (it runs in the next rounds and sends its result to `reply`),
+    /// or refuses it when the queue is full.
+    pub fn submit<R: Send + 'static>(
+        &mut self,
+        op: LocalOp<Result<R, EngineError>>,
+        reply: tokio::sync::oneshot::Sender<Result<R, EngineError>>,
+    ) -> Result<(), EngineError> {
+        if self.ops.len() >= self.batching.max_queue.max(1) {
+            return Err(EngineError::Capacity(format!(
+                "{} role calls are queued on the torch thread, its limit (--max-queue)",
+                self.ops.len()
+            )));
+        }
+        self.ops.spawn(Box::pin(async move {
+            let _ = reply.send(op.await);
+        }));
+        Ok(())
     }
 
     fn drafter(&mut self) -> Result<&mut DrafterCore, EngineError> {
@@ -415,6 +504,33 @@ impl Local {
     {
         self.worker.call(f).await?
     }
+
+    /// Runs a role call as an op on the torch thread (batched with the other calls there); a full
+    /// queue refuses it at once.
+    async fn op<R, F>(&self, f: F) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> Result<LocalOp<Result<R, EngineError>>, EngineError>
+            + Send
+            + 'static,
+    {
+        if !self.worker.runs_rounds() {
+            // A thread without rounds runs each call to its end inside its job.
+            return self
+                .call(move |e| {
+                    let op = f(e)?;
+                    crate::batching::block_on(op, || e.round())
+                })
+                .await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.call(move |e| {
+            let op = f(e)?;
+            e.submit(op, tx)
+        })
+        .await?;
+        rx.await.map_err(|_| EngineError::WorkerGone)?
+    }
 }
 
 #[async_trait]
@@ -424,7 +540,7 @@ impl DrafterRole for Local {
         spec: SessionSpec,
         committed: Vec<i64>,
     ) -> Result<DrafterInfo, EngineError> {
-        self.call(move |e| e.drafter()?.open(&spec, &committed))
+        self.op(move |e| e.drafter()?.open_op(spec, committed))
             .await
     }
 
@@ -435,7 +551,7 @@ impl DrafterRole for Local {
         rows: usize,
         zipar_window: usize,
     ) -> Result<DraftReply, EngineError> {
-        self.call(move |e| e.drafter()?.draft(&session, &realign, rows, zipar_window))
+        self.op(move |e| e.drafter()?.draft_op(session, realign, rows, zipar_window))
             .await
     }
 
@@ -456,7 +572,7 @@ impl VerifierRole for Local {
         with_draft: bool,
         committed: Vec<i64>,
     ) -> Result<VerifierInfo, EngineError> {
-        self.call(move |e| e.verifier()?.open(&spec, with_draft, &committed))
+        self.op(move |e| e.verifier()?.open_op(spec, with_draft, committed))
             .await
     }
 
@@ -467,7 +583,7 @@ impl VerifierRole for Local {
         proposals: Vec<i64>,
         pool_k: usize,
     ) -> Result<VerifyReply, EngineError> {
-        self.call(move |e| e.verifier()?.verify(&session, &commit, &proposals, pool_k))
+        self.op(move |e| e.verifier()?.verify_op(session, commit, proposals, pool_k))
             .await
     }
 
@@ -476,17 +592,17 @@ impl VerifierRole for Local {
         session: SessionRef,
         passes: Vec<Vec<usize>>,
     ) -> Result<ResampleReply, EngineError> {
-        self.call(move |e| e.verifier()?.resample(&session, &passes))
+        self.op(move |e| e.verifier()?.resample_op(session, passes))
             .await
     }
 
     async fn commit(&self, session: SessionRef, values: Vec<i64>) -> Result<usize, EngineError> {
-        self.call(move |e| e.verifier()?.commit(&session, &values))
+        self.op(move |e| e.verifier()?.commit_op(session, values))
             .await
     }
 
     async fn decode(&self, session: SessionRef, count: usize) -> Result<DecodeReply, EngineError> {
-        self.call(move |e| e.verifier()?.decode(&session, count, &mut |_| {}))
+        self.op(move |e| e.verifier()?.decode_op(session, count, Box::new(|_| {})))
             .await
     }
 
@@ -496,7 +612,7 @@ impl VerifierRole for Local {
         gamma: usize,
         relax: Option<Relaxation>,
     ) -> Result<SpeculateReply, EngineError> {
-        self.call(move |e| e.verifier()?.speculate(&session, gamma, relax))
+        self.op(move |e| e.verifier()?.speculate_op(session, gamma, relax))
             .await
     }
 

@@ -5,10 +5,14 @@
 use mulo_core::{Condition, SamplingParams};
 use mulo_model::gpt::Conditioning;
 use mulo_model::sampling::process_probs;
-use mulo_model::{Gpt, KvCache};
+use std::cell::Cell;
+use std::rc::Rc;
+
+use mulo_model::Gpt;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+use crate::batching::{ForwardCall, Forwards, GroupInput, RowLease};
 use crate::error::EngineError;
 
 /// Opens a session on a role: the condition, the sampling parameters and the seed of its random
@@ -152,36 +156,61 @@ impl SlotBook {
     }
 }
 
-/// A GPT with one session's cache, condition and slot bookkeeping: the one place where both roles
-/// feed tokens and read processed `p`.
+/// Where a stream's forwards go: its model, the model's index in the role's batching, and the
+/// role's request queue.
+#[derive(Clone)]
+pub(crate) struct Fw {
+    pub model: Rc<Gpt>,
+    pub index: usize,
+    pub queue: Rc<Forwards>,
+}
+
+/// One session on one model: its cache rows in the model's pool, its slot bookkeeping and its
+/// first-token probabilities. The one place where both roles feed tokens and read processed `p`;
+/// every forward is a request to the role's scheduler (batched with other sessions').
 pub(crate) struct Stream {
-    pub cache: KvCache,
+    pub lease: RowLease,
     pub book: SlotBook,
     /// Processed `p` `[1, V]` of grid position 0 (from the prefill).
     pub first: Tensor,
     /// Forward passes run by [`Stream::feed`] (the prefill not included): what a call spent is
     /// the difference, so that a query answered from the prefill's logits costs none.
     pub passes: usize,
-    batch: i64,
+    fw: Fw,
+    /// False once the session is released or replaced: its queued forwards are dropped.
+    alive: Rc<Cell<bool>>,
 }
 
 impl Stream {
-    /// Prefills the condition.
-    pub fn open(
-        model: &Gpt,
-        cond: &Conditioning,
+    /// Prefills the condition into the leased rows.
+    pub async fn open(
+        fw: Fw,
+        lease: RowLease,
+        alive: Rc<Cell<bool>>,
+        cond: Conditioning,
         params: &SamplingParams,
     ) -> Result<Self, EngineError> {
-        let n = model.config().grid.len();
-        let cls = model.config().cls_token_num;
-        let mut cache = model.new_cache(cond.batch(), cls + n as i64)?;
-        let logits = model.prefill(cond, &mut cache)?;
+        let n = fw.model.config().grid.len();
+        let cls = fw.model.config().cls_token_num;
+        let logits = fw
+            .queue
+            .submit(ForwardCall {
+                model: fw.index,
+                input: GroupInput::Condition(cond),
+                rows: lease.rows.clone(),
+                positions: (0..cls).collect(),
+                mask: None,
+                read: vec![cls - 1],
+                alive: alive.clone(),
+            })
+            .await?;
         Ok(Self {
-            first: process_probs(&logits.unsqueeze(1), params),
-            cache,
+            first: process_probs(&logits, params),
+            lease,
             book: SlotBook::new(n),
             passes: 0,
-            batch: cond.batch(),
+            fw,
+            alive,
         })
     }
 
@@ -190,14 +219,14 @@ impl Stream {
     /// `[read.len(), V]`. With `rows = Some(w)` (ZipAR drafting on rows of `w`), a position not
     /// drafted yet is fed the last token drafted before it in its row, and every input sees only
     /// the slots that hold current values (and its own).
-    pub fn feed(
+    pub async fn feed(
         &mut self,
-        model: &Gpt,
         params: &SamplingParams,
         positions: &[usize],
         read: &[usize],
         rows: Option<usize>,
     ) -> Result<Tensor, EngineError> {
+        let model = &self.fw.model;
         let cls = model.config().cls_token_num;
         let tokens = &self.book.tokens;
         let values: Vec<i64> = positions
@@ -221,24 +250,33 @@ impl Stream {
             }
             ready_mask(cls, positions, &ready, model.device())
         });
-        let x = model.embed_tokens(&values, self.batch)?;
-        let h = model.forward(&x, &abs, mask.as_ref(), &mut self.cache)?;
-        self.passes += 1;
-        self.book.mark_fed(positions);
         let idx: Vec<i64> = read
             .iter()
             .map(|r| positions.iter().position(|p| p == r).unwrap_or(0) as i64)
             .collect();
-        let rows = h.index_select(1, &Tensor::from_slice(&idx).to_device(h.device()));
-        Ok(process_probs(&model.head(&rows), params))
+        let logits = self
+            .fw
+            .queue
+            .submit(ForwardCall {
+                model: self.fw.index,
+                input: GroupInput::Tokens(values),
+                rows: self.lease.rows.clone(),
+                positions: abs,
+                mask,
+                read: idx,
+                alive: self.alive.clone(),
+            })
+            .await?;
+        self.passes += 1;
+        self.book.mark_fed(positions);
+        Ok(process_probs(&logits, params))
     }
 
     /// Processed `p` for each grid position in `queries` (ascending), feeding the stale committed
     /// slots first (the merged refresh), the `extra` positions and each query's predecessor in
     /// one forward. Returns `(p [queries, V], refreshed)`.
-    pub fn query(
+    pub async fn query(
         &mut self,
-        model: &Gpt,
         params: &SamplingParams,
         extra: &[usize],
         queries: &[usize],
@@ -257,7 +295,7 @@ impl Stream {
             out.push(self.first.shallow_clone());
         }
         if !feed.is_empty() {
-            out.push(self.feed(model, params, &feed, &read, rows)?);
+            out.push(self.feed(params, &feed, &read, rows).await?);
         }
         if start < self.book.committed {
             self.book.refreshed();
@@ -297,12 +335,28 @@ pub(crate) fn condition_for(
     }
 }
 
+/// A live session as the table holds it: shared with the op that runs a call on it, and a flag
+/// that drops its queued forwards once it leaves the table.
+pub(crate) type Shared<S> = Rc<crate::batching::Home<S>>;
+
+struct Entry<S> {
+    session: Shared<S>,
+    alive: Rc<Cell<bool>>,
+    used: std::time::Instant,
+    kv_bytes: i64,
+}
+
+impl<S> Drop for Entry<S> {
+    fn drop(&mut self) {
+        self.alive.set(false);
+    }
+}
+
 /// A role's live sessions by id, with a capacity and an idle clock per session.
 pub(crate) struct SessionTable<S> {
     role: &'static str,
     max: usize,
-    /// Each session, when it was last used, and the bytes of KV cache it holds.
-    map: std::collections::HashMap<String, (S, std::time::Instant, i64)>,
+    map: std::collections::HashMap<String, Entry<S>>,
 }
 
 impl<S> SessionTable<S> {
@@ -322,7 +376,7 @@ impl<S> SessionTable<S> {
     fn report(&self) {
         use mulo_core::metrics::{KV_CACHE_BYTES, SESSIONS};
         metrics::gauge!(SESSIONS, "role" => self.role).set(self.map.len() as f64);
-        let kv: i64 = self.map.values().map(|(_, _, b)| b).sum();
+        let kv: i64 = self.map.values().map(|e| e.kv_bytes).sum();
         metrics::gauge!(KV_CACHE_BYTES, "role" => self.role).set(kv as f64);
     }
 
@@ -341,11 +395,25 @@ impl<S> SessionTable<S> {
         Ok(())
     }
 
-    /// Adds (or replaces) a session holding `kv_bytes` of KV cache.
-    pub(crate) fn insert(&mut self, id: &str, s: S, kv_bytes: i64) {
-        self.map
-            .insert(id.to_string(), (s, std::time::Instant::now(), kv_bytes));
+    /// Adds (or replaces) a session holding `kv_bytes` of KV cache; `alive` is the flag its
+    /// streams' forwards carry. Refused when the table filled up meanwhile.
+    pub(crate) fn insert(
+        &mut self,
+        id: &str,
+        s: S,
+        alive: Rc<Cell<bool>>,
+        kv_bytes: i64,
+    ) -> Result<(), EngineError> {
+        self.check_room(id)?;
+        let entry = Entry {
+            session: crate::batching::Home::new(s),
+            alive,
+            used: std::time::Instant::now(),
+            kv_bytes,
+        };
+        self.map.insert(id.to_string(), entry);
         self.report();
+        Ok(())
     }
 
     /// Frees a session (idempotent).
@@ -358,27 +426,27 @@ impl<S> SessionTable<S> {
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub(crate) fn expire(&mut self, ttl: std::time::Duration) -> usize {
         let before = self.map.len();
-        self.map.retain(|_, (_, used, _)| used.elapsed() <= ttl);
+        self.map.retain(|_, e| e.used.elapsed() <= ttl);
         self.report();
         before - self.map.len()
     }
 
     /// The session, without touching its idle clock.
-    pub(crate) fn peek(&self, id: &str) -> Result<&S, EngineError> {
+    pub(crate) fn peek(&self, id: &str) -> Result<Shared<S>, EngineError> {
         self.map
             .get(id)
-            .map(|(s, _, _)| s)
+            .map(|e| e.session.clone())
             .ok_or_else(|| EngineError::UnknownSession(id.to_string()))
     }
 
     /// The session, marked as used now.
-    pub(crate) fn get_mut(&mut self, id: &str) -> Result<&mut S, EngineError> {
-        let (s, used, _) = self
+    pub(crate) fn get(&mut self, id: &str) -> Result<Shared<S>, EngineError> {
+        let e = self
             .map
             .get_mut(id)
             .ok_or_else(|| EngineError::UnknownSession(id.to_string()))?;
-        *used = std::time::Instant::now();
-        Ok(s)
+        e.used = std::time::Instant::now();
+        Ok(e.session.clone())
     }
 }
 

@@ -3,9 +3,13 @@
 //! a resample plan with parallel islands, committing with the KV refresh merged into the next
 //! forward, plain AR decoding, and the SD / LANTERN baselines with the small draft model.
 //!
-//! Everything here runs on the process's torch thread.
+//! Everything here runs on the process's torch thread. Each call is an op (see
+//! [`crate::batching`]): its forwards are batched with the other sessions' by [`VerifierCore::round`];
+//! the synchronous methods run one op to its end.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
@@ -14,10 +18,14 @@ use mulo_model::sampling::{sample_from_probs, TokenRng};
 use mulo_model::{Gpt, KvCache};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+use tracing::Instrument;
 
+use crate::batching::{
+    block_on, hold, run_round, BatchLimits, BatchStats, Forwards, Home, LocalOp, RowPool,
+};
 use crate::error::EngineError;
 use crate::prompt::encode_prompt;
-use crate::session::{check_ref, condition_for, SessionRef, SessionSpec, SessionTable, Stream};
+use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
 /// Reply of a verify call.
@@ -106,36 +114,43 @@ struct Session {
     draft: Option<Stream>,
 }
 
-/// The session `r` names, checked against its epoch and committed length, marked as used.
-fn session<'a>(
-    sessions: &'a mut SessionTable<Session>,
-    r: &SessionRef,
-) -> Result<&'a mut Session, EngineError> {
-    let s = sessions.get_mut(&r.id)?;
-    check_ref(r, s.epoch, s.target.book.committed)?;
-    Ok(s)
+/// A verifier call's result, as an op.
+pub type Op<R> = LocalOp<Result<R, EngineError>>;
+
+/// Indices of the verifier's models in its batching.
+const TARGET: usize = 0;
+const DRAFT: usize = 1;
+
+/// Checks a call against its session's epoch and committed length.
+fn check(r: &SessionRef, s: &Session) -> Result<(), EngineError> {
+    check_ref(r, s.epoch, s.target.book.committed)
 }
 
 /// The verifier's models and sessions (lives on the torch thread).
 pub struct VerifierCore {
-    target: Gpt,
-    draft: Option<Gpt>,
+    target: Rc<Gpt>,
+    draft: Option<Rc<Gpt>>,
     /// L2-normalised codebook `[V, d]` on the host (pooling tables and LANTERN distances).
     codes: Vec<f32>,
     code_dim: usize,
     /// `[V, k]` nearest-code tables by `k`, int64 on the device.
     pools: HashMap<usize, (Vec<u32>, Tensor)>,
-    sessions: SessionTable<Session>,
+    sessions: Rc<RefCell<SessionTable<Session>>>,
     target_tokenizer: Option<CaptionTokenizer>,
     draft_tokenizer: Option<CaptionTokenizer>,
     text: Option<crate::prompt::PromptEncoder>,
     wrong_residual: bool,
+    forwards: Rc<Forwards>,
+    /// KV pools of the target and the draft model.
+    kv: Vec<RowPool>,
+    limits: BatchLimits,
+    stats: BatchStats,
 }
 
 impl std::fmt::Debug for VerifierCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifierCore")
-            .field("sessions", &self.sessions.len())
+            .field("sessions", &self.sessions.borrow().len())
             .finish_non_exhaustive()
     }
 }
@@ -189,13 +204,22 @@ impl VerifierCore {
         }
         let normed =
             mulo_model::vq::l2_normalize(&codes.to_kind(Kind::Float).to_device(Device::Cpu));
+        let capacity = |m: &Gpt| m.config().cls_token_num + m.config().grid.len() as i64;
+        let mut kv = vec![RowPool::new(&target, 2, capacity(&target))?];
+        if let Some(d) = &draft {
+            kv.push(RowPool::new(d, 2, capacity(d))?);
+        }
         Ok(Self {
             codes: Vec::<f32>::try_from(normed.reshape([-1]))?,
             code_dim: s[1] as usize,
-            target,
-            draft,
+            target: Rc::new(target),
+            draft: draft.map(Rc::new),
+            forwards: Rc::default(),
+            kv,
+            limits: BatchLimits::default(),
+            stats: BatchStats::default(),
             pools: HashMap::new(),
-            sessions: SessionTable::new("verifier", max_sessions),
+            sessions: Rc::new(RefCell::new(SessionTable::new("verifier", max_sessions))),
             target_tokenizer: None,
             draft_tokenizer: None,
             text: None,
@@ -240,12 +264,62 @@ impl VerifierCore {
 
     /// The small draft model of SD / LANTERN, when loaded.
     pub fn draft_model(&self) -> Option<&Gpt> {
-        self.draft.as_ref()
+        self.draft.as_deref()
+    }
+
+    /// Sets how much one batched forward may hold.
+    pub fn set_batch_limits(&mut self, limits: BatchLimits) {
+        self.limits = limits;
+    }
+
+    /// Batched forwards run so far and the sessions they served.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    /// Forward requests waiting for a round.
+    pub fn waiting(&self) -> usize {
+        self.forwards.len()
+    }
+
+    /// Runs one scheduler round: the waiting forward requests of the target and of the draft
+    /// model, each model's as one batched forward.
+    pub fn round(&mut self) {
+        let mut models: Vec<(&Gpt, &mut RowPool)> = Vec::with_capacity(2);
+        let mut pools = self.kv.iter_mut();
+        if let Some(p) = pools.next() {
+            models.push((&self.target, p));
+        }
+        if let (Some(d), Some(p)) = (&self.draft, pools.next()) {
+            models.push((d, p));
+        }
+        let round = run_round(&self.forwards, &mut models, self.limits);
+        self.stats = self.stats.plus(round);
+    }
+
+    /// Runs `op` to its end, running rounds while it waits.
+    fn block<R>(&mut self, op: Op<R>) -> Result<R, EngineError> {
+        block_on(op, || self.round())
+    }
+
+    fn fw(&self, index: usize) -> Result<Fw, EngineError> {
+        let model = match index {
+            TARGET => self.target.clone(),
+            _ => self
+                .draft
+                .clone()
+                .ok_or_else(|| EngineError::Unsupported("no small draft model loaded".into()))?,
+        };
+        Ok(Fw {
+            model,
+            index,
+            queue: self.forwards.clone(),
+        })
     }
 
     /// Live sessions.
     pub fn sessions(&self) -> usize {
-        self.sessions.len()
+        self.sessions.borrow().len()
     }
 
     /// The `[V, k]` nearest-code table; `k` larger than the codebook means the whole codebook
@@ -309,8 +383,19 @@ impl VerifierCore {
         with_draft: bool,
         committed: &[i64],
     ) -> Result<VerifierInfo, EngineError> {
+        let op = self.open_op(spec.clone(), with_draft, committed.to_vec())?;
+        self.block(op)
+    }
+
+    /// [`Self::open`] as an op.
+    pub fn open_op(
+        &mut self,
+        spec: SessionSpec,
+        with_draft: bool,
+        committed: Vec<i64>,
+    ) -> Result<Op<VerifierInfo>, EngineError> {
         spec.sampling.validate()?;
-        self.sessions.check_room(&spec.id)?;
+        self.sessions.borrow().check_room(&spec.id)?;
         if with_draft && self.draft.is_none() {
             return Err(EngineError::Unsupported(
                 "this verifier has no small draft model (SD and LANTERN need one)".into(),
@@ -329,38 +414,56 @@ impl VerifierCore {
             &condition_for(&condition, self.target_tokenizer.as_ref()),
             cfg,
         )?;
-        let mut target = Stream::open(&self.target, &cond, &spec.sampling)?;
-        target.book.tokens = committed.to_vec();
-        target.book.committed = committed.len();
+        let target_rows = self.kv[TARGET].lease(cond.batch() as usize)?;
         let draft = match (&self.draft, with_draft) {
             (Some(d), true) => {
-                let cond = d.condition(
+                let c = d.condition(
                     &condition_for(&condition, self.draft_tokenizer.as_ref()),
                     cfg,
                 )?;
-                let mut s = Stream::open(d, &cond, &spec.sampling)?;
-                s.book.tokens = committed.to_vec();
-                s.book.committed = committed.len();
-                Some(s)
+                let rows = self.kv[DRAFT].lease(c.batch() as usize)?;
+                Some((self.fw(DRAFT)?, rows, c))
             }
             _ => None,
         };
-        let kv = target.cache.bytes() + draft.as_ref().map_or(0, |d| d.cache.bytes());
-        self.sessions.insert(
-            &spec.id,
-            Session {
+        let row_bytes = |p: &RowPool| p.bytes() / p.cache.batch().max(1);
+        let kv = row_bytes(&self.kv[TARGET]) * cond.batch()
+            + draft
+                .as_ref()
+                .map_or(0, |(_, _, c)| row_bytes(&self.kv[DRAFT]) * c.batch());
+        let target_fw = self.fw(TARGET)?;
+        let info = VerifierInfo {
+            condition: encoded,
+            ..self.info()
+        };
+        let sessions = self.sessions.clone();
+        let alive = Rc::new(Cell::new(true));
+        let params = spec.sampling;
+        let work = async move {
+            let mut target =
+                Stream::open(target_fw, target_rows, alive.clone(), cond, &params).await?;
+            target.book.tokens = committed.clone();
+            target.book.committed = committed.len();
+            let draft = match draft {
+                Some((fw, rows, c)) => {
+                    let mut s = Stream::open(fw, rows, alive.clone(), c, &params).await?;
+                    s.book.tokens = committed.clone();
+                    s.book.committed = committed.len();
+                    Some(s)
+                }
+                None => None,
+            };
+            let session = Session {
                 epoch: spec.epoch,
-                params: spec.sampling,
+                params,
                 rng: TokenRng::new(spec.seed),
                 target,
                 draft,
-            },
-            kv,
-        );
-        Ok(VerifierInfo {
-            condition: encoded,
-            ..self.info()
-        })
+            };
+            sessions.borrow_mut().insert(&spec.id, session, alive, kv)?;
+            Ok(info)
+        };
+        Ok(Box::pin(work.in_current_span()))
     }
 
     /// Gives the verifier a family's text encoder: text prompts then become caption features here.
@@ -373,14 +476,19 @@ impl VerifierCore {
         self.text.as_ref()
     }
 
-    /// Frees a session (unknown ids are fine: release is idempotent).
+    /// Frees a session (unknown ids are fine: release is idempotent). A call of it still
+    /// waiting for a forward is answered `UnknownSession` at the next round.
     pub fn release(&mut self, id: &str) -> bool {
-        self.sessions.release(id)
+        self.sessions.borrow_mut().release(id)
     }
 
     /// Frees sessions idle for longer than `ttl`; returns how many.
     pub fn expire(&mut self, ttl: std::time::Duration) -> usize {
-        self.sessions.expire(ttl)
+        self.sessions.borrow_mut().expire(ttl)
+    }
+
+    fn session(&self, id: &str) -> Result<Rc<Home<Session>>, EngineError> {
+        self.sessions.borrow_mut().get(id)
     }
 
     /// Commits the pending block (`commit`: its final values, empty when nothing is pending) and
@@ -393,49 +501,64 @@ impl VerifierCore {
         proposals: &[i64],
         pool_k: usize,
     ) -> Result<VerifyReply, EngineError> {
-        let _stage = tracing::info_span!("verify").entered();
-        let start = Instant::now();
+        let op = self.verify_op(r.clone(), commit.to_vec(), proposals.to_vec(), pool_k)?;
+        self.block(op)
+    }
+
+    /// [`Self::verify`] as an op.
+    pub fn verify_op(
+        &mut self,
+        r: SessionRef,
+        commit: Vec<i64>,
+        proposals: Vec<i64>,
+        pool_k: usize,
+    ) -> Result<Op<VerifyReply>, EngineError> {
         let v = self.target.config().vocab_size;
-        let pool = self.pool(pool_k)?.1.shallow_clone();
         let n = self.target.config().grid.len();
-        let Self {
-            target, sessions, ..
-        } = self;
-        let s = session(sessions, r)?;
-        let book = &mut s.target.book;
-        if !commit.is_empty() || book.pending() > 0 {
-            book.commit(commit)?;
-        }
-        let first = book.committed;
-        if proposals.is_empty() || first + proposals.len() > n {
-            return Err(ParamError::new(
-                "proposals",
-                format!(
-                    "{} proposals after {first} committed tokens do not fit the {n}-token grid",
-                    proposals.len()
-                ),
-            )
-            .into());
-        }
-        if proposals.iter().any(|&t| t < 0 || t >= v) {
-            return Err(
-                ParamError::new("proposals", format!("token ids must be in [0, {v})")).into(),
-            );
-        }
-        book.tokens.extend_from_slice(proposals);
-        book.forget_from(first);
-        let queries: Vec<usize> = (first..first + proposals.len()).collect();
-        let extra: Vec<usize> = (first..first + proposals.len() - 1).collect();
-        let (p, refreshed) = s.target.query(target, &s.params, &extra, &queries, None)?;
-        let idx = pool.index_select(0, &Tensor::from_slice(proposals).to_device(pool.device()));
-        let mass = p
-            .gather(1, &idx, false)
-            .sum_dim_intlist(1, false, Kind::Float);
-        Ok(VerifyReply {
-            mass: Vec::<f32>::try_from(mass.to_device(Device::Cpu))?,
-            refreshed,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        let pool = self.pool(pool_k)?.1.shallow_clone();
+        let entry = self.session(&r.id)?;
+        let work = async move {
+            let start = Instant::now();
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check(&r, s)?;
+            let book = &mut s.target.book;
+            if !commit.is_empty() || book.pending() > 0 {
+                book.commit(&commit)?;
+            }
+            let first = book.committed;
+            if proposals.is_empty() || first + proposals.len() > n {
+                return Err(ParamError::new(
+                    "proposals",
+                    format!(
+                        "{} proposals after {first} committed tokens do not fit the {n}-token grid",
+                        proposals.len()
+                    ),
+                )
+                .into());
+            }
+            if proposals.iter().any(|&t| t < 0 || t >= v) {
+                return Err(
+                    ParamError::new("proposals", format!("token ids must be in [0, {v})")).into(),
+                );
+            }
+            book.tokens.extend_from_slice(&proposals);
+            book.forget_from(first);
+            let queries: Vec<usize> = (first..first + proposals.len()).collect();
+            let extra: Vec<usize> = (first..first + proposals.len() - 1).collect();
+            let (p, refreshed) = s.target.query(&s.params, &extra, &queries, None).await?;
+            let idx =
+                pool.index_select(0, &Tensor::from_slice(&proposals).to_device(pool.device()));
+            let mass = p
+                .gather(1, &idx, false)
+                .sum_dim_intlist(1, false, Kind::Float);
+            Ok(VerifyReply {
+                mass: Vec::<f32>::try_from(mass.to_device(Device::Cpu))?,
+                refreshed,
+                seconds: start.elapsed().as_secs_f64(),
+            })
+        };
+        Ok(Box::pin(work.instrument(tracing::info_span!("verify"))))
     }
 
     /// Executes a resample plan on the pending block: `passes[t]` lists the grid positions pass
@@ -447,48 +570,58 @@ impl VerifierCore {
         r: &SessionRef,
         passes: &[Vec<usize>],
     ) -> Result<ResampleReply, EngineError> {
-        let _stage = tracing::info_span!("resample").entered();
-        let start = Instant::now();
-        let Self {
-            target, sessions, ..
-        } = self;
-        let s = session(sessions, r)?;
-        let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
-        let mut seen = std::collections::HashSet::new();
-        for p in passes.iter().flatten() {
-            if *p < lo || *p >= hi || !seen.insert(*p) {
-                return Err(ParamError::new(
-                    "plan",
-                    format!("positions must be distinct and pending (in {lo}..{hi}), got {p}"),
-                )
-                .into());
+        let op = self.resample_op(r.clone(), passes.to_vec())?;
+        self.block(op)
+    }
+
+    /// [`Self::resample`] as an op: one pass per round.
+    pub fn resample_op(
+        &mut self,
+        r: SessionRef,
+        passes: Vec<Vec<usize>>,
+    ) -> Result<Op<ResampleReply>, EngineError> {
+        let entry = self.session(&r.id)?;
+        let work = async move {
+            let start = Instant::now();
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check(&r, s)?;
+            let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
+            let mut seen = std::collections::HashSet::new();
+            for p in passes.iter().flatten() {
+                if *p < lo || *p >= hi || !seen.insert(*p) {
+                    return Err(ParamError::new(
+                        "plan",
+                        format!("positions must be distinct and pending (in {lo}..{hi}), got {p}"),
+                    )
+                    .into());
+                }
             }
-        }
-        let mut previous: Vec<usize> = Vec::new();
-        let before = s.target.passes;
-        for pass in passes {
-            let mut queries = pass.clone();
-            queries.sort_unstable();
-            if queries.is_empty() {
-                continue;
+            let mut previous: Vec<usize> = Vec::new();
+            let before = s.target.passes;
+            for pass in &passes {
+                let mut queries = pass.clone();
+                queries.sort_unstable();
+                if queries.is_empty() {
+                    continue;
+                }
+                let (p, _) = s.target.query(&s.params, &previous, &queries, None).await?;
+                let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
+                let drawn =
+                    Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
+                for (&q, &t) in queries.iter().zip(&drawn) {
+                    s.target.book.set(q, t);
+                }
+                previous = queries;
             }
-            let (p, _) = s
-                .target
-                .query(target, &s.params, &previous, &queries, None)?;
-            let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
-            let drawn =
-                Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
-            for (&q, &t) in queries.iter().zip(&drawn) {
-                s.target.book.set(q, t);
-            }
-            previous = queries;
-        }
-        Ok(ResampleReply {
-            tokens: s.target.book.tokens[lo..].to_vec(),
-            // Resampling grid position 0 reads the prefill's logits: no pass of its own.
-            passes: s.target.passes - before,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+            Ok(ResampleReply {
+                tokens: s.target.book.tokens[lo..].to_vec(),
+                // Resampling grid position 0 reads the prefill's logits: no pass of its own.
+                passes: s.target.passes - before,
+                seconds: start.elapsed().as_secs_f64(),
+            })
+        };
+        Ok(Box::pin(work.instrument(tracing::info_span!("resample"))))
     }
 
     /// Commits the pending block without scoring anything new and re-feeds every stale slot of
@@ -496,67 +629,89 @@ impl VerifierCore {
     /// the committed tokens. (A generation's last block needs no commit; this is for migration
     /// and checks.) Returns the slots re-fed.
     pub fn commit(&mut self, r: &SessionRef, values: &[i64]) -> Result<usize, EngineError> {
-        let _stage = tracing::info_span!("commit").entered();
-        let Self {
-            target, sessions, ..
-        } = self;
-        let s = session(sessions, r)?;
-        s.target.book.commit(values)?;
-        let from = s.target.book.refresh_start();
-        let all: Vec<usize> = (from..s.target.book.committed).collect();
-        if !all.is_empty() {
-            let last = *all.last().unwrap_or(&0);
-            let _ = s.target.feed(target, &s.params, &all, &[last], None)?;
-            s.target.book.refreshed();
-        }
-        Ok(all.len())
+        let op = self.commit_op(r.clone(), values.to_vec())?;
+        self.block(op)
+    }
+
+    /// [`Self::commit`] as an op.
+    pub fn commit_op(&mut self, r: SessionRef, values: Vec<i64>) -> Result<Op<usize>, EngineError> {
+        let entry = self.session(&r.id)?;
+        let work = async move {
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check(&r, s)?;
+            s.target.book.commit(&values)?;
+            let from = s.target.book.refresh_start();
+            let all: Vec<usize> = (from..s.target.book.committed).collect();
+            if let Some(&last) = all.last() {
+                let _ = s.target.feed(&s.params, &all, &[last], None).await?;
+                s.target.book.refreshed();
+            }
+            Ok(all.len())
+        };
+        Ok(Box::pin(work.instrument(tracing::info_span!("commit"))))
     }
 
     /// Decodes `count` tokens autoregressively after the committed prefix (AR method and the
-    /// fallback when no drafter answers); they are committed.
+    /// fallback when no drafter answers); they are committed. `progress` hears the committed
+    /// length after every token.
     pub fn decode(
         &mut self,
         r: &SessionRef,
         count: usize,
-        progress: &mut dyn FnMut(usize),
+        progress: Box<dyn FnMut(usize)>,
     ) -> Result<DecodeReply, EngineError> {
-        let _stage = tracing::info_span!("decode").entered();
-        let start = Instant::now();
+        let op = self.decode_op(r.clone(), count, progress)?;
+        self.block(op)
+    }
+
+    /// [`Self::decode`] as an op: one token per round, so that it batches with every other
+    /// session's work and a release stops it within one step.
+    pub fn decode_op(
+        &mut self,
+        r: SessionRef,
+        count: usize,
+        mut progress: Box<dyn FnMut(usize)>,
+    ) -> Result<Op<DecodeReply>, EngineError> {
         let n = self.target.config().grid.len();
-        let Self {
-            target, sessions, ..
-        } = self;
-        let s = session(sessions, r)?;
-        if s.target.book.pending() > 0 {
-            return Err(EngineError::Precondition(
-                "a block is pending: commit it before decoding".into(),
-            ));
-        }
-        let first = s.target.book.committed;
-        if first + count > n {
-            return Err(ParamError::new(
-                "count",
-                format!("{count} tokens after {first} overflow the {n}-token grid"),
-            )
-            .into());
-        }
-        let mut out = Vec::with_capacity(count);
-        let before = s.target.passes;
-        for i in 0..count {
-            let q = first + i;
-            let (p, _) = s.target.query(target, &s.params, &[], &[q], None)?;
-            let t = i64::try_from(sample_from_probs(&p, &[s.rng.next_uniform()]).get(0))?;
-            s.target.book.tokens.push(t);
-            s.target.book.committed += 1;
-            out.push(t);
-            progress(q + 1);
-        }
-        Ok(DecodeReply {
-            tokens: out,
-            // Position 0 reads the prefill's logits: no forward of its own.
-            passes: s.target.passes - before,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        let entry = self.session(&r.id)?;
+        let work = async move {
+            let start = Instant::now();
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check(&r, s)?;
+            if s.target.book.pending() > 0 {
+                return Err(EngineError::Precondition(
+                    "a block is pending: commit it before decoding".into(),
+                ));
+            }
+            let first = s.target.book.committed;
+            if first + count > n {
+                return Err(ParamError::new(
+                    "count",
+                    format!("{count} tokens after {first} overflow the {n}-token grid"),
+                )
+                .into());
+            }
+            let mut out = Vec::with_capacity(count);
+            let before = s.target.passes;
+            for i in 0..count {
+                let q = first + i;
+                let (p, _) = s.target.query(&s.params, &[], &[q], None).await?;
+                let t = i64::try_from(sample_from_probs(&p, &[s.rng.next_uniform()]).get(0))?;
+                s.target.book.tokens.push(t);
+                s.target.book.committed += 1;
+                out.push(t);
+                progress(q + 1);
+            }
+            Ok(DecodeReply {
+                tokens: out,
+                // Position 0 reads the prefill's logits: no forward of its own.
+                passes: s.target.passes - before,
+                seconds: start.elapsed().as_secs_f64(),
+            })
+        };
+        Ok(Box::pin(work.instrument(tracing::info_span!("decode"))))
     }
 
     /// One SD cycle (LANTERN with `relax`): the draft model proposes up to `gamma` tokens, one
@@ -568,140 +723,187 @@ impl VerifierCore {
         gamma: usize,
         relax: Option<Relaxation>,
     ) -> Result<SpeculateReply, EngineError> {
-        let _stage = tracing::info_span!("speculate").entered();
+        let op = self.speculate_op(r.clone(), gamma, relax)?;
+        self.block(op)
+    }
+
+    /// [`Self::speculate`] as an op.
+    pub fn speculate_op(
+        &mut self,
+        r: SessionRef,
+        gamma: usize,
+        relax: Option<Relaxation>,
+    ) -> Result<Op<SpeculateReply>, EngineError> {
         if gamma == 0 {
             return Err(ParamError::new("gamma", "must be at least 1").into());
         }
+        if self.draft.is_none() {
+            return Err(EngineError::Unsupported(
+                "no small draft model loaded".into(),
+            ));
+        }
         // LANTERN's k counts candidates; a codebook smaller than k offers all of its codes.
-        let vocab = self.target.config().vocab_size as usize;
-        let relax = relax.map(|x| Relaxation {
-            k: x.k.min(vocab),
-            ..x
-        });
-        let pool = match relax {
+        let v = self.target.config().vocab_size as usize;
+        let relax = relax.map(|x| Relaxation { k: x.k.min(v), ..x });
+        let table = match relax {
             Some(x) => Some(self.pool(x.k)?.0.clone()),
             None => None,
         };
         let n = self.target.config().grid.len();
-        let Self {
-            target,
-            draft,
-            sessions,
-            wrong_residual,
-            ..
-        } = self;
-        let draft_model = draft
-            .as_ref()
-            .ok_or_else(|| EngineError::Unsupported("no small draft model loaded".into()))?;
-        let s = session(sessions, r)?;
-        let ds = s.draft.as_mut().ok_or_else(|| {
-            EngineError::Precondition("the session was opened without the draft model".into())
-        })?;
-        let first = s.target.book.committed;
-        if first >= n {
-            return Err(EngineError::Precondition("the grid is complete".into()));
-        }
-        let g = gamma.min(n - first);
-        // Draft g tokens with the small model.
-        let t0 = Instant::now();
-        let mut qs: Vec<Vec<f32>> = Vec::with_capacity(g);
-        let mut drafts = Vec::with_capacity(g);
-        let (target_before, draft_before) = (s.target.passes, ds.passes);
-        for i in 0..g {
-            let (q, _) = ds.query(draft_model, &s.params, &[], &[first + i], None)?;
-            let t = i64::try_from(sample_from_probs(&q, &[s.rng.next_uniform()]).get(0))?;
-            qs.push(probs_row(&q, 0)?);
-            ds.book.tokens.push(t);
-            ds.book.committed += 1;
-            drafts.push(t);
-        }
-        let draft_seconds = t0.elapsed().as_secs_f64();
-        // Score them (and the bonus position) in one target pass.
-        let t1 = Instant::now();
-        let book = &mut s.target.book;
-        book.tokens.extend_from_slice(&drafts);
-        book.forget_from(first);
-        let bonus = first + g < n;
-        let queries: Vec<usize> = (first..first + g + usize::from(bonus)).collect();
-        let extra: Vec<usize> = (first..first + g).collect();
-        let extra = if bonus {
-            extra
-        } else {
-            extra[..g - 1].to_vec()
+        let wrong_residual = self.wrong_residual;
+        let entry = self.session(&r.id)?;
+        let work = async move {
+            let mut held = hold(entry).await;
+            let s = &mut *held;
+            check(&r, s)?;
+            let Session {
+                params,
+                rng,
+                target,
+                draft,
+                ..
+            } = s;
+            let ds = draft.as_mut().ok_or_else(|| {
+                EngineError::Precondition("the session was opened without the draft model".into())
+            })?;
+            let first = target.book.committed;
+            if first >= n {
+                return Err(EngineError::Precondition("the grid is complete".into()));
+            }
+            let g = gamma.min(n - first);
+            let (target_before, draft_before) = (target.passes, ds.passes);
+            // Draft g tokens with the small model.
+            let t0 = Instant::now();
+            let (drafts, qs) = draft_tokens(ds, params, rng, first, g).await?;
+            let draft_seconds = t0.elapsed().as_secs_f64();
+            // Score them (and the bonus position) in one target pass.
+            let t1 = Instant::now();
+            let book = &mut target.book;
+            book.tokens.extend_from_slice(&drafts);
+            book.forget_from(first);
+            let bonus = first + g < n;
+            let queries: Vec<usize> = (first..first + g + usize::from(bonus)).collect();
+            let extra: Vec<usize> = (first..first + g - usize::from(!bonus)).collect();
+            let (p, _) = target.query(params, &extra, &queries, None).await?;
+            let p_host = Vec::<f32>::try_from(p.to_device(Device::Cpu).reshape([-1]))?;
+            let accept = Acceptance {
+                p: &p_host,
+                v,
+                qs: &qs,
+                relax: relax.zip(table.as_deref()),
+                wrong_residual,
+            };
+            let (out, accepted) = accept.run(&drafts, bonus, rng);
+            // Commit on both models; their slots past the first changed value are stale.
+            for book in [&mut target.book, &mut ds.book] {
+                book.tokens.truncate(first);
+                book.tokens.extend_from_slice(&out);
+                book.committed = book.tokens.len();
+                book.forget_from(book.committed);
+            }
+            Ok(SpeculateReply {
+                proposed: g,
+                accepted,
+                tokens: out,
+                target_passes: target.passes - target_before,
+                draft_passes: ds.passes - draft_before,
+                draft_seconds,
+                verify_seconds: t1.elapsed().as_secs_f64(),
+            })
         };
-        let (p, _) = s.target.query(target, &s.params, &extra, &queries, None)?;
-        let p_host = Vec::<f32>::try_from(p.to_device(Device::Cpu).reshape([-1]))?;
-        let v = target.config().vocab_size as usize;
-        let row = |i: usize| &p_host[i * v..(i + 1) * v];
+        Ok(Box::pin(work.instrument(tracing::info_span!("speculate"))))
+    }
+
+    /// The session's target KV cache rows, copied (for checks against a fresh prefill).
+    pub fn cache(&self, id: &str) -> Option<KvCache> {
+        let s = self.sessions.borrow().peek(id).ok()?;
+        let rows = s.peek(|s| s.target.lease.rows.clone())?;
+        Some(self.kv[TARGET].cache.extract_rows(&rows))
+    }
+
+    /// The session's committed tokens.
+    pub fn committed(&self, id: &str) -> Option<Vec<i64>> {
+        let s = self.sessions.borrow().peek(id).ok()?;
+        s.peek(|s| s.target.book.tokens[..s.target.book.committed].to_vec())
+    }
+}
+
+/// Drafts `g` tokens after `first` with the small model, one per forward; returns them and their
+/// processed draft probabilities `q` (host rows).
+async fn draft_tokens(
+    ds: &mut Stream,
+    params: &SamplingParams,
+    rng: &mut TokenRng,
+    first: usize,
+    g: usize,
+) -> Result<(Vec<i64>, Vec<Vec<f32>>), EngineError> {
+    let mut qs: Vec<Vec<f32>> = Vec::with_capacity(g);
+    let mut drafts = Vec::with_capacity(g);
+    for i in 0..g {
+        let (q, _) = ds.query(params, &[], &[first + i], None).await?;
+        let t = i64::try_from(sample_from_probs(&q, &[rng.next_uniform()]).get(0))?;
+        qs.push(probs_row(&q, 0)?);
+        ds.book.tokens.push(t);
+        ds.book.committed += 1;
+        drafts.push(t);
+    }
+    Ok((drafts, qs))
+}
+
+/// SD / LANTERN acceptance of one cycle's drafts against the target's `p` (host, `[g(+1), V]`).
+struct Acceptance<'a> {
+    p: &'a [f32],
+    v: usize,
+    qs: &'a [Vec<f32>],
+    /// LANTERN's relaxation with its `[V, k]` nearest-code table.
+    relax: Option<(Relaxation, &'a [u32])>,
+    wrong_residual: bool,
+}
+
+impl Acceptance<'_> {
+    fn row(&self, i: usize) -> &[f32] {
+        &self.p[i * self.v..(i + 1) * self.v]
+    }
+
+    /// The committed tokens (accepted drafts, then a correction from the residual at the first
+    /// rejection, or a bonus token when all pass) and how many drafts were accepted.
+    fn run(&self, drafts: &[i64], bonus: bool, rng: &mut TokenRng) -> (Vec<i64>, usize) {
+        let g = drafts.len();
         let mut out = Vec::with_capacity(g + 1);
-        let mut accepted = 0;
-        for i in 0..g {
-            let x = drafts[i] as usize;
-            let u = s.rng.next_uniform().min(1.0 - f64::EPSILON);
-            let (ok, set) = match (&relax, &pool) {
-                (Some(rx), Some(table)) => {
+        for (i, &d) in drafts.iter().enumerate() {
+            let x = d as usize;
+            let u = rng.next_uniform().min(1.0 - f64::EPSILON);
+            let (ok, set) = match &self.relax {
+                Some((rx, table)) => {
                     let k = rx.k;
                     let near = &table[x * k..(x + 1) * k];
-                    let set = proximity_set(near, row(i), rx.delta);
-                    (lantern_accept(row(i), &qs[i], x, &set, u), set)
+                    let set = proximity_set(near, self.row(i), rx.delta);
+                    (lantern_accept(self.row(i), &self.qs[i], x, &set, u), set)
                 }
-                _ => (sd_accept(row(i), &qs[i], x, u), Vec::new()),
+                None => (sd_accept(self.row(i), &self.qs[i], x, u), Vec::new()),
             };
             if ok {
-                out.push(drafts[i]);
-                accepted += 1;
+                out.push(d);
                 continue;
             }
             // Correction from the residual; LANTERN zeroes q on the proximity set first.
-            let mut q = qs[i].clone();
+            let mut q = self.qs[i].clone();
             for &a in &set {
                 if let Some(e) = q.get_mut(a as usize) {
                     *e = 0.0;
                 }
             }
-            let residual = if *wrong_residual {
-                row(i).to_vec()
+            let residual = if self.wrong_residual {
+                self.row(i).to_vec()
             } else {
-                sd_residual(row(i), &q)
+                sd_residual(self.row(i), &q)
             };
-            out.push(draw(&residual, s.rng.next_uniform()));
-            break;
+            out.push(draw(&residual, rng.next_uniform()));
+            return (out, i);
         }
-        if accepted == g && bonus {
-            out.push(draw(row(g), s.rng.next_uniform()));
+        if bonus {
+            out.push(draw(self.row(g), rng.next_uniform()));
         }
-        // Commit on both models; their slots past the first changed value are stale.
-        let book = &mut s.target.book;
-        book.tokens.truncate(first);
-        book.tokens.extend_from_slice(&out);
-        book.committed = book.tokens.len();
-        book.forget_from(book.committed);
-        let dbook = &mut ds.book;
-        dbook.tokens.truncate(first);
-        dbook.tokens.extend_from_slice(&out);
-        dbook.committed = dbook.tokens.len();
-        dbook.forget_from(dbook.committed);
-        Ok(SpeculateReply {
-            proposed: g,
-            accepted,
-            tokens: out,
-            target_passes: s.target.passes - target_before,
-            draft_passes: ds.passes - draft_before,
-            draft_seconds,
-            verify_seconds: t1.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// The session's target KV cache (for checks against a fresh prefill).
-    pub fn cache(&self, id: &str) -> Option<&KvCache> {
-        self.sessions.peek(id).ok().map(|s| &s.target.cache)
-    }
-
-    /// The session's committed tokens.
-    pub fn committed(&self, id: &str) -> Option<&[i64]> {
-        self.sessions
-            .peek(id)
-            .ok()
-            .map(|s| &s.target.book.tokens[..s.target.book.committed])
+        (out, g)
     }
 }

@@ -3,6 +3,10 @@
 //! libtorch called from several OS threads gives each its own OpenMP pool and made decoding 4–6×
 //! slower here, so every model of a process is created, loaded and run on one dedicated thread fed
 //! by a channel. The state `S` (the loaded models) lives on that thread only.
+//!
+//! Jobs are short (they admit a role call as an op, answer a status, free a session); while the
+//! state has ops running ([`Rounds::busy`]) the thread takes every job waiting and then runs one
+//! scheduler round ([`Rounds::round`]), so that a job never waits behind a whole generation.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -11,10 +15,46 @@ use crate::error::EngineError;
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
+/// State that runs batched work in rounds between jobs.
+pub trait Rounds {
+    /// True while work waits for a round.
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// Runs one round of the waiting work.
+    fn round(&mut self) {}
+}
+
+/// Runs jobs as they come and, with `rounds`, rounds while the state is busy, until every sender
+/// is gone.
+fn serve<S>(state: &mut S, rx: &mpsc::Receiver<Job<S>>, rounds: Option<Hooks<S>>) {
+    loop {
+        let job = if let Some((busy, round)) = rounds.filter(|(busy, _)| busy(state)) {
+            let _ = busy;
+            match rx.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::TryRecvError::Empty) => {
+                    round(state);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        job(state);
+    }
+}
+
 /// A dedicated torch thread owning state `S`.
 pub struct TorchWorker<S> {
     tx: Option<mpsc::Sender<Job<S>>>,
     handle: Option<JoinHandle<()>>,
+    rounds: bool,
 }
 
 impl<S> std::fmt::Debug for TorchWorker<S> {
@@ -23,10 +63,32 @@ impl<S> std::fmt::Debug for TorchWorker<S> {
     }
 }
 
+type Hooks<S> = (fn(&S) -> bool, fn(&mut S));
+
+impl<S: Rounds + 'static> TorchWorker<S> {
+    /// [`TorchWorker::spawn`] for a state that batches: between jobs, while it is busy, the
+    /// thread runs its rounds.
+    pub fn spawn_rounds<F, E>(name: &str, init: F) -> Result<Self, E>
+    where
+        F: FnOnce() -> Result<S, E> + Send + 'static,
+        E: From<EngineError> + Send + 'static,
+    {
+        Self::start(name, init, Some((S::busy, S::round)))
+    }
+}
+
 impl<S: 'static> TorchWorker<S> {
     /// Starts the thread and builds the state on it with `init` (model loading belongs there);
     /// an error of `init` is returned as is.
     pub fn spawn<F, E>(name: &str, init: F) -> Result<Self, E>
+    where
+        F: FnOnce() -> Result<S, E> + Send + 'static,
+        E: From<EngineError> + Send + 'static,
+    {
+        Self::start(name, init, None)
+    }
+
+    fn start<F, E>(name: &str, init: F, rounds: Option<Hooks<S>>) -> Result<Self, E>
     where
         F: FnOnce() -> Result<S, E> + Send + 'static,
         E: From<EngineError> + Send + 'static,
@@ -46,15 +108,14 @@ impl<S: 'static> TorchWorker<S> {
                         return;
                     }
                 };
-                while let Ok(job) = rx.recv() {
-                    job(&mut state);
-                }
+                serve(&mut state, &rx, rounds);
             })
             .map_err(|_| E::from(EngineError::WorkerGone))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 tx: Some(tx),
                 handle: Some(handle),
+                rounds: rounds.is_some(),
             }),
             Ok(Err(e)) => {
                 let _ = handle.join();
@@ -65,6 +126,11 @@ impl<S: 'static> TorchWorker<S> {
                 Err(E::from(EngineError::WorkerGone))
             }
         }
+    }
+
+    /// Whether the thread runs the state's rounds between jobs ([`TorchWorker::spawn_rounds`]).
+    pub fn runs_rounds(&self) -> bool {
+        self.rounds
     }
 
     fn send(&self, job: Job<S>) -> Result<(), EngineError> {

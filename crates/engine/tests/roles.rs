@@ -6,121 +6,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mulo_core::{Condition, GridSize, Method, SamplingParams};
+use mulo_core::{Condition, GridSize, Method};
 use mulo_engine::drafter::DrafterCore;
 use mulo_engine::verifier::VerifierCore;
-use mulo_engine::{generate, Engine, GenerateRequest, Local, SessionRef, SessionSpec, TorchWorker};
-use mulo_model::config::{ConditionConfig, PositionEmbedding};
-use mulo_model::{DType, Gpt, GptConfig, Upsampler, UpsamplerConfig, VqConfig, VqModel};
+use mulo_engine::{generate, Engine, GenerateRequest, Local, TorchWorker};
+use mulo_model::Gpt;
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 use tch::{Device, Kind, Tensor};
 
-const V: i64 = 16;
+mod common;
 
-fn gpt(grid: GridSize, vocab: i64, layers: i64, seed: i64) -> Gpt {
-    let cfg = GptConfig {
-        name: None,
-        dim: 32,
-        n_layer: layers,
-        n_head: 2,
-        n_kv_head: None,
-        multiple_of: 16,
-        ffn_dim_multiplier: None,
-        ffn_hidden: None,
-        norm_eps: 1e-5,
-        rope_base: 10000.0,
-        vocab_size: vocab,
-        condition: ConditionConfig::Class { num_classes: 3 },
-        cls_token_num: 1,
-        grid,
-        position_embedding: PositionEmbedding::Rope2d,
-        dtype: DType::Fp32,
-        caption_vocab: None,
-        sampling: None,
-        vq: None,
-    };
-    Gpt::random(cfg, Device::Cpu, DType::Fp32, seed, 0.3).unwrap()
-}
-
-fn vq() -> VqModel {
-    let cfg = VqConfig {
-        name: None,
-        codebook_size: V,
-        codebook_embed_dim: 4,
-        codebook_l2_norm: true,
-        ch: 32,
-        encoder_ch_mult: vec![1, 1, 1],
-        decoder_ch_mult: vec![1, 1, 1],
-        z_channels: 32,
-        num_res_blocks: 1,
-        dtype: DType::Fp32,
-    };
-    VqModel::random(cfg, Device::Cpu, DType::Fp32, 5).unwrap()
-}
-
-/// A random ×2 up-sampler over `codes`.
-fn upsampler(codes: &Tensor) -> Upsampler {
-    let mut up = Upsampler::random(
-        UpsamplerConfig {
-            name: None,
-            codebook_size: V,
-            codebook_embed_dim: 4,
-            scale: 2,
-            channels: 16,
-            low_blocks: 1,
-            high_blocks: 1,
-            dtype: DType::Fp32,
-            vq: None,
-        },
-        Device::Cpu,
-        4,
-    )
-    .unwrap();
-    up.set_codebook(codes).unwrap();
-    up
-}
-
-/// Target 4×4, small draft model 4×4, drafter 2×2 with a ×2 up-sampler, one 16-code VQ.
-fn engine() -> Engine {
-    let vq_model = vq();
-    let codes = vq_model.codes();
-    let target = gpt(GridSize::square(4), V, 2, 1);
-    let draft = gpt(GridSize::square(4), V, 1, 2);
-    let drafter = gpt(GridSize::square(2), V, 2, 3);
-    let up = upsampler(&codes);
-    Engine {
-        verifier: Some(VerifierCore::new(target, Some(draft), &codes, 64).unwrap()),
-        drafter: Some(DrafterCore::new(drafter, up, vq(), 64).unwrap()),
-        vq: None,
-    }
-}
-
-fn sampling(cfg: f64) -> SamplingParams {
-    SamplingParams {
-        cfg_scale: cfg,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-    }
-}
-
-fn spec(id: &str, seed: u64, cfg: f64) -> SessionSpec {
-    SessionSpec {
-        id: id.into(),
-        epoch: 0,
-        condition: Condition::Class(1),
-        sampling: sampling(cfg),
-        seed,
-    }
-}
-
-fn at(id: &str, committed: usize) -> SessionRef {
-    SessionRef {
-        id: id.into(),
-        epoch: 0,
-        committed,
-    }
-}
+use common::{at, engine, gpt, sampling, spec, upsampler, vq, V};
 
 /// A fresh cache of `target` holding the condition and `tokens`.
 fn fresh_cache(target: &Gpt, cfg: f64, tokens: &[i64]) -> mulo_model::KvCache {
@@ -298,7 +194,7 @@ fn pair_counts(v: &mut VerifierCore, n: u64, sd: bool, offset: u64) -> HashMap<(
                 toks.extend(v.speculate(&at("p", toks.len()), 2, None).unwrap().tokens);
             } else {
                 toks.extend(
-                    v.decode(&at("p", toks.len()), 2, &mut |_| {})
+                    v.decode(&at("p", toks.len()), 2, Box::new(|_| {}))
                         .unwrap()
                         .tokens,
                 );
@@ -369,7 +265,7 @@ fn sd_reproduces_ar_and_a_wrong_residual_is_caught() {
 
 fn local() -> Local {
     Local::new(Arc::new(
-        TorchWorker::spawn("torch", || Ok::<_, mulo_engine::EngineError>(engine())).unwrap(),
+        TorchWorker::spawn_rounds("torch", || Ok::<_, mulo_engine::EngineError>(engine())).unwrap(),
     ))
 }
 

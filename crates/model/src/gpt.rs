@@ -215,6 +215,11 @@ impl Gpt {
         self.metrics_label = label;
     }
 
+    /// The model's label in the metrics.
+    pub fn metrics_label(&self) -> &'static str {
+        self.metrics_label
+    }
+
     fn count_pass(&self) {
         metrics::counter!(mulo_core::metrics::FORWARD_PASSES, "model" => self.metrics_label)
             .increment(1);

@@ -127,6 +127,46 @@ impl KvCache {
         worst
     }
 
+    /// Adds zeroed rows up to `batch` rows in all (a role's pool growing with its sessions); the
+    /// rows there keep their keys, values and caption masks.
+    pub fn grow(&mut self, batch: i64) -> Result<()> {
+        let extra = batch - self.batch;
+        if extra <= 0 {
+            return Ok(());
+        }
+        let more = |t: &Tensor| -> Result<Tensor> {
+            let mut shape = t.size();
+            shape[0] = extra;
+            let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+            Ok(Tensor::f_cat(&[t.shallow_clone(), zeros], 0)?)
+        };
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = more(t)?;
+        }
+        if let Some(v) = &self.visible {
+            let ones = Tensor::ones([extra, self.capacity], (Kind::Bool, v.device()));
+            self.visible = Some(Tensor::cat(&[v.shallow_clone(), ones], 0));
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
+    /// A copy of `rows` as a cache of their own (to compare one session's part of a pool).
+    pub fn extract_rows(&self, rows: &[i64]) -> KvCache {
+        let device = self.slots.device();
+        let idx = Tensor::from_slice(rows).to_device(device);
+        let pick = |t: &Tensor| t.index_select(0, &idx);
+        KvCache {
+            keys: self.keys.iter().map(pick).collect(),
+            values: self.values.iter().map(pick).collect(),
+            capacity: self.capacity,
+            batch: rows.len() as i64,
+            slots: self.slots.shallow_clone(),
+            visible: self.visible.as_ref().map(pick),
+            filled: self.filled,
+        }
+    }
+
     /// Sets the caption visibility of `rows`: `mask` `[cls]` (false hides that condition column
     /// from every other position of the row), or every column visible.
     pub(crate) fn set_visible(&mut self, rows: &[i64], mask: Option<&Tensor>) {

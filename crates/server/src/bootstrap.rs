@@ -166,7 +166,7 @@ pub fn load_engine_with_text(
 ) -> Result<Arc<TorchWorker<Engine>>> {
     let runtime = runtime.clone();
     let fam = fam.clone();
-    Ok(Arc::new(TorchWorker::spawn(
+    Ok(Arc::new(TorchWorker::spawn_rounds(
         "torch",
         move || -> Result<Engine> {
             let device = runtime.setup()?;

@@ -19,6 +19,9 @@ pub const SECONDS_BUCKETS: &[f64] = &[
     60.0, 120.0,
 ];
 
+/// Bucket bounds of the sessions-per-batch histogram.
+pub const SESSION_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// Serves Prometheus text on `http://listen/metrics` (any path but `/health` answers) and
 /// describes the metrics `service` exports. Call inside the tokio runtime.
 pub fn install(service: &str, listen: SocketAddr) -> Result<()> {
@@ -26,6 +29,11 @@ pub fn install(service: &str, listen: SocketAddr) -> Result<()> {
         .with_http_listener(listen)
         .set_buckets(SECONDS_BUCKETS)
         .context("histogram buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(names::BATCH_SESSIONS.into()),
+            SESSION_BUCKETS,
+        )
+        .context("batch histogram buckets")?
         .add_global_label("service", service)
         .install()
         .with_context(|| format!("serving metrics on {listen}"))?;
@@ -34,6 +42,9 @@ pub fn install(service: &str, listen: SocketAddr) -> Result<()> {
         match m.kind {
             Kind::Counter => metrics::describe_counter!(m.name, m.help),
             Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram if m.name == names::BATCH_SESSIONS => {
+                metrics::describe_histogram!(m.name, metrics::Unit::Count, m.help);
+            }
             Kind::Histogram => {
                 metrics::describe_histogram!(m.name, metrics::Unit::Seconds, m.help);
             }
