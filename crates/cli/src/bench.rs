@@ -86,6 +86,8 @@ pub struct BenchArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub batch: mulo_server::BatchArgs,
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -142,6 +144,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return crate::bench_load::run(&a, &methods, &settings, &family, &family_dir, roles);
     }
     let worker = mulo_server::load_engine(&family, roles, &a.runtime, 4)?;
+    mulo_server::set_batching(&worker, a.batch.batching())?;
     let machine = machine(&worker, a.runtime.threads)?;
     let local = Local::new(worker.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -154,6 +157,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             &family_dir,
             threads,
             !a.no_pin,
+            &a.batch.to_flags(),
         ))?)
     } else {
         None

@@ -8,8 +8,12 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use indicatif::{ProgressBar, ProgressStyle};
 use mulo_core::Method;
+use mulo_engine::BatchStats;
 use mulo_engine::{Family, GenerateRequest, Local, Outcome, RoleSet};
+use mulo_server::proto::drafter_client::DrafterClient;
 use mulo_server::proto::gateway_client::GatewayClient;
+use mulo_server::proto::verifier_client::VerifierClient;
+use mulo_server::proto::StatusRequest;
 use mulo_train::bench::BenchSettings;
 use mulo_train::load::{closed_loop, scaling, Generator, InProcess, LoadRow};
 use serde::Serialize;
@@ -26,9 +30,12 @@ struct LoadReport {
     load: Vec<LoadRow>,
 }
 
-/// Generations through a running gateway, one cloned channel per request.
+/// Generations through a running gateway, one cloned channel per request; the roles' batch
+/// counts from their `Status`.
 struct ThroughGateway {
     client: GatewayClient<Channel>,
+    drafter: DrafterClient<Channel>,
+    verifier: VerifierClient<Channel>,
 }
 
 #[async_trait]
@@ -39,6 +46,16 @@ impl Generator for ThroughGateway {
             .await
             .map(|(o, _)| o)
             .map_err(|e| format!("{e:#}"))
+    }
+
+    async fn batch_stats(&self) -> Option<BatchStats> {
+        let d = self.drafter.clone().status(StatusRequest {}).await.ok()?;
+        let v = self.verifier.clone().status(StatusRequest {}).await.ok()?;
+        let (d, v) = (d.into_inner(), v.into_inner());
+        Some(BatchStats {
+            forwards: d.batch_forwards + v.batch_forwards,
+            sessions: d.batch_sessions + v.batch_sessions,
+        })
     }
 }
 
@@ -59,6 +76,7 @@ pub fn run(
     let most = a.concurrency.iter().copied().max().unwrap_or(1);
     // Every client holds a session on each role at once.
     let worker = mulo_server::load_engine(family, roles, &a.runtime, most.max(4))?;
+    mulo_server::set_batching(&worker, a.batch.batching())?;
     let machine = crate::bench::machine(&worker, a.runtime.threads)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,11 +91,23 @@ pub fn run(
     let cluster = if a.distributed {
         let threads = a.runtime.threads.unwrap_or(1);
         let c = rt.block_on(crate::cluster::Cluster::start(
-            family_dir, threads, !a.no_pin,
+            family_dir,
+            threads,
+            !a.no_pin,
+            &a.batch.to_flags(),
         ))?;
         let _in_rt = rt.enter();
         let client = GatewayClient::new(mulo_server::client::channel(&c.gateway)?);
-        places.push((Arc::new(ThroughGateway { client }), true));
+        let drafter = DrafterClient::new(mulo_server::client::channel(&c.drafter)?);
+        let verifier = VerifierClient::new(mulo_server::client::channel(&c.verifier)?);
+        places.push((
+            Arc::new(ThroughGateway {
+                client,
+                drafter,
+                verifier,
+            }),
+            true,
+        ));
         Some(c)
     } else {
         None

@@ -12,6 +12,9 @@ pub struct Cluster {
     children: Vec<Child>,
     /// The gateway's `host:port`.
     pub gateway: String,
+    /// The drafter's and the verifier's `host:port`.
+    pub drafter: String,
+    pub verifier: String,
     /// How the roles were placed, for the report.
     pub placement: String,
 }
@@ -74,12 +77,20 @@ impl Cluster {
     /// Starts the three services on `family` with `threads` torch threads per role; with
     /// `pin` (and `taskset` on the machine) the drafter runs on CPU 0 and the verifier on the last
     /// CPU, so that they do not share a core.
-    pub async fn start(family: &Path, threads: i32, pin: bool) -> Result<Self> {
+    /// `role_flags` go to the drafter and the verifier (batching).
+    pub async fn start(
+        family: &Path,
+        threads: i32,
+        pin: bool,
+        role_flags: &[String],
+    ) -> Result<Self> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pin = pin && cpus > 1 && has_taskset();
         let mut me = Self {
             children: Vec::new(),
             gateway: String::new(),
+            drafter: String::new(),
+            verifier: String::new(),
             placement: if pin {
                 format!(
                     "drafter on CPU 0, verifier on CPU {}, {threads} torch thread(s) each",
@@ -111,8 +122,8 @@ impl Cluster {
                 .push(cmd.spawn().with_context(|| format!("starting {name}"))?);
             Ok(addr)
         };
-        let drafter = spawn("mulo-drafter", pin.then_some(0), &[])?;
-        let verifier = spawn("mulo-verifier", pin.then_some(cpus - 1), &[])?;
+        let drafter = spawn("mulo-drafter", pin.then_some(0), role_flags)?;
+        let verifier = spawn("mulo-verifier", pin.then_some(cpus - 1), role_flags)?;
         let gateway = spawn(
             "mulo-gateway",
             None,
@@ -124,11 +135,13 @@ impl Cluster {
             ],
         )?;
         let names = ["mulo-drafter", "mulo-verifier", "mulo-gateway"];
-        for (i, addr) in [drafter, verifier, gateway.clone()].iter().enumerate() {
+        for (i, addr) in [&drafter, &verifier, &gateway].iter().enumerate() {
             let child = &mut me.children[i];
             wait_up(addr, child, names[i]).await?;
         }
         me.gateway = gateway;
+        me.drafter = drafter;
+        me.verifier = verifier;
         Ok(me)
     }
 }

@@ -55,13 +55,47 @@ fn closed_loop_rows_per_method_and_concurrency() {
     for r in rows {
         assert_eq!(r["images"], 3, "{r}");
         assert_eq!(r["remote"], false, "{r}");
-        assert!(r["mean_batch_sessions"].is_null(), "{r}");
+        // One client: every forward serves one session; three: they share forwards.
+        let mean = r["mean_batch_sessions"].as_f64().unwrap();
+        match r["concurrency"].as_u64().unwrap() {
+            1 => assert!((mean - 1.0).abs() < 1e-9, "{r}"),
+            _ => assert!(mean > 1.0, "{r}"),
+        }
         let t = r["throughput_images_per_s"].as_f64().unwrap();
         let (p50, p90) = (
             r["latency_median_s"].as_f64().unwrap(),
             r["latency_p90_s"].as_f64().unwrap(),
         );
         assert!(t > 0.0 && p50 > 0.0 && p90 >= p50, "{r}");
+    }
+}
+
+#[test]
+fn one_session_per_batch_turns_batching_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("load.json");
+    let fam = family();
+    ok(&[
+        "bench",
+        "--family",
+        &fam,
+        "--concurrency",
+        "3",
+        "--n",
+        "3",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--max-batch-sessions",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in report["load"].as_array().unwrap() {
+        let mean = r["mean_batch_sessions"].as_f64().unwrap();
+        assert!((mean - 1.0).abs() < 1e-9, "{r}");
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mulo_engine::prompt::TEXT_CACHE_DEFAULT;
 use mulo_engine::{
-    default_family_dir, Engine, Family, Local, Member, RoleSet, TextOptions, TorchWorker,
+    default_family_dir, Batching, Engine, Family, Local, Member, RoleSet, TextOptions, TorchWorker,
 };
 use mulo_proto::v1::capabilities_server::{Capabilities, CapabilitiesServer};
 use mulo_proto::v1::{InfoRequest, InfoResponse};
@@ -154,6 +154,12 @@ pub fn load_engine(
     load_engine_with_text(fam, roles, runtime, sessions, None, TEXT_CACHE_DEFAULT)
 }
 
+/// Sets the batch limits and the call-queue bound of a loaded engine.
+pub fn set_batching(worker: &TorchWorker<Engine>, batching: Batching) -> Result<()> {
+    worker.run(move |e: &mut Engine| e.set_batching(batching))?;
+    Ok(())
+}
+
 /// [`load_engine`] with the text encoder on `text_device` (default: the runtime's device) caching
 /// `text_cache` prompts.
 pub fn load_engine_with_text(
@@ -259,6 +265,7 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
         args.text_encoder_device.clone(),
         args.text_cache,
     )?;
+    set_batching(&worker, args.batch.batching())?;
     let local = Local::new(worker.clone());
     expire_idle(worker.clone(), args.session_ttl);
     if role == "drafter" {

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser};
 
+use mulo_engine::{BatchLimits, Batching};
+
 use crate::metrics;
 use crate::runtime::RuntimeArgs;
 
@@ -43,6 +45,52 @@ impl CommonArgs {
     }
 }
 
+/// Continuous batching of a process that runs roles: every role call waiting on the torch thread
+/// joins the next batched forward pass of its model.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Sessions one batched forward pass serves at most (continuous batching across requests);
+    /// 1 serves one session at a time.
+    #[arg(long, env = "MULO_MAX_BATCH_SESSIONS", default_value_t = BatchLimits::default().max_sessions,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_batch_sessions: usize,
+    /// Input tokens one batched forward pass holds at most (each session's new tokens times its
+    /// rows, 2 with CFG); a single larger call still runs, alone.
+    #[arg(long, env = "MULO_MAX_BATCH_TOKENS", default_value_t = BatchLimits::default().max_tokens,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_batch_tokens: usize,
+    /// Role calls running or waiting on the torch thread at most; more are refused at once with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_MAX_QUEUE", default_value_t = Batching::default().max_queue,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_queue: usize,
+}
+
+impl BatchArgs {
+    /// The engine's batching settings.
+    pub fn batching(&self) -> Batching {
+        Batching {
+            limits: BatchLimits {
+                max_sessions: self.max_batch_sessions,
+                max_tokens: self.max_batch_tokens,
+            },
+            max_queue: self.max_queue,
+        }
+    }
+
+    /// The same settings as service flags (to start services with them).
+    pub fn to_flags(&self) -> Vec<String> {
+        vec![
+            "--max-batch-sessions".into(),
+            self.max_batch_sessions.to_string(),
+            "--max-batch-tokens".into(),
+            self.max_batch_tokens.to_string(),
+            "--max-queue".into(),
+            self.max_queue.to_string(),
+        ]
+    }
+}
+
 /// Flags of `mulo-drafter` and `mulo-verifier`.
 #[derive(Debug, Clone, Parser)]
 pub struct RoleArgs {
@@ -50,6 +98,8 @@ pub struct RoleArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Sessions (requests) this replica holds at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MULO_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,

@@ -505,6 +505,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             max_sessions: self.max_in_flight as u32,
             in_flight: in_flight as u32,
             draining: crate::DRAINING.load(Ordering::Relaxed),
+            ..Default::default()
         }))
     }
 }

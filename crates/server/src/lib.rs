@@ -18,8 +18,10 @@ mod flags;
 mod resolution;
 mod role_base;
 
-pub use bootstrap::{load_engine, main_gateway, main_role, serve_gateway, serve_role};
-pub use flags::{CommonArgs, GatewayArgs, RoleArgs};
+pub use bootstrap::{
+    load_engine, main_gateway, main_role, serve_gateway, serve_role, set_batching,
+};
+pub use flags::{BatchArgs, CommonArgs, GatewayArgs, RoleArgs};
 pub use mulo_proto::v1 as proto;
 pub use resolution::expand;
 pub use runtime::RuntimeArgs;

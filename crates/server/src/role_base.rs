@@ -58,9 +58,9 @@ pub(crate) async fn role_status(
     max_sessions: usize,
     drafter: bool,
 ) -> Result<tonic::Response<proto::StatusResponse>, Status> {
-    let (d, v) = local
+    let ((d, v), batch, queued) = local
         .worker()
-        .call(|e: &mut Engine| e.live_sessions())
+        .call(|e: &mut Engine| (e.live_sessions(), e.batch_stats(), e.ops.len()))
         .await
         .map_err(|e| convert::status(&e))?;
     Ok(tonic::Response::new(proto::StatusResponse {
@@ -68,5 +68,8 @@ pub(crate) async fn role_status(
         max_sessions: max_sessions as u32,
         in_flight: 0,
         draining: DRAINING.load(std::sync::atomic::Ordering::Relaxed),
+        batch_forwards: batch.forwards,
+        batch_sessions: batch.sessions,
+        queued_calls: queued as u32,
     }))
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use mulo_core::{Condition, Method};
-use mulo_engine::{generate, DrafterRole, GenerateRequest, Local, Outcome};
+use mulo_engine::{generate, BatchStats, DrafterRole, GenerateRequest, Local, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{prompt_index, quantile, BenchSettings};
@@ -33,7 +33,8 @@ pub struct LoadRow {
     pub latency_median_s: f64,
     /// 90th percentile latency (s).
     pub latency_p90_s: f64,
-    /// Sessions per batched forward pass; null until the roles batch across requests.
+    /// Sessions per batched forward pass of the roles (drafter and verifier together) over the
+    /// timed run; null when their counts cannot be read.
     pub mean_batch_sessions: Option<f64>,
 }
 
@@ -42,6 +43,12 @@ pub struct LoadRow {
 pub trait Generator: Send + Sync {
     /// One generation; errors as text (they may come from another process).
     async fn generate(&self, req: GenerateRequest) -> Result<Outcome, String>;
+
+    /// Batched forwards the roles have run so far and the sessions they served (None when it
+    /// cannot be read).
+    async fn batch_stats(&self) -> Option<BatchStats> {
+        None
+    }
 }
 
 /// The roles of this process (one torch thread): concurrent requests interleave their jobs there.
@@ -60,6 +67,10 @@ impl Generator for InProcess {
         generate(drafter, &self.local, &req, &mut |_| {})
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn batch_stats(&self) -> Option<BatchStats> {
+        self.local.worker().call(|e| e.batch_stats()).await.ok()
     }
 }
 
@@ -100,6 +111,7 @@ pub async fn closed_loop(
             .await
             .map_err(|e| TrainError::Eval(format!("{method} warm-up: {e}")))?;
     }
+    let stats_before = gen.batch_stats().await;
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(settings.n)));
     let start = Instant::now();
@@ -127,6 +139,12 @@ pub async fn closed_loop(
             .map_err(|e| TrainError::Eval(format!("{method} at concurrency {clients}: {e}")))?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let mean_batch_sessions = match (stats_before, gen.batch_stats().await) {
+        (Some(a), Some(b)) if b.forwards > a.forwards => {
+            Some((b.sessions - a.sessions) as f64 / (b.forwards - a.forwards) as f64)
+        }
+        _ => None,
+    };
     let l = latencies
         .lock()
         .map_err(|_| TrainError::Eval("latency list poisoned".into()))?
@@ -140,7 +158,7 @@ pub async fn closed_loop(
         throughput_images_per_s: l.len() as f64 / seconds.max(1e-9),
         latency_median_s: quantile(&l, 0.5),
         latency_p90_s: quantile(&l, 0.9),
-        mean_batch_sessions: None,
+        mean_batch_sessions,
     })
 }
 
