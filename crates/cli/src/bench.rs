@@ -49,7 +49,8 @@ pub struct BenchArgs {
     /// JSON report to write.
     #[arg(long, default_value = "bench.json", value_name = "OUT.json")]
     pub json: PathBuf,
-    /// Speed-vs-quality plot to write (PNG): speed-up against FID-emoji and adherence.
+    /// Plot to write (PNG): speed-up against FID-emoji and adherence; with --concurrency,
+    /// throughput against the number of clients.
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
     /// Data directory from `mulo data emoji` (the real images of FID-emoji; default
@@ -229,15 +230,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 /// `--replot`: draws the plot of an earlier run's report.
 fn replot(report: &Path, plot: &Path) -> Result<()> {
+    /// The interleaved bench's report, or the load report of `--concurrency`.
     #[derive(Deserialize)]
-    struct Report {
-        methods: Vec<BenchRow>,
+    #[serde(untagged)]
+    enum Report {
+        Bench {
+            methods: Vec<BenchRow>,
+        },
+        Load {
+            load: Vec<mulo_train::load::LoadRow>,
+        },
     }
     let text =
         std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
     let r: Report = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a `mulo bench` report", report.display()))?;
-    crate::plot::speed_quality(plot, &r.methods)?;
+    match r {
+        Report::Bench { methods } => crate::plot::speed_quality(plot, &methods)?,
+        Report::Load { load } => crate::plot_load::throughput(plot, &load)?,
+    }
     println!("wrote {}", plot.display());
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use indicatif::{ProgressBar, ProgressStyle};
 use mulo_core::Method;
@@ -68,11 +68,6 @@ pub fn run(
     family_dir: &Path,
     roles: RoleSet,
 ) -> Result<()> {
-    if a.plot.is_some() {
-        bail!(
-            "--plot draws the speed-quality plot of the interleaved bench; not with --concurrency"
-        );
-    }
     let most = a.concurrency.iter().copied().max().unwrap_or(1);
     // Every client holds a session on each role at once.
     let worker = mulo_server::load_engine(family, roles, &a.runtime, most.max(4))?;
@@ -156,6 +151,10 @@ pub fn run(
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.json, text + "\n").with_context(|| format!("{}", a.json.display()))?;
     println!("wrote {}", a.json.display());
+    if let Some(plot) = &a.plot {
+        crate::plot_load::throughput(plot, &report.load)?;
+        println!("wrote {}", plot.display());
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ mod info;
 mod init;
 mod map;
 mod plot;
+mod plot_load;
 mod score;
 mod train;
 mod vq_probe;

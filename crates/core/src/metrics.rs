@@ -98,6 +98,8 @@ pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
 pub const BATCH_SESSIONS: &str = "mulo_batch_sessions";
 /// Role calls running or waiting on the torch thread, by role.
 pub const QUEUE_DEPTH: &str = "mulo_queue_depth";
+/// Seconds a forward request waited for the batched forward that ran it, by model.
+pub const QUEUE_WAIT: &str = "mulo_queue_wait_seconds";
 
 /// Label values of [`STAGE_DURATION`]: `prefill` and `drafter_prefill` (the round trip of opening
 /// the session on the verifier and the drafter), the roles' reported compute of `draft`,
@@ -293,6 +295,13 @@ pub const ALL: &[Metric] = &[
         help: "Sessions served by each batched forward pass, by model (continuous batching: 1 when the role serves one session at a time).",
     },
     Metric {
+        name: QUEUE_WAIT,
+        kind: Kind::Histogram,
+        labels: &["model"],
+        services: ROLES,
+        help: "Seconds each forward request of a role call waited on the torch thread, from the call asking for it to the batched forward pass that ran it, by model (the queue stage of a call; the rest is compute).",
+    },
+    Metric {
         name: QUEUE_DEPTH,
         kind: Kind::Gauge,
         labels: &["role"],
@@ -368,6 +377,7 @@ mod tests {
         for n in [
             BATCH_SESSIONS,
             QUEUE_DEPTH,
+            QUEUE_WAIT,
             REQUESTS,
             REQUEST_DURATION,
             REQUESTS_IN_FLIGHT,

@@ -88,6 +88,7 @@ struct Request {
     read: Vec<i64>,
     alive: Rc<Cell<bool>>,
     reply: Reply,
+    submitted: std::time::Instant,
 }
 
 impl Request {
@@ -142,6 +143,7 @@ impl Forwards {
             read: call.read,
             alive: call.alive,
             reply: reply.clone(),
+            submitted: std::time::Instant::now(),
         });
         ReplyFuture(reply)
     }
@@ -210,14 +212,22 @@ impl RowPool {
         })
     }
 
-    /// `n` rows, growing the pool when too few are free.
+    /// Grows the pool to at least `rows` rows (warm-up: the first sessions then allocate no KV).
+    pub(crate) fn reserve(&mut self, rows: i64) -> Result<(), EngineError> {
+        let old = self.cache.batch();
+        if rows > old {
+            self.cache.grow(rows)?;
+            self.free.borrow_mut().extend((old..rows).rev());
+        }
+        Ok(())
+    }
+
+    /// `n` rows, growing the pool (doubling it) when too few are free.
     pub(crate) fn lease(&mut self, n: usize) -> Result<RowLease, EngineError> {
         let missing = n.saturating_sub(self.free.borrow().len()) as i64;
         if missing > 0 {
             let old = self.cache.batch();
-            let new = (old * 2).max(old + missing);
-            self.cache.grow(new)?;
-            self.free.borrow_mut().extend((old..new).rev());
+            self.reserve((old * 2).max(old + missing))?;
         }
         let mut free = self.free.borrow_mut();
         let at = free.len() - n;
@@ -251,7 +261,12 @@ pub(crate) fn run_round(
         }
         stats.forwards += 1;
         stats.sessions += requests.len() as u64;
-        metrics::histogram!(mulo_core::metrics::BATCH_SESSIONS, "model" => model.metrics_label())
+        let label = model.metrics_label();
+        for r in &requests {
+            metrics::histogram!(mulo_core::metrics::QUEUE_WAIT, "model" => label)
+                .record(r.submitted.elapsed().as_secs_f64());
+        }
+        metrics::histogram!(mulo_core::metrics::BATCH_SESSIONS, "model" => label)
             .record(requests.len() as f64);
         match forward(model, &mut pool.cache, &requests) {
             Ok(logits) => {

@@ -170,6 +170,16 @@ impl DrafterCore {
         &self.drafter
     }
 
+    /// Rows of the (target's) KV pool: one per sequence, two per session with CFG.
+    pub fn kv_rows(&self) -> i64 {
+        self.kv.cache.batch()
+    }
+
+    /// Sessions it holds at most.
+    pub fn session_limit(&self) -> usize {
+        self.sessions.borrow().limit()
+    }
+
     /// Live sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.borrow().len()
@@ -193,6 +203,12 @@ impl DrafterCore {
             self.limits,
         );
         self.stats = self.stats.plus(round);
+    }
+
+    /// Grows the KV pool to hold `sessions` sessions with CFG (two rows each); returns its rows.
+    pub fn reserve_sessions(&mut self, sessions: usize) -> Result<i64, EngineError> {
+        self.kv.reserve(2 * sessions as i64)?;
+        Ok(self.kv.cache.batch())
     }
 
     fn block<R>(&mut self, op: Op<R>) -> Result<R, EngineError> {

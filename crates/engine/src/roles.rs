@@ -427,6 +427,14 @@ impl Engine {
     /// step, the up-sampler on one low-res row, a VQ decode of a 1×1 grid), so that a service
     /// reports healthy only when its first request will not pay for warming up.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        // KV rows for one full batch of sessions with CFG.
+        let batch = self.batching.limits.max_sessions;
+        if let Some(v) = &mut self.verifier {
+            v.reserve_sessions(batch.min(v.session_limit()))?;
+        }
+        if let Some(d) = &mut self.drafter {
+            d.reserve_sessions(batch.min(d.session_limit()))?;
+        }
         if let Some(v) = &mut self.verifier {
             // The nearest-code tables of the default MuLo-SD pool and LANTERN neighbourhood.
             v.warm_up_pools(&[

@@ -384,6 +384,10 @@ impl<S> SessionTable<S> {
         self.map.len()
     }
 
+    pub(crate) fn limit(&self) -> usize {
+        self.max
+    }
+
     /// Refuses a new id when the table is full (re-opening a live id is always allowed).
     pub(crate) fn check_room(&self, id: &str) -> Result<(), EngineError> {
         if !self.map.contains_key(id) && self.map.len() >= self.max {

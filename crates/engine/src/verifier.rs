@@ -297,6 +297,15 @@ impl VerifierCore {
         self.stats = self.stats.plus(round);
     }
 
+    /// Grows the KV pools to hold `sessions` sessions with CFG (two rows each) and returns the
+    /// rows of the target's pool.
+    pub fn reserve_sessions(&mut self, sessions: usize) -> Result<i64, EngineError> {
+        for pool in &mut self.kv {
+            pool.reserve(2 * sessions as i64)?;
+        }
+        Ok(self.kv[TARGET].cache.batch())
+    }
+
     /// Runs `op` to its end, running rounds while it waits.
     fn block<R>(&mut self, op: Op<R>) -> Result<R, EngineError> {
         block_on(op, || self.round())
@@ -315,6 +324,16 @@ impl VerifierCore {
             index,
             queue: self.forwards.clone(),
         })
+    }
+
+    /// Rows of the (target's) KV pool: one per sequence, two per session with CFG.
+    pub fn kv_rows(&self) -> i64 {
+        self.kv[TARGET].cache.batch()
+    }
+
+    /// Sessions it holds at most.
+    pub fn session_limit(&self) -> usize {
+        self.sessions.borrow().limit()
     }
 
     /// Live sessions.

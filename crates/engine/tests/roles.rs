@@ -394,12 +394,22 @@ fn target_nll_and_its_pooled_form() {
 }
 
 #[test]
-fn warm_up_builds_the_default_nearest_code_tables() {
+fn warm_up_builds_the_default_nearest_code_tables_and_kv_rows() {
     let mut e = engine();
     assert_eq!(e.verifier.as_ref().unwrap().pool_tables(), 0);
+    e.set_batching(mulo_engine::Batching {
+        limits: mulo_engine::BatchLimits {
+            max_sessions: 5,
+            max_tokens: 4096,
+        },
+        ..mulo_engine::Batching::default()
+    });
     e.warm_up().unwrap();
     // MuLo-SD's pool_k and LANTERN's k both exceed this 16-code book: one full table.
     assert_eq!(e.verifier.as_ref().unwrap().pool_tables(), 1);
+    // KV rows for a full batch of sessions with CFG, before any request.
+    assert_eq!(e.verifier.as_ref().unwrap().kv_rows(), 10);
+    assert_eq!(e.drafter.as_ref().unwrap().kv_rows(), 10);
     let v = e.verifier.as_mut().unwrap();
     v.warm_up_pools(&[3, 5, 100]).unwrap();
     assert_eq!(v.pool_tables(), 3);
