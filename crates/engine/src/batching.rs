@@ -77,7 +77,14 @@ pub(crate) enum GroupInput {
     Condition(Conditioning),
 }
 
-type Reply = Rc<RefCell<Option<Result<Tensor, EngineError>>>>;
+/// Where a round puts a request's result.
+pub(crate) type Reply = Rc<RefCell<Option<Result<Tensor, EngineError>>>>;
+
+/// A reply slot and the future that resolves when a round fills it.
+pub(crate) fn reply_slot() -> (Reply, ReplyFuture) {
+    let reply: Reply = Rc::default();
+    (reply.clone(), ReplyFuture(reply))
+}
 
 struct Request {
     model: usize,
@@ -133,7 +140,7 @@ pub(crate) struct ForwardCall {
 impl Forwards {
     /// Queues `call`; the future gives its fp32 logits `[rows, read, V]`.
     pub(crate) fn submit(&self, call: ForwardCall) -> ReplyFuture {
-        let reply: Reply = Rc::default();
+        let (reply, future) = reply_slot();
         self.queue.borrow_mut().push_back(Request {
             model: call.model,
             input: call.input,
@@ -142,10 +149,10 @@ impl Forwards {
             mask: call.mask,
             read: call.read,
             alive: call.alive,
-            reply: reply.clone(),
+            reply,
             submitted: std::time::Instant::now(),
         });
-        ReplyFuture(reply)
+        future
     }
 
     /// Requests waiting.

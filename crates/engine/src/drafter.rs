@@ -19,7 +19,8 @@ use tch::{Device, Kind, Tensor};
 use tracing::Instrument;
 
 use crate::batching::{
-    block_on, hold, run_round, BatchLimits, BatchStats, Forwards, LocalOp, RowPool,
+    block_on, hold, reply_slot, run_round, BatchLimits, BatchStats, Forwards, LocalOp, Reply,
+    RowPool,
 };
 use crate::error::EngineError;
 use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
@@ -71,12 +72,17 @@ struct Session {
 /// A drafter call's result, as an op.
 pub type Op<R> = LocalOp<Result<R, EngineError>>;
 
-/// The models a draft call uses besides the GPT (run inside the op, one session at a time).
+/// The models a draft call uses besides the GPT: the VQ of the realignment runs inside the op;
+/// the up-sampler runs in the round, for every session waiting on it at once.
 struct Models {
     upsampler: Upsampler,
     vq: VqModel,
     scale: usize,
     info: DrafterInfo,
+    /// Low-res rows waiting for the up-sampler: `(tokens, rows, reply)`.
+    upsamples: RefCell<Vec<(Vec<i64>, usize, Reply)>>,
+    /// Up-sampler passes and the sessions they served.
+    upsample_stats: Cell<BatchStats>,
 }
 
 /// The drafter's models and sessions (lives on the torch thread).
@@ -136,6 +142,8 @@ impl DrafterCore {
                 vq,
                 scale,
                 info,
+                upsamples: RefCell::default(),
+                upsample_stats: Cell::default(),
             }),
             sessions: Rc::new(RefCell::new(SessionTable::new("drafter", max_sessions))),
             tokenizer: None,
@@ -190,6 +198,11 @@ impl DrafterCore {
         self.stats
     }
 
+    /// Up-sampler passes so far and the sessions they served.
+    pub fn upsample_stats(&self) -> BatchStats {
+        self.models.upsample_stats.get()
+    }
+
     /// Forward requests waiting for a round.
     pub fn waiting(&self) -> usize {
         self.forwards.len()
@@ -203,6 +216,7 @@ impl DrafterCore {
             self.limits,
         );
         self.stats = self.stats.plus(round);
+        self.models.upsample_waiting();
     }
 
     /// Grows the KV pool to hold `sessions` sessions with CFG (two rows each); returns its rows.
@@ -336,10 +350,10 @@ impl DrafterCore {
                 .await?;
             let draft_seconds = t1.elapsed().as_secs_f64();
             let t2 = Instant::now();
-            let high = {
-                let _stage = tracing::info_span!("upsample").entered();
-                models.upsample(&s.stream.book.tokens, first, rows)?
-            };
+            let high = models
+                .upsample(&s.stream.book.tokens, first, rows)
+                .instrument(tracing::info_span!("upsample"))
+                .await?;
             Ok(DraftReply {
                 first_row: first / models.info.low.cols,
                 low: s.stream.book.tokens[first..].to_vec(),
@@ -379,6 +393,46 @@ impl DrafterCore {
 }
 
 impl Models {
+    /// Up-samples every waiting session's rows in one pass: their low-res grids padded with
+    /// code 0 to the longest (the up-sampler is row-causal, so rows after a session's own do not
+    /// change its output); each gets its own `[r·rows, r·w]`.
+    fn upsample_waiting(&self) {
+        let waiting = std::mem::take(&mut *self.upsamples.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        self.upsample_stats
+            .set(self.upsample_stats.get().plus(BatchStats {
+                forwards: 1,
+                sessions: waiting.len() as u64,
+            }));
+        let w = self.info.low.cols;
+        let longest = waiting.iter().map(|(_, rows, _)| *rows).max().unwrap_or(1);
+        let mut grid = vec![0i64; waiting.len() * longest * w];
+        for (i, (low, _, _)) in waiting.iter().enumerate() {
+            grid[i * longest * w..i * longest * w + low.len()].copy_from_slice(low);
+        }
+        let low = Tensor::from_slice(&grid)
+            .view([waiting.len() as i64, longest as i64, w as i64])
+            .to_device(self.upsampler.var_store().device());
+        match self.upsampler.upsample(&low) {
+            Ok(high) => {
+                for (i, (_, rows, reply)) in waiting.into_iter().enumerate() {
+                    let mine = high.get(i as i64).narrow(0, 0, (rows * self.scale) as i64);
+                    *reply.borrow_mut() = Some(Ok(mine));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, _, reply) in waiting {
+                    *reply.borrow_mut() = Some(Err(EngineError::Model(
+                        mulo_model::ModelError::InvalidInput(msg.clone()),
+                    )));
+                }
+            }
+        }
+    }
+
     /// `D_r` of whole committed high-res rows: decodes them with `context_rows` rows of context
     /// above, area down-samples and encodes; the context's low-res rows are dropped.
     fn downsample(&self, rows: &[i64], context_rows: usize) -> Result<Vec<i64>, EngineError> {
@@ -445,18 +499,25 @@ impl Models {
         Ok(changed)
     }
 
-    /// `U_r` of every low-res row up to the block's end; the block's high-res rows, raster order.
-    fn upsample(&self, low: &[i64], first: usize, rows: usize) -> Result<Vec<i64>, EngineError> {
+    /// `U_r` of every low-res row up to the block's end (in the next round, with the other
+    /// sessions waiting on the up-sampler); the block's high-res rows, raster order.
+    async fn upsample(
+        &self,
+        low: &[i64],
+        first: usize,
+        rows: usize,
+    ) -> Result<Vec<i64>, EngineError> {
         let w = self.info.low.cols;
         let first_row = first / w;
         let end_row = first_row + rows;
-        let low_t = Tensor::from_slice(&low[..end_row * w])
-            .view([1, end_row as i64, w as i64])
-            .to_device(self.upsampler.var_store().device());
-        let high = self.upsampler.upsample(&low_t)?;
+        let (reply, future) = reply_slot();
+        self.upsamples
+            .borrow_mut()
+            .push((low[..end_row * w].to_vec(), end_row, reply));
+        let high = future.await?;
         let block = high
             .narrow(
-                1,
+                0,
                 (first_row * self.scale) as i64,
                 (rows * self.scale) as i64,
             )

@@ -150,6 +150,47 @@ fn a_decode_takes_one_token_per_round_and_a_release_stops_it_within_one() {
 }
 
 #[test]
+fn drafts_of_several_sessions_share_drafter_and_up_sampler_passes() {
+    // Three sessions drafting their first two rows at once, and each alone.
+    let ids = ["a", "b", "c"];
+    let mut e = engine();
+    for (i, id) in ids.iter().enumerate() {
+        let d = e.drafter.as_mut().unwrap();
+        d.open(&spec(id, 11 + i as u64, 2.0), &[]).unwrap();
+    }
+    let opened = e.drafter.as_ref().unwrap().batch_stats();
+    let mut replies = Vec::new();
+    for id in ids {
+        let d = e.drafter.as_mut().unwrap();
+        let op = d.draft_op(at(id, 0), Vec::new(), 2, 0).unwrap();
+        let (tx, rx) = oneshot::channel();
+        e.submit(op, tx).unwrap();
+        replies.push(rx);
+    }
+    while e.busy() {
+        e.round();
+    }
+    let d = e.drafter.as_ref().unwrap();
+    let up = d.upsample_stats();
+    assert_eq!((up.forwards, up.sessions), (1, 3), "{up:?}");
+    // Every drafting pass served all three sessions.
+    let drafting = d.batch_stats();
+    assert_eq!(
+        drafting.sessions - opened.sessions,
+        3 * (drafting.forwards - opened.forwards),
+        "{drafting:?}"
+    );
+    for (i, (id, mut rx)) in ids.iter().zip(replies).enumerate() {
+        let together = rx.try_recv().unwrap().unwrap();
+        let mut alone = engine();
+        let d = alone.drafter.as_mut().unwrap();
+        d.open(&spec(id, 11 + i as u64, 2.0), &[]).unwrap();
+        let want = d.draft(&at(id, 0), &[], 2, 0).unwrap();
+        assert_eq!((together.low, together.high), (want.low, want.high), "{id}");
+    }
+}
+
+#[test]
 fn a_full_queue_refuses_at_once_and_finishes_what_it_admitted() {
     let mut e = engine();
     e.set_batching(Batching {
