@@ -81,6 +81,8 @@ struct Models {
     info: DrafterInfo,
     /// Low-res rows waiting for the up-sampler: `(tokens, rows, reply)`.
     upsamples: RefCell<Vec<(Vec<i64>, usize, Reply)>>,
+    /// Committed high-res rows waiting for `D_r`: `(tokens, rows, reply)`.
+    realigns: RefCell<Vec<(Vec<i64>, usize, Reply)>>,
     /// Up-sampler passes and the sessions they served.
     upsample_stats: Cell<BatchStats>,
 }
@@ -143,6 +145,7 @@ impl DrafterCore {
                 scale,
                 info,
                 upsamples: RefCell::default(),
+                realigns: RefCell::default(),
                 upsample_stats: Cell::default(),
             }),
             sessions: Rc::new(RefCell::new(SessionTable::new("drafter", max_sessions))),
@@ -216,6 +219,7 @@ impl DrafterCore {
             self.limits,
         );
         self.stats = self.stats.plus(round);
+        self.models.realign_waiting();
         self.models.upsample_waiting();
     }
 
@@ -339,10 +343,10 @@ impl DrafterCore {
             let s = &mut *held;
             check_ref(&r, s.epoch, s.committed_high.len())?;
             let t0 = Instant::now();
-            let realigned = {
-                let _stage = tracing::info_span!("realign", tokens = realign.len()).entered();
-                models.realign(s, &realign, rows)?
-            };
+            let realigned = models
+                .realign(s, &realign, rows)
+                .instrument(tracing::info_span!("realign", tokens = realign.len()))
+                .await?;
             let realign_seconds = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let (first, passes) = draft_rows(s, models.info.low.cols, rows, zipar_window)
@@ -393,6 +397,56 @@ impl DrafterCore {
 }
 
 impl Models {
+    /// `D_r` of `rows` high-res token rows (with `context_rows` of them context) in the next
+    /// round, together with every other session's of the same size.
+    async fn downsample_in_round(
+        &self,
+        rows: Vec<i64>,
+        context_rows: usize,
+    ) -> Result<Vec<i64>, EngineError> {
+        let n = rows.len() / self.info.high.cols.max(1);
+        let (reply, future) = reply_slot();
+        self.realigns.borrow_mut().push((rows, n, reply));
+        let low = future.await?;
+        let skip = (context_rows / self.scale) as i64;
+        let low = low.narrow(0, skip, low.size()[0] - skip);
+        Ok(Vec::<i64>::try_from(
+            low.reshape([-1]).to_device(Device::Cpu),
+        )?)
+    }
+
+    /// Runs `D_r` once per size for the realignments waiting: sessions with the same number of
+    /// rows are stacked (the VQ is not causal, so only equal sizes share a pass).
+    fn realign_waiting(&self) {
+        let mut waiting = std::mem::take(&mut *self.realigns.borrow_mut());
+        waiting.sort_by_key(|(_, rows, _)| *rows);
+        let cols = self.info.high.cols as i64;
+        for same in waiting.chunk_by(|a, b| a.1 == b.1) {
+            let rows = same[0].1 as i64;
+            let flat: Vec<i64> = same
+                .iter()
+                .flat_map(|(t, _, _)| t.iter().copied())
+                .collect();
+            let t = Tensor::from_slice(&flat)
+                .view([same.len() as i64, rows, cols])
+                .to_device(self.vq.var_store().device());
+            match self.vq.downsample_tokens(&t, self.scale as i64) {
+                Ok(low) => {
+                    for (i, (_, _, reply)) in same.iter().enumerate() {
+                        *reply.borrow_mut() = Some(Ok(low.get(i as i64)));
+                    }
+                }
+                Err(e) => {
+                    for (_, _, reply) in same {
+                        *reply.borrow_mut() = Some(Err(EngineError::Model(
+                            mulo_model::ModelError::InvalidInput(e.to_string()),
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// Up-samples every waiting session's rows in one pass: their low-res grids padded with
     /// code 0 to the longest (the up-sampler is row-causal, so rows after a session's own do not
     /// change its output); each gets its own `[r·rows, r·w]`.
@@ -452,7 +506,12 @@ impl Models {
     /// Checks a draft call and realigns the oldest pending low-res rows with `realign` (D_r of
     /// the committed rows with one low-res row of context above); returns the low-res tokens the
     /// realignment changed. A refused call leaves the session as it was.
-    fn realign(&self, s: &mut Session, realign: &[i64], rows: usize) -> Result<usize, EngineError> {
+    async fn realign(
+        &self,
+        s: &mut Session,
+        realign: &[i64],
+        rows: usize,
+    ) -> Result<usize, EngineError> {
         let (w, scale) = (self.info.low.cols, self.scale);
         let high_committed = s.committed_high.len();
         let pending = s.stream.book.pending();
@@ -486,7 +545,7 @@ impl Models {
             let ctx = (high_committed / row).min(scale);
             let mut rows_in = s.committed_high[high_committed - ctx * row..].to_vec();
             rows_in.extend_from_slice(realign);
-            self.downsample(&rows_in, ctx)?
+            self.downsample_in_round(rows_in, ctx).await?
         };
         let book = &mut s.stream.book;
         let changed = book.tokens[book.committed..]

@@ -1,9 +1,11 @@
-//! Several sequence groups in one forward: the inputs of every group padded to one length, their
-//! positions, their attention masks and where their keys and values go in a shared KV cache.
+//! Several sequence groups in one forward: the inputs of every group packed into one token
+//! sequence (no padding), their positions, their attention masks and where their keys and values
+//! go in a shared KV cache.
 //!
 //! A group is one session's forward (its one cache row, two with CFG); groups differ in length,
-//! positions and masks. Padding queries attend to column 0 only, write nothing and are cut from
-//! the output, so each group's result equals its own forward up to float rounding.
+//! positions and masks. The projections and the feed-forward run once over all packed tokens;
+//! attention runs per group against its own rows, so each group's result equals its own forward
+//! up to float rounding.
 
 use std::collections::HashSet;
 
@@ -27,26 +29,45 @@ pub struct BatchInput {
     pub mask: Option<Tensor>,
 }
 
+/// One group of a packed batch.
+#[derive(Debug)]
+pub(crate) struct GroupPlan {
+    /// First packed token of the group (its rows' tokens follow row by row).
+    pub start: i64,
+    /// Rows (sequences) and inputs per row.
+    pub n: i64,
+    pub s: i64,
+    /// Cache rows: `(first, n)` when contiguous (read by a view), else their indices.
+    rows: std::result::Result<(i64, i64), Tensor>,
+    /// Cache columns the group reads.
+    width: i64,
+    /// Attention mask `[n, 1, S, W]`.
+    pub mask: Tensor,
+}
+
+impl GroupPlan {
+    /// The group's first `width` columns of `buffer` `[rows, kv_heads, capacity, hd]`:
+    /// `[n, kv_heads, width, hd]`.
+    pub(crate) fn read(&self, buffer: &Tensor) -> Tensor {
+        let cols = buffer.narrow(2, 0, self.width);
+        match &self.rows {
+            Ok((first, n)) => cols.narrow(0, *first, *n),
+            Err(idx) => cols.index_select(0, idx),
+        }
+    }
+}
+
 /// A validated batch, laid out for the layers.
 #[derive(Debug)]
 pub(crate) struct BatchPlan {
-    /// Inputs `[B, S, dim]`, zero-padded.
+    /// Packed inputs `[1, T, dim]`.
     pub x: Tensor,
-    /// Positions `[B, S]` (0 for padding).
+    /// Positions `[T]`.
     pub positions: Tensor,
-    /// Attention mask `[B, 1, S, W]`.
-    pub mask: Tensor,
-    /// Cache rows `[B]`; `None` when they are the cache's rows in order (no gather needed).
-    pub rows: Option<Tensor>,
-    /// Cache columns the batch reads.
-    pub width: i64,
-    /// Row and position of every real input, in `[B·S]` order of the real ones.
-    pub write_rows: Tensor,
-    pub write_positions: Tensor,
-    /// Indices of the real inputs in `[B·S]`; `None` when nothing is padded.
-    pub write_from: Option<Tensor>,
-    /// `(first row, rows, S)` of each group in the batch.
-    pub spans: Vec<(i64, i64, i64)>,
+    pub groups: Vec<GroupPlan>,
+    /// Row and position of every packed token.
+    write_rows: Tensor,
+    write_positions: Tensor,
     /// Highest position written.
     pub max_position: i64,
 }
@@ -93,9 +114,9 @@ fn check_group(g: &BatchInput, dim: i64, cache: &KvCache) -> Result<i64> {
     }
 }
 
-/// Mask `[n, S, W]` of one group: explicit or causal, AND its rows' caption visibility, OR each
-/// input's own column; padding inputs see column 0 only.
-fn group_mask(g: &BatchInput, s: i64, w: i64, cache: &KvCache, device: Device) -> Tensor {
+/// Mask `[n, 1, S, W]` of one group: explicit or causal, AND its rows' caption visibility, OR
+/// each input's own column.
+fn group_mask(g: &BatchInput, w: i64, cache: &KvCache, device: Device) -> Tensor {
     let si = g.positions.len() as i64;
     let n = g.rows.len() as i64;
     let cols = cache.slots.narrow(0, 0, w).unsqueeze(0);
@@ -103,15 +124,7 @@ fn group_mask(g: &BatchInput, s: i64, w: i64, cache: &KvCache, device: Device) -
         .to_device(device)
         .unsqueeze(1);
     let base = match &g.mask {
-        Some(m) => {
-            let m = m.to_device(device).to_kind(Kind::Bool);
-            let extra = w - m.size()[1];
-            if extra > 0 {
-                Tensor::cat(&[m, Tensor::zeros([si, extra], (Kind::Bool, device))], 1)
-            } else {
-                m
-            }
-        }
+        Some(m) => m.to_device(device).to_kind(Kind::Bool),
         None => cols.le_tensor(&pos),
     };
     let mut m = base.unsqueeze(0).expand([n, si, w], false);
@@ -119,28 +132,18 @@ fn group_mask(g: &BatchInput, s: i64, w: i64, cache: &KvCache, device: Device) -
         let rows = Tensor::from_slice(&g.rows).to_device(device);
         m = m.logical_and(&v.index_select(0, &rows).narrow(1, 0, w).unsqueeze(1));
     }
-    let m = m.logical_or(&cols.eq_tensor(&pos).unsqueeze(0));
-    if si == s {
-        return m;
-    }
-    let pad = Tensor::cat(
-        &[
-            Tensor::ones([s - si, 1], (Kind::Bool, device)),
-            Tensor::zeros([s - si, w - 1], (Kind::Bool, device)),
-        ],
-        1,
-    );
-    Tensor::cat(&[m, pad.unsqueeze(0).expand([n, s - si, w], false)], 1)
+    m.logical_or(&cols.eq_tensor(&pos).unsqueeze(0))
+        .unsqueeze(1)
 }
 
-/// Zero-pads `x` `[n, si, dim]` to `[n, s, dim]`.
-fn pad_inputs(x: &Tensor, s: i64) -> Tensor {
-    let sz = x.size();
-    if sz[1] == s {
-        return x.shallow_clone();
+/// The rows as a contiguous range `(first, n)` when they are one, else as an index tensor.
+fn row_access(rows: &[i64], device: Device) -> std::result::Result<(i64, i64), Tensor> {
+    let first = rows.first().copied().unwrap_or(0);
+    if rows.iter().enumerate().all(|(i, &r)| r == first + i as i64) {
+        Ok((first, rows.len() as i64))
+    } else {
+        Err(Tensor::from_slice(rows).to_device(device))
     }
-    let zeros = Tensor::zeros([sz[0], s - sz[1], sz[2]], (x.kind(), x.device()));
-    Tensor::cat(&[x.shallow_clone(), zeros], 1)
 }
 
 impl BatchPlan {
@@ -149,10 +152,10 @@ impl BatchPlan {
         if groups.is_empty() {
             return Err(invalid("forward with no input".into()));
         }
-        let mut width = 0;
         let mut used = HashSet::new();
+        let mut widths = Vec::with_capacity(groups.len());
         for g in groups {
-            width = width.max(check_group(g, dim, cache)?);
+            widths.push(check_group(g, dim, cache)?);
             if let Some(r) = g.rows.iter().find(|&&r| !used.insert(r)) {
                 return Err(invalid(format!(
                     "cache row {r} is in two groups of one forward"
@@ -160,59 +163,42 @@ impl BatchPlan {
             }
         }
         let device = cache.slots.device();
-        let s = groups
-            .iter()
-            .map(|g| g.positions.len() as i64)
-            .max()
-            .unwrap_or(1);
-        let (mut xs, mut masks, mut positions, mut spans) = (vec![], vec![], vec![], vec![]);
-        let (mut all_rows, mut write_rows, mut write_positions, mut write_from) =
-            (vec![], vec![], vec![], vec![]);
-        for g in groups {
+        let (mut xs, mut plans, mut positions) = (vec![], vec![], vec![]);
+        let (mut write_rows, mut write_positions) = (vec![], vec![]);
+        for (g, &width) in groups.iter().zip(&widths) {
             let (n, si) = (g.rows.len() as i64, g.positions.len() as i64);
-            spans.push((all_rows.len() as i64, n, si));
-            xs.push(pad_inputs(&g.x, s));
-            masks.push(group_mask(g, s, width, cache, device));
-            let mut padded = g.positions.clone();
-            padded.resize(s as usize, 0);
+            plans.push(GroupPlan {
+                start: positions.len() as i64,
+                n,
+                s: si,
+                rows: row_access(&g.rows, device),
+                width,
+                mask: group_mask(g, width, cache, device),
+            });
+            xs.push(g.x.reshape([n * si, dim]));
             for &r in &g.rows {
-                let b = all_rows.len() as i64;
-                all_rows.push(r);
-                positions.extend_from_slice(&padded);
-                for (i, &p) in g.positions.iter().enumerate() {
-                    write_rows.push(r);
-                    write_positions.push(p);
-                    write_from.push(b * s + i as i64);
-                }
+                positions.extend_from_slice(&g.positions);
+                write_rows.extend(std::iter::repeat_n(r, g.positions.len()));
+                write_positions.extend_from_slice(&g.positions);
             }
         }
-        let b = all_rows.len() as i64;
-        let identity = all_rows.iter().copied().eq(0..cache.batch());
         let on = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let max_position = write_positions.iter().copied().max().unwrap_or(0);
         Ok(Self {
-            x: Tensor::cat(&xs, 0),
-            positions: on(&positions).view([b, s]),
-            mask: Tensor::cat(&masks, 0).unsqueeze(1),
-            rows: (!identity).then(|| on(&all_rows)),
-            width,
-            write_from: (write_from.len() as i64 != b * s).then(|| on(&write_from)),
+            x: Tensor::cat(&xs, 0).unsqueeze(0),
+            positions: on(&positions),
+            groups: plans,
             write_rows: on(&write_rows),
             write_positions: on(&write_positions),
-            spans,
             max_position,
         })
     }
 
-    /// Writes keys or values `[B, S, kv_heads, hd]` of the real inputs into `buffer`
+    /// Writes keys or values `[1, T, kv_heads, hd]` of the packed tokens into `buffer`
     /// `[rows, kv_heads, capacity, hd]` at their rows and positions.
     pub(crate) fn write(&self, buffer: &mut Tensor, kv: &Tensor) {
         let sz = kv.size();
         let flat = kv.reshape([sz[0] * sz[1], sz[2], sz[3]]);
-        let flat = match &self.write_from {
-            Some(idx) => flat.index_select(0, idx),
-            None => flat,
-        };
         let _ = buffer.index_put_(
             &[Some(&self.write_rows), None, Some(&self.write_positions)],
             &flat.to_kind(buffer.kind()),
@@ -220,20 +206,12 @@ impl BatchPlan {
         );
     }
 
-    /// The first `width` columns of `buffer` for the batch's rows: `[B, kv_heads, width, hd]`.
-    pub(crate) fn read(&self, buffer: &Tensor) -> Tensor {
-        let cols = buffer.narrow(2, 0, self.width);
-        match &self.rows {
-            Some(r) => cols.index_select(0, r),
-            None => cols,
-        }
-    }
-
-    /// Each group's slice `[rows, S_i, dim]` of the batch's output `[B, S, dim]`.
+    /// Each group's slice `[rows, S_i, dim]` of the packed output `[1, T, dim]`.
     pub(crate) fn split(&self, h: &Tensor) -> Vec<Tensor> {
-        self.spans
+        let dim = h.size()[2];
+        self.groups
             .iter()
-            .map(|&(first, n, si)| h.narrow(0, first, n).narrow(1, 0, si))
+            .map(|g| h.narrow(1, g.start, g.n * g.s).view([g.n, g.s, dim]))
             .collect()
     }
 }

@@ -601,12 +601,7 @@ impl Gpt {
             self.check_rope_range(&g.positions)?;
         }
         let h = tch::no_grad(|| {
-            self.run_layers(
-                &plan.x,
-                &plan.positions,
-                &plan.mask,
-                Some((&mut *cache, &plan)),
-            )
+            self.run_layers(&plan.x, &plan.positions, Attend::Cached(&mut *cache, &plan))
         });
         cache.mark_written(&[plan.max_position]);
         Ok(plan.split(&h))
@@ -631,7 +626,7 @@ impl Gpt {
             Tensor::cat(&[m.to_kind(Kind::Bool), rest], 1).narrow(1, 0, s)
         });
         let attn_mask = build_mask(&pos_t, &pos_t, None, visible.as_ref());
-        Ok(self.run_layers(x, &pos_t, &attn_mask, None))
+        Ok(self.run_layers(x, &pos_t, Attend::Full(&attn_mask)))
     }
 
     /// fp32 logits of final-norm hidden states.
@@ -651,13 +646,7 @@ impl Gpt {
 
     // `h += a` on tensors adds in place, into storage shared with the caller's input: keep `h = h + a`.
     #[allow(clippy::assign_op_pattern)]
-    fn run_layers(
-        &self,
-        x: &Tensor,
-        pos_t: &Tensor,
-        mask: &Tensor,
-        mut cache: Option<(&mut KvCache, &BatchPlan)>,
-    ) -> Tensor {
+    fn run_layers(&self, x: &Tensor, pos_t: &Tensor, mut attend: Attend<'_>) -> Tensor {
         let mut h = self.drop(match &self.abs_pe {
             Some(pe) => {
                 let sz = x.size();
@@ -673,8 +662,8 @@ impl Gpt {
                 blk,
                 &rms_norm(&h, &blk.attention_norm, self.cfg.norm_eps),
                 pos_t,
-                mask,
-                cache.as_mut().map(|(c, plan)| (&mut **c, i, *plan)),
+                &mut attend,
+                i,
             );
             h = h + self.drop(a);
             let f = rms_norm(&h, &blk.ffn_norm, self.cfg.norm_eps);
@@ -687,13 +676,14 @@ impl Gpt {
         rms_norm(&h, &self.norm, self.cfg.norm_eps)
     }
 
+    /// Attention of `x` `[B, S, dim]` (packed `[1, T, dim]` with a cache) at `pos_t`.
     fn attention(
         &self,
         blk: &Block,
         x: &Tensor,
         pos_t: &Tensor,
-        mask: &Tensor,
-        cache: Option<(&mut KvCache, usize, &BatchPlan)>,
+        attend: &mut Attend<'_>,
+        layer: usize,
     ) -> Tensor {
         let sz = x.size();
         let (b, s) = (sz[0], sz[1]);
@@ -711,24 +701,46 @@ impl Gpt {
             q = rope.apply(&q, pos_t);
             k = rope.apply(&k, pos_t);
         }
-        let q = q.transpose(1, 2);
-        let (keys, values) = match cache {
-            Some((c, layer, plan)) => {
+        let out = match attend {
+            Attend::Full(mask) => {
+                let q = q.transpose(1, 2);
+                let o = self.sdpa(&q, &k.transpose(1, 2), &v.transpose(1, 2), mask);
+                o.transpose(1, 2).contiguous().view([b, s, d])
+            }
+            Attend::Cached(c, plan) => {
                 plan.write(&mut c.keys[layer], &k);
                 plan.write(&mut c.values[layer], &v);
-                (plan.read(&c.keys[layer]), plan.read(&c.values[layer]))
+                // Each group against its own rows; the tokens stay packed.
+                let outs: Vec<Tensor> = plan
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        let q = q.narrow(1, g.start, g.n * g.s).view([g.n, g.s, nh, hd]);
+                        let keys = g.read(&c.keys[layer]);
+                        let values = g.read(&c.values[layer]);
+                        let o = self.sdpa(&q.transpose(1, 2), &keys, &values, &g.mask);
+                        o.transpose(1, 2).contiguous().view([1, g.n * g.s, d])
+                    })
+                    .collect();
+                Tensor::cat(&outs, 1)
             }
-            None => (k.transpose(1, 2), v.transpose(1, 2)),
         };
-        let (keys, values) = if nkv != nh {
+        self.lin(&out, &blk.wo)
+    }
+
+    /// Scaled-dot-product attention of `q` `[n, heads, S, hd]` over `keys` and `values`
+    /// `[n, kv_heads, W, hd]` (grouped-query heads repeated) with a boolean `mask`.
+    fn sdpa(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Tensor {
+        let rep = self.cfg.n_head / self.cfg.kv_heads();
+        let (keys, values) = if rep != 1 {
             (
-                keys.repeat_interleave_self_int(nh / nkv, 1, None),
-                values.repeat_interleave_self_int(nh / nkv, 1, None),
+                keys.repeat_interleave_self_int(rep, 1, None),
+                values.repeat_interleave_self_int(rep, 1, None),
             )
         } else {
-            (keys, values)
+            (keys.shallow_clone(), values.shallow_clone())
         };
-        let out = Tensor::scaled_dot_product_attention(
+        Tensor::scaled_dot_product_attention(
             &q.to_kind(keys.kind()),
             &keys,
             &values,
@@ -737,10 +749,15 @@ impl Gpt {
             false,
             None,
             false,
-        );
-        let out = out.transpose(1, 2).contiguous().view([b, s, d]);
-        self.lin(&out, &blk.wo)
+        )
     }
+}
+
+/// How the layers attend: one full causal forward with its mask, or packed groups against a
+/// cache.
+enum Attend<'a> {
+    Full(&'a Tensor),
+    Cached(&'a mut KvCache, &'a BatchPlan),
 }
 
 /// Boolean attention mask `[1, 1, S, W]`: `explicit` `[S, W]` or causal by position, AND the caption
