@@ -4,8 +4,9 @@
 //!
 //! A group is one session's forward (its one cache row, two with CFG); groups differ in length,
 //! positions and masks. The projections and the feed-forward run once over all packed tokens;
-//! attention runs per group against its own rows, so each group's result equals its own forward
-//! up to float rounding.
+//! attention runs once per input length: the groups of equal length are packed next to each
+//! other and attend together, each against its own rows (keys past a group's own width are
+//! masked), so each group's result equals its own forward up to float rounding.
 
 use std::collections::HashSet;
 
@@ -29,28 +30,36 @@ pub struct BatchInput {
     pub mask: Option<Tensor>,
 }
 
-/// One group of a packed batch.
+/// Where one group's tokens sit in the packed sequence.
 #[derive(Debug)]
-pub(crate) struct GroupPlan {
-    /// First packed token of the group (its rows' tokens follow row by row).
+struct GroupSpan {
+    start: i64,
+    n: i64,
+    s: i64,
+}
+
+/// The groups of one input length, attending together.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    /// First packed token; the bucket's rows follow each other, `s` tokens each.
     pub start: i64,
     /// Rows (sequences) and inputs per row.
-    pub n: i64,
+    pub rows: i64,
     pub s: i64,
     /// Cache rows: `(first, n)` when contiguous (read by a view), else their indices.
-    rows: std::result::Result<(i64, i64), Tensor>,
-    /// Cache columns the group reads.
+    access: std::result::Result<(i64, i64), Tensor>,
+    /// Cache columns the bucket reads.
     width: i64,
-    /// Attention mask `[n, 1, S, W]`.
+    /// Attention mask `[rows, 1, S, W]`.
     pub mask: Tensor,
 }
 
-impl GroupPlan {
-    /// The group's first `width` columns of `buffer` `[rows, kv_heads, capacity, hd]`:
-    /// `[n, kv_heads, width, hd]`.
+impl Bucket {
+    /// The bucket's first `width` columns of `buffer` `[rows, kv_heads, capacity, hd]`:
+    /// `[rows, kv_heads, width, hd]`.
     pub(crate) fn read(&self, buffer: &Tensor) -> Tensor {
         let cols = buffer.narrow(2, 0, self.width);
-        match &self.rows {
+        match &self.access {
             Ok((first, n)) => cols.narrow(0, *first, *n),
             Err(idx) => cols.index_select(0, idx),
         }
@@ -64,7 +73,10 @@ pub(crate) struct BatchPlan {
     pub x: Tensor,
     /// Positions `[T]`.
     pub positions: Tensor,
-    pub groups: Vec<GroupPlan>,
+    /// Attention buckets, in packed order.
+    pub buckets: Vec<Bucket>,
+    /// Each group's tokens, in the groups' order.
+    spans: Vec<GroupSpan>,
     /// Row and position of every packed token.
     write_rows: Tensor,
     write_positions: Tensor,
@@ -114,9 +126,9 @@ fn check_group(g: &BatchInput, dim: i64, cache: &KvCache) -> Result<i64> {
     }
 }
 
-/// Mask `[n, 1, S, W]` of one group: explicit or causal, AND its rows' caption visibility, OR
-/// each input's own column.
-fn group_mask(g: &BatchInput, w: i64, cache: &KvCache, device: Device) -> Tensor {
+/// Mask `[n, 1, S, W]` of one group of width `own` in a bucket of width `w`: explicit or causal,
+/// AND its rows' caption visibility, OR each input's own column; nothing past `own`.
+fn group_mask(g: &BatchInput, w: i64, own: i64, cache: &KvCache, device: Device) -> Tensor {
     let si = g.positions.len() as i64;
     let n = g.rows.len() as i64;
     let cols = cache.slots.narrow(0, 0, w).unsqueeze(0);
@@ -124,7 +136,14 @@ fn group_mask(g: &BatchInput, w: i64, cache: &KvCache, device: Device) -> Tensor
         .to_device(device)
         .unsqueeze(1);
     let base = match &g.mask {
-        Some(m) => m.to_device(device).to_kind(Kind::Bool),
+        Some(m) => {
+            let m = m.to_device(device).to_kind(Kind::Bool);
+            if w > own {
+                Tensor::cat(&[m, Tensor::zeros([si, w - own], (Kind::Bool, device))], 1)
+            } else {
+                m
+            }
+        }
         None => cols.le_tensor(&pos),
     };
     let mut m = base.unsqueeze(0).expand([n, si, w], false);
@@ -163,31 +182,51 @@ impl BatchPlan {
             }
         }
         let device = cache.slots.device();
-        let (mut xs, mut plans, mut positions) = (vec![], vec![], vec![]);
+        // Packed by input length, so that each length's groups are one range.
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|&i| groups[i].positions.len());
+        let mut spans: Vec<Option<GroupSpan>> = (0..groups.len()).map(|_| None).collect();
+        let (mut xs, mut buckets, mut positions) = (vec![], vec![], vec![]);
         let (mut write_rows, mut write_positions) = (vec![], vec![]);
-        for (g, &width) in groups.iter().zip(&widths) {
-            let (n, si) = (g.rows.len() as i64, g.positions.len() as i64);
-            plans.push(GroupPlan {
-                start: positions.len() as i64,
-                n,
-                s: si,
-                rows: row_access(&g.rows, device),
-                width,
-                mask: group_mask(g, width, cache, device),
-            });
-            xs.push(g.x.reshape([n * si, dim]));
-            for &r in &g.rows {
-                positions.extend_from_slice(&g.positions);
-                write_rows.extend(std::iter::repeat_n(r, g.positions.len()));
-                write_positions.extend_from_slice(&g.positions);
+        for same in order.chunk_by(|&a, &b| groups[a].positions.len() == groups[b].positions.len())
+        {
+            let si = groups[same[0]].positions.len() as i64;
+            let width = same.iter().map(|&i| widths[i]).max().unwrap_or(1);
+            let start = positions.len() as i64;
+            let (mut rows, mut masks) = (vec![], vec![]);
+            for &i in same {
+                let g = &groups[i];
+                let n = g.rows.len() as i64;
+                spans[i] = Some(GroupSpan {
+                    start: positions.len() as i64,
+                    n,
+                    s: si,
+                });
+                masks.push(group_mask(g, width, widths[i], cache, device));
+                xs.push(g.x.reshape([n * si, dim]));
+                for &r in &g.rows {
+                    rows.push(r);
+                    positions.extend_from_slice(&g.positions);
+                    write_rows.extend(std::iter::repeat_n(r, g.positions.len()));
+                    write_positions.extend_from_slice(&g.positions);
+                }
             }
+            buckets.push(Bucket {
+                start,
+                rows: rows.len() as i64,
+                s: si,
+                access: row_access(&rows, device),
+                width,
+                mask: Tensor::cat(&masks, 0),
+            });
         }
         let on = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let max_position = write_positions.iter().copied().max().unwrap_or(0);
         Ok(Self {
             x: Tensor::cat(&xs, 0).unsqueeze(0),
             positions: on(&positions),
-            groups: plans,
+            buckets,
+            spans: spans.into_iter().flatten().collect(),
             write_rows: on(&write_rows),
             write_positions: on(&write_positions),
             max_position,
@@ -206,10 +245,11 @@ impl BatchPlan {
         );
     }
 
-    /// Each group's slice `[rows, S_i, dim]` of the packed output `[1, T, dim]`.
+    /// Each group's slice `[rows, S_i, dim]` of the packed output `[1, T, dim]`, in the groups'
+    /// order.
     pub(crate) fn split(&self, h: &Tensor) -> Vec<Tensor> {
         let dim = h.size()[2];
-        self.groups
+        self.spans
             .iter()
             .map(|g| h.narrow(1, g.start, g.n * g.s).view([g.n, g.s, dim]))
             .collect()

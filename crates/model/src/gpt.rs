@@ -710,16 +710,19 @@ impl Gpt {
             Attend::Cached(c, plan) => {
                 plan.write(&mut c.keys[layer], &k);
                 plan.write(&mut c.values[layer], &v);
-                // Each group against its own rows; the tokens stay packed.
+                // Each bucket of equal input length at once, against its rows; the tokens stay
+                // packed.
                 let outs: Vec<Tensor> = plan
-                    .groups
+                    .buckets
                     .iter()
                     .map(|g| {
-                        let q = q.narrow(1, g.start, g.n * g.s).view([g.n, g.s, nh, hd]);
+                        let q = q
+                            .narrow(1, g.start, g.rows * g.s)
+                            .view([g.rows, g.s, nh, hd]);
                         let keys = g.read(&c.keys[layer]);
                         let values = g.read(&c.values[layer]);
                         let o = self.sdpa(&q.transpose(1, 2), &keys, &values, &g.mask);
-                        o.transpose(1, 2).contiguous().view([1, g.n * g.s, d])
+                        o.transpose(1, 2).contiguous().view([1, g.rows * g.s, d])
                     })
                     .collect();
                 Tensor::cat(&outs, 1)
