@@ -71,14 +71,21 @@ pub fn speed_quality(path: &Path, rows: &[BenchRow]) -> Result<()> {
             FONTS.join(", ")
         );
     }
-    const W: u32 = 1200;
-    const H: u32 = 500;
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    draw(&mut buf, (W, H), rows, text)?;
-    let img = image::RgbImage::from_raw(W, H, buf).ok_or_else(|| anyhow!("plot buffer size"))?;
+    save_png(path, (1200, 500), |buf, size| draw(buf, size, rows, text))
+}
+
+/// Draws into an RGB buffer of `size` with `draw` and writes it as a PNG.
+pub(crate) fn save_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&mut [u8], (u32, u32)) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
+    draw(&mut buf, size)?;
+    let img = image::RgbImage::from_raw(size.0, size.1, buf)
+        .ok_or_else(|| anyhow!("plot buffer size"))?;
     img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(())
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 fn draw(buf: &mut [u8], size: (u32, u32), rows: &[BenchRow], text: bool) -> Result<()> {

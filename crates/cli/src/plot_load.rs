@@ -10,14 +10,7 @@ use mulo_train::load::LoadRow;
 /// One line per method and place: images/s against the number of clients.
 pub fn throughput(path: &Path, rows: &[LoadRow]) -> Result<()> {
     let text = crate::plot::register_font();
-    const W: u32 = 900;
-    const H: u32 = 520;
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    draw(&mut buf, (W, H), rows, text)?;
-    let img = image::RgbImage::from_raw(W, H, buf).ok_or_else(|| anyhow!("plot buffer size"))?;
-    img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(())
+    crate::plot::save_png(path, (900, 520), |buf, size| draw(buf, size, rows, text))
 }
 
 /// The lines: (label, points sorted by concurrency), in the rows' order.

@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::Instrument;
 
 use crate::batching::{
-    block_on, hold, run_round, BatchLimits, BatchStats, Forwards, Home, LocalOp, RowPool,
+    block_on, hold, run_round, BatchLimits, BatchStats, Forwards, Held, Home, LocalOp, RowPool,
 };
 use crate::error::EngineError;
 use crate::prompt::encode_prompt;
@@ -121,9 +121,12 @@ pub type Op<R> = LocalOp<Result<R, EngineError>>;
 const TARGET: usize = 0;
 const DRAFT: usize = 1;
 
-/// Checks a call against its session's epoch and committed length.
-fn check(r: &SessionRef, s: &Session) -> Result<(), EngineError> {
-    check_ref(r, s.epoch, s.target.book.committed)
+/// The session of call `r` once no other call holds it, checked against the call's epoch and
+/// committed length.
+async fn checked(entry: Rc<Home<Session>>, r: &SessionRef) -> Result<Held<Session>, EngineError> {
+    let held = hold(entry).await;
+    check_ref(r, held.epoch, held.target.book.committed)?;
+    Ok(held)
 }
 
 /// The verifier's models and sessions (lives on the torch thread).
@@ -538,9 +541,8 @@ impl VerifierCore {
         let entry = self.session(&r.id)?;
         let work = async move {
             let start = Instant::now();
-            let mut held = hold(entry).await;
+            let mut held = checked(entry, &r).await?;
             let s = &mut *held;
-            check(&r, s)?;
             let book = &mut s.target.book;
             if !commit.is_empty() || book.pending() > 0 {
                 book.commit(&commit)?;
@@ -602,9 +604,8 @@ impl VerifierCore {
         let entry = self.session(&r.id)?;
         let work = async move {
             let start = Instant::now();
-            let mut held = hold(entry).await;
+            let mut held = checked(entry, &r).await?;
             let s = &mut *held;
-            check(&r, s)?;
             let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
             let mut seen = std::collections::HashSet::new();
             for p in passes.iter().flatten() {
@@ -656,9 +657,8 @@ impl VerifierCore {
     pub fn commit_op(&mut self, r: SessionRef, values: Vec<i64>) -> Result<Op<usize>, EngineError> {
         let entry = self.session(&r.id)?;
         let work = async move {
-            let mut held = hold(entry).await;
+            let mut held = checked(entry, &r).await?;
             let s = &mut *held;
-            check(&r, s)?;
             s.target.book.commit(&values)?;
             let from = s.target.book.refresh_start();
             let all: Vec<usize> = (from..s.target.book.committed).collect();
@@ -696,9 +696,8 @@ impl VerifierCore {
         let entry = self.session(&r.id)?;
         let work = async move {
             let start = Instant::now();
-            let mut held = hold(entry).await;
+            let mut held = checked(entry, &r).await?;
             let s = &mut *held;
-            check(&r, s)?;
             if s.target.book.pending() > 0 {
                 return Err(EngineError::Precondition(
                     "a block is pending: commit it before decoding".into(),
@@ -772,9 +771,8 @@ impl VerifierCore {
         let wrong_residual = self.wrong_residual;
         let entry = self.session(&r.id)?;
         let work = async move {
-            let mut held = hold(entry).await;
+            let mut held = checked(entry, &r).await?;
             let s = &mut *held;
-            check(&r, s)?;
             let Session {
                 params,
                 rng,

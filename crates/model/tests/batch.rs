@@ -3,42 +3,17 @@
 //! per row) in one forward over a shared cache equal each session's own forward.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mulo_core::{Condition, GridSize};
-use mulo_model::config::{ConditionConfig, PositionEmbedding};
+mod common;
+
+use common::config;
+use mulo_core::Condition;
+use mulo_model::config::PositionEmbedding;
 use mulo_model::gpt::Conditioning;
-use mulo_model::{BatchInput, DType, Gpt, GptConfig, KvCache};
+use mulo_model::{BatchInput, DType, Gpt, KvCache};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 const GRID: usize = 20;
-
-fn config(caption: bool, n_kv_head: Option<i64>, pos: PositionEmbedding) -> GptConfig {
-    GptConfig {
-        name: None,
-        dim: 64,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head,
-        multiple_of: 32,
-        ffn_dim_multiplier: None,
-        ffn_hidden: None,
-        norm_eps: 1e-5,
-        rope_base: 10000.0,
-        vocab_size: 97,
-        condition: if caption {
-            ConditionConfig::Caption { caption_dim: 24 }
-        } else {
-            ConditionConfig::Class { num_classes: 7 }
-        },
-        cls_token_num: if caption { 6 } else { 1 },
-        grid: GridSize { rows: 4, cols: 5 },
-        position_embedding: pos,
-        dtype: DType::Fp32,
-        caption_vocab: None,
-        sampling: None,
-        vq: None,
-    }
-}
 
 /// A small deterministic generator for the per-session choices (proptest draws the seeds).
 struct Lcg(u64);
