@@ -13,11 +13,20 @@ pub fn throughput(path: &Path, rows: &[LoadRow]) -> Result<()> {
     crate::plot::save_png(path, (900, 520), |buf, size| draw(buf, size, rows, text))
 }
 
-/// The lines: (label, points sorted by concurrency), in the rows' order.
+/// The lines: (label, points sorted by concurrency), in the rows' order. A method is named
+/// without its parameters unless two settings of it were measured.
 fn lines(rows: &[LoadRow]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let base = |m: &str| m.split(':').next().unwrap_or(m).to_string();
     let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for r in rows {
-        let name = r.method.split(':').next().unwrap_or(&r.method);
+        let several = rows
+            .iter()
+            .any(|o| base(&o.method) == base(&r.method) && o.method != r.method);
+        let name = if several {
+            r.method.clone()
+        } else {
+            base(&r.method)
+        };
         let label = format!("{name}{}", if r.remote { " @gateway" } else { "" });
         let point = (r.concurrency as f64, r.throughput_images_per_s);
         match out.iter_mut().find(|(l, _)| *l == label) {
@@ -61,8 +70,8 @@ fn draw(buf: &mut [u8], size: (u32, u32), rows: &[LoadRow], text: bool) -> Resul
     let palette = [BLACK, BLUE, RED, GREEN, MAGENTA, CYAN];
     for (i, (label, points)) in lines(rows).into_iter().enumerate() {
         let color = palette[i % palette.len()];
-        let dashed = label.ends_with("@gateway");
-        let style = if dashed {
+        let faded = label.ends_with("@gateway");
+        let style = if faded {
             color.mix(0.6).stroke_width(2)
         } else {
             color.stroke_width(2)
@@ -122,5 +131,12 @@ mod tests {
         let names: Vec<&str> = l.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["ar", "mulo", "ar @gateway"]);
         assert_eq!(l[0].1, [(1.0, 1.0), (8.0, 4.0)]);
+        // Two settings of one method are two lines, named with their parameters.
+        let two = [
+            row("mulo:tau=0.1", 1, false, 1.0),
+            row("mulo:tau=0.3", 1, false, 2.0),
+        ];
+        let names: Vec<String> = lines(&two).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["mulo:tau=0.1", "mulo:tau=0.3"]);
     }
 }

@@ -191,10 +191,11 @@ impl Forwards {
 }
 
 /// A model's KV pool: one cache whose rows the sessions lease (one row, two with CFG), grown as
-/// sessions arrive and reused as they leave.
+/// sessions arrive (to at most `max_rows`) and reused as they leave.
 pub(crate) struct RowPool {
     pub cache: KvCache,
     free: Rc<RefCell<Vec<i64>>>,
+    max_rows: i64,
 }
 
 /// Cache rows a session holds; they go back to the pool when the session is dropped.
@@ -211,16 +212,26 @@ impl Drop for RowLease {
 }
 
 impl RowPool {
-    /// A pool of `rows` rows for sequences of up to `capacity` positions of `model`.
-    pub(crate) fn new(model: &Gpt, rows: i64, capacity: i64) -> Result<Self, EngineError> {
+    /// A pool of `rows` rows (growing to at most `max_rows`) for sequences of up to `capacity`
+    /// positions of `model`.
+    pub(crate) fn new(
+        model: &Gpt,
+        rows: i64,
+        max_rows: i64,
+        capacity: i64,
+    ) -> Result<Self, EngineError> {
+        let max_rows = max_rows.max(1);
+        let rows = rows.clamp(1, max_rows);
         Ok(Self {
-            cache: model.new_cache(rows.max(1), capacity)?,
-            free: Rc::new(RefCell::new((0..rows.max(1)).rev().collect())),
+            cache: model.new_cache(rows, capacity)?,
+            free: Rc::new(RefCell::new((0..rows).rev().collect())),
+            max_rows,
         })
     }
 
     /// Grows the pool to at least `rows` rows (warm-up: the first sessions then allocate no KV).
     pub(crate) fn reserve(&mut self, rows: i64) -> Result<(), EngineError> {
+        let rows = rows.min(self.max_rows);
         let old = self.cache.batch();
         if rows > old {
             self.cache.grow(rows)?;
@@ -234,6 +245,12 @@ impl RowPool {
         let missing = n.saturating_sub(self.free.borrow().len()) as i64;
         if missing > 0 {
             let old = self.cache.batch();
+            if old + missing > self.max_rows {
+                return Err(EngineError::Capacity(format!(
+                    "the KV pool's {} rows are all held (opens in flight count too)",
+                    self.max_rows
+                )));
+            }
             self.reserve((old * 2).max(old + missing))?;
         }
         let mut free = self.free.borrow_mut();
@@ -314,20 +331,22 @@ fn forward(
     }
     let hs = model.forward_batch(&groups, cache)?;
     let device = model.device();
+    let (dim, vocab) = (model.config().dim, model.config().vocab_size);
     let mut picked = Vec::with_capacity(hs.len());
     let mut shapes = Vec::with_capacity(hs.len());
     for (h, r) in hs.iter().zip(requests) {
         let idx = Tensor::from_slice(&r.read).to_device(device);
         let sel = h.index_select(1, &idx);
         let (n, k) = (sel.size()[0], sel.size()[1]);
-        picked.push(sel.reshape([n * k, -1]));
+        // Explicit sizes: a request may read nothing (k = 0).
+        picked.push(sel.reshape([n * k, dim]));
         shapes.push((n, k));
     }
     let logits = model.head(&Tensor::cat(&picked, 0));
     let mut out = Vec::with_capacity(shapes.len());
     let mut at = 0;
     for (n, k) in shapes {
-        out.push(logits.narrow(0, at, n * k).view([n, k, -1]));
+        out.push(logits.narrow(0, at, n * k).view([n, k, vocab]));
         at += n * k;
     }
     Ok(out)

@@ -277,13 +277,19 @@ impl Run<'_> {
     ) -> Result<(), EngineError> {
         while self.committed.len() < self.total {
             let done = self.committed.len();
-            let count = self.cols - done % self.cols;
+            let count = (self.cols - done % self.cols).min(self.total - done);
             let t = Instant::now();
             let reply = self
                 .verifier
-                .decode(self.at(done), count.min(self.total - done))
+                .decode(self.at(done), count)
                 .instrument(info_span!("decode"))
                 .await?;
+            if reply.tokens.len() != count {
+                return Err(EngineError::Precondition(format!(
+                    "the verifier decoded {} tokens, {count} were asked for",
+                    reply.tokens.len()
+                )));
+            }
             self.stats.target_passes += reply.passes;
             self.stats.add("decode", reply.seconds);
             self.stats.add_network(t.elapsed(), reply.seconds);

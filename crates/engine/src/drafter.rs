@@ -1,5 +1,5 @@
 //! The drafter role's compute (DESIGN §2.2 steps 1, 2 and 7): the low-resolution GPT with a KV
-//! cache per session, row-by-row (or ZipAR-style parallel-row) drafting, the up-sampler `U_r`, the
+//! pool whose rows each session leases, row-by-row (or ZipAR-style parallel-row) drafting, the up-sampler `U_r`, the
 //! down-sampler `D_r` for realignment, and the VQ decoder for the final image.
 //!
 //! Everything here runs on the process's torch thread. Each call is an op (see
@@ -72,8 +72,8 @@ struct Session {
 /// A drafter call's result, as an op.
 pub type Op<R> = LocalOp<Result<R, EngineError>>;
 
-/// The models a draft call uses besides the GPT: the VQ of the realignment runs inside the op;
-/// the up-sampler runs in the round, for every session waiting on it at once.
+/// The models a draft call uses besides the GPT: the realignment's VQ and the up-sampler run in
+/// the round, for every session waiting on them at once.
 struct Models {
     upsampler: Upsampler,
     vq: VqModel,
@@ -137,7 +137,7 @@ impl DrafterCore {
         };
         let capacity = drafter.config().cls_token_num + low.len() as i64;
         Ok(Self {
-            kv: RowPool::new(&drafter, 2, capacity)?,
+            kv: RowPool::new(&drafter, 2, 2 * (max_sessions.max(1) as i64 + 1), capacity)?,
             drafter: Rc::new(drafter),
             models: Rc::new(Models {
                 upsampler,
@@ -181,7 +181,7 @@ impl DrafterCore {
         &self.drafter
     }
 
-    /// Rows of the (target's) KV pool: one per sequence, two per session with CFG.
+    /// Rows of the KV pool: one per sequence, two per session with CFG.
     pub fn kv_rows(&self) -> i64 {
         self.kv.cache.batch()
     }
@@ -381,7 +381,8 @@ impl DrafterCore {
         Ok(())
     }
 
-    /// The session's low-res KV cache rows, copied (for checks against a fresh prefill).
+    /// The session's low-res KV cache rows, copied (for checks against a fresh prefill); `None`
+    /// while a call holds the session.
     pub fn cache(&self, id: &str) -> Option<mulo_model::KvCache> {
         let s = self.sessions.borrow().peek(id).ok()?;
         let rows = s.peek(|s| s.stream.lease.rows.clone())?;
@@ -438,9 +439,7 @@ impl Models {
                 }
                 Err(e) => {
                     for (_, _, reply) in same {
-                        *reply.borrow_mut() = Some(Err(EngineError::Model(
-                            mulo_model::ModelError::InvalidInput(e.to_string()),
-                        )));
+                        *reply.borrow_mut() = Some(Err(EngineError::Internal(e.to_string())));
                     }
                 }
             }
@@ -479,9 +478,7 @@ impl Models {
             Err(e) => {
                 let msg = e.to_string();
                 for (_, _, reply) in waiting {
-                    *reply.borrow_mut() = Some(Err(EngineError::Model(
-                        mulo_model::ModelError::InvalidInput(msg.clone()),
-                    )));
+                    *reply.borrow_mut() = Some(Err(EngineError::Internal(msg.clone())));
                 }
             }
         }

@@ -44,6 +44,9 @@ pub enum EngineError {
         /// The peer's message.
         message: String,
     },
+    /// A batched pass shared by several calls failed (`INTERNAL`; the message is the model's).
+    #[error("internal: {0}")]
+    Internal(String),
     /// The torch worker thread is gone (it panicked or was shut down).
     #[error("the torch worker thread has stopped")]
     WorkerGone,

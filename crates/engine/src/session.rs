@@ -427,10 +427,14 @@ impl<S> SessionTable<S> {
         freed
     }
 
-    /// Frees sessions idle for longer than `ttl`; returns how many.
+    /// Frees sessions idle for longer than `ttl` (a session a call holds is not idle); returns
+    /// how many.
     pub(crate) fn expire(&mut self, ttl: std::time::Duration) -> usize {
         let before = self.map.len();
-        self.map.retain(|_, e| e.used.elapsed() <= ttl);
+        self.map.retain(|_, e| {
+            let held = e.session.peek(|_| ()).is_none();
+            held || e.used.elapsed() <= ttl
+        });
         self.report();
         before - self.map.len()
     }

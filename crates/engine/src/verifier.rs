@@ -1,5 +1,5 @@
 //! The verifier role's compute (DESIGN §2.2 steps 3, 5, 6 and §2.4): the target model with a KV
-//! cache per session; verifying a block of proposals (processed `p` and pooled scores), executing
+//! pool whose rows each session leases; verifying a block of proposals (processed `p` and pooled scores), executing
 //! a resample plan with parallel islands, committing with the KV refresh merged into the next
 //! forward, plain AR decoding, and the SD / LANTERN baselines with the small draft model.
 //!
@@ -208,9 +208,11 @@ impl VerifierCore {
         let normed =
             mulo_model::vq::l2_normalize(&codes.to_kind(Kind::Float).to_device(Device::Cpu));
         let capacity = |m: &Gpt| m.config().cls_token_num + m.config().grid.len() as i64;
-        let mut kv = vec![RowPool::new(&target, 2, capacity(&target))?];
+        // Two rows per session with CFG, and one reopened session's beside its old ones.
+        let max_rows = 2 * (max_sessions.max(1) as i64 + 1);
+        let mut kv = vec![RowPool::new(&target, 2, max_rows, capacity(&target))?];
         if let Some(d) = &draft {
-            kv.push(RowPool::new(d, 2, capacity(d))?);
+            kv.push(RowPool::new(d, 2, max_rows, capacity(d))?);
         }
         Ok(Self {
             codes: Vec::<f32>::try_from(normed.reshape([-1]))?,
@@ -309,7 +311,9 @@ impl VerifierCore {
         Ok(self.kv[TARGET].cache.batch())
     }
 
-    /// Runs `op` to its end, running rounds while it waits.
+    /// Runs `op` to its end, running this role's rounds while it waits. Only for a role no other
+    /// op runs on (tests, tools): an op of the engine's holding the same session would never be
+    /// polled here.
     fn block<R>(&mut self, op: Op<R>) -> Result<R, EngineError> {
         block_on(op, || self.round())
     }
@@ -831,7 +835,8 @@ impl VerifierCore {
         Ok(Box::pin(work.instrument(tracing::info_span!("speculate"))))
     }
 
-    /// The session's target KV cache rows, copied (for checks against a fresh prefill).
+    /// The session's target KV cache rows, copied (for checks against a fresh prefill); `None`
+    /// while a call holds the session.
     pub fn cache(&self, id: &str) -> Option<KvCache> {
         let s = self.sessions.borrow().peek(id).ok()?;
         let rows = s.peek(|s| s.target.lease.rows.clone())?;

@@ -4,8 +4,8 @@
 //! slower here, so every model of a process is created, loaded and run on one dedicated thread fed
 //! by a channel. The state `S` (the loaded models) lives on that thread only.
 //!
-//! Jobs are short (they admit a role call as an op, answer a status, free a session); while the
-//! state has ops running ([`Rounds::busy`]) the thread takes every job waiting and then runs one
+//! Jobs are short (they admit a role call as an op, answer a status, free a session; an open
+//! also encodes its prompt or down-samples migrated tokens there); while the state has ops running ([`Rounds::busy`]) the thread takes every job waiting and then runs one
 //! scheduler round ([`Rounds::round`]), so that a job never waits behind a whole generation.
 
 use std::sync::mpsc;

@@ -191,6 +191,37 @@ fn drafts_of_several_sessions_share_drafter_and_up_sampler_passes() {
 }
 
 #[test]
+fn a_resample_pass_that_reads_nothing_is_answered() {
+    let mut e = engine();
+    let v = e.verifier.as_mut().unwrap();
+    v.open(&spec("s", 3, 2.0), false, &[]).unwrap();
+    v.verify(&at("s", 0), &[], &[3, 1, 4, 1], 2).unwrap();
+    // Pass 2 samples grid position 0 from the prefill's logits after feeding position 1: a
+    // forward whose logits nobody reads (it used to panic the torch thread).
+    let r = v.resample(&at("s", 0), &[vec![1], vec![0]]).unwrap();
+    assert_eq!(r.tokens.len(), 4);
+}
+
+#[test]
+fn expiry_spares_a_session_a_call_holds() {
+    let mut e = engine();
+    let (mut rx, _) = submit_decode(&mut e, "a", 16);
+    e.round();
+    e.round();
+    // Held by its decode: not idle, whatever the TTL.
+    let v = e.verifier.as_mut().unwrap();
+    assert_eq!(v.expire(std::time::Duration::ZERO), 0);
+    while e.busy() {
+        e.round();
+    }
+    assert_eq!(rx.try_recv().unwrap().unwrap().tokens.len(), 16);
+    // Idle afterwards: it goes.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let v = e.verifier.as_mut().unwrap();
+    assert_eq!(v.expire(std::time::Duration::from_millis(1)), 1);
+}
+
+#[test]
 fn a_full_queue_refuses_at_once_and_finishes_what_it_admitted() {
     let mut e = engine();
     e.set_batching(Batching {

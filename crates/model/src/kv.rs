@@ -61,12 +61,12 @@ impl KvCache {
         self.capacity
     }
 
-    /// Sequences in the cache (2 for a CFG pair).
+    /// Rows (sequences) of the cache: 2 for one CFG pair, or a pool's rows.
     pub fn batch(&self) -> i64 {
         self.batch
     }
 
-    /// One past the highest position written since the last reset or truncate.
+    /// One past the highest position written since the last reset or truncate (in any row).
     pub fn filled(&self) -> i64 {
         self.filled
     }
@@ -140,9 +140,11 @@ impl KvCache {
             let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
             Ok(Tensor::f_cat(&[t.shallow_clone(), zeros], 0)?)
         };
-        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            *t = more(t)?;
-        }
+        // All new buffers first: a failed allocation leaves the cache as it was.
+        let keys = self.keys.iter().map(more).collect::<Result<Vec<_>>>()?;
+        let values = self.values.iter().map(more).collect::<Result<Vec<_>>>()?;
+        self.keys = keys;
+        self.values = values;
         if let Some(v) = &self.visible {
             let ones = Tensor::ones([extra, self.capacity], (Kind::Bool, v.device()));
             self.visible = Some(Tensor::cat(&[v.shallow_clone(), ones], 0));

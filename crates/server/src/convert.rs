@@ -22,7 +22,8 @@ pub fn status(e: &EngineError) -> Status {
         EngineError::Model(_)
         | EngineError::Torch(_)
         | EngineError::Tokenizer(_)
-        | EngineError::Family(_) => Code::Internal,
+        | EngineError::Family(_)
+        | EngineError::Internal(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
