@@ -9,7 +9,7 @@
 //! before it runs.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -194,7 +194,7 @@ impl Forwards {
 /// sessions arrive (to at most `max_rows`) and reused as they leave.
 pub(crate) struct RowPool {
     pub cache: KvCache,
-    free: Rc<RefCell<Vec<i64>>>,
+    free: Rc<RefCell<BTreeSet<i64>>>,
     max_rows: i64,
 }
 
@@ -202,7 +202,7 @@ pub(crate) struct RowPool {
 #[derive(Debug)]
 pub(crate) struct RowLease {
     pub rows: Vec<i64>,
-    free: Rc<RefCell<Vec<i64>>>,
+    free: Rc<RefCell<BTreeSet<i64>>>,
 }
 
 impl Drop for RowLease {
@@ -224,7 +224,7 @@ impl RowPool {
         let rows = rows.clamp(1, max_rows);
         Ok(Self {
             cache: model.new_cache(rows, capacity)?,
-            free: Rc::new(RefCell::new((0..rows).rev().collect())),
+            free: Rc::new(RefCell::new((0..rows).collect())),
             max_rows,
         })
     }
@@ -235,12 +235,15 @@ impl RowPool {
         let old = self.cache.batch();
         if rows > old {
             self.cache.grow(rows)?;
-            self.free.borrow_mut().extend((old..rows).rev());
+            self.free.borrow_mut().extend(old..rows);
         }
         Ok(())
     }
 
-    /// `n` rows, growing the pool (doubling it) when too few are free.
+    /// `n` rows, growing the pool (doubling it) when too few are free: the lowest `n` adjacent
+    /// free rows when there are such, else the lowest `n`, in ascending order. Sessions then sit
+    /// next to each other, and a batched forward reads their keys and values by view
+    /// ([`mulo_model::BatchInput`]) instead of gathering them.
     pub(crate) fn lease(&mut self, n: usize) -> Result<RowLease, EngineError> {
         let missing = n.saturating_sub(self.free.borrow().len()) as i64;
         if missing > 0 {
@@ -254,9 +257,10 @@ impl RowPool {
             self.reserve((old * 2).max(old + missing))?;
         }
         let mut free = self.free.borrow_mut();
-        let at = free.len() - n;
-        let mut rows = free.split_off(at);
-        rows.reverse();
+        let rows = lowest_run(&free, n).unwrap_or_else(|| free.iter().copied().take(n).collect());
+        for r in &rows {
+            free.remove(r);
+        }
         Ok(RowLease {
             rows,
             free: self.free.clone(),
@@ -267,6 +271,21 @@ impl RowPool {
     pub(crate) fn bytes(&self) -> i64 {
         self.cache.bytes()
     }
+}
+
+/// The lowest `n` consecutive numbers in `free`, if it holds such a run.
+fn lowest_run(free: &BTreeSet<i64>, n: usize) -> Option<Vec<i64>> {
+    let mut run: Vec<i64> = Vec::with_capacity(n);
+    for &r in free {
+        if run.last().is_some_and(|&l| l + 1 != r) {
+            run.clear();
+        }
+        run.push(r);
+        if run.len() == n {
+            return Some(run);
+        }
+    }
+    None
 }
 
 /// Runs one round of `forwards`: for each model (`models[i]` with its pool) one batched forward
@@ -475,5 +494,19 @@ pub(crate) async fn hold<T>(home: Rc<Home<T>>) -> Held<T> {
             };
         }
         next_round().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowest_run_prefers_adjacent_rows() {
+        let free: BTreeSet<i64> = [0, 2, 3, 5, 6, 7].into_iter().collect();
+        assert_eq!(lowest_run(&free, 1), Some(vec![0]));
+        assert_eq!(lowest_run(&free, 2), Some(vec![2, 3]));
+        assert_eq!(lowest_run(&free, 3), Some(vec![5, 6, 7]));
+        assert_eq!(lowest_run(&free, 4), None);
     }
 }

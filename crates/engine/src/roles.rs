@@ -203,7 +203,11 @@ impl RoleSet {
 }
 
 fn load_gpt(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Gpt, EngineError> {
-    Ok(Gpt::load(dir, device, dtype)?.0)
+    let mut gpt = Gpt::load(dir, device, dtype)?.0;
+    if device == Device::Cpu {
+        gpt.use_input_major_weights();
+    }
+    Ok(gpt)
 }
 
 /// Where the verifier runs a family's T5 text encoder, and how many prompts it caches.

@@ -4,13 +4,15 @@
 //!
 //! A group is one session's forward (its one cache row, two with CFG); groups differ in length,
 //! positions and masks. The projections and the feed-forward run once over all packed tokens;
-//! attention runs once per input length: the groups of equal length are packed next to each
-//! other and attend together, each against its own rows (keys past a group's own width are
-//! masked), so each group's result equals its own forward up to float rounding.
+//! attention runs once per bucket: groups of equal input length whose cache rows follow each
+//! other, packed next to each other, attend together against a view of their rows (keys past a
+//! group's own width are masked), so each group's result equals its own forward up to float
+//! rounding. Only a group whose own rows are not ascending and adjacent gathers them (a copy of
+//! its keys and values per layer), alone.
 
 use std::collections::HashSet;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
@@ -38,7 +40,7 @@ struct GroupSpan {
     s: i64,
 }
 
-/// The groups of one input length, attending together.
+/// Groups of one input length on adjacent cache rows, attending together.
 #[derive(Debug)]
 pub(crate) struct Bucket {
     /// First packed token; the bucket's rows follow each other, `s` tokens each.
@@ -126,43 +128,56 @@ fn check_group(g: &BatchInput, dim: i64, cache: &KvCache) -> Result<i64> {
     }
 }
 
-/// Mask `[n, 1, S, W]` of one group of width `own` in a bucket of width `w`: explicit or causal,
-/// AND its rows' caption visibility, OR each input's own column; nothing past `own`.
-fn group_mask(g: &BatchInput, w: i64, own: i64, cache: &KvCache, device: Device) -> Tensor {
-    let si = g.positions.len() as i64;
-    let n = g.rows.len() as i64;
-    let cols = cache.slots.narrow(0, 0, w).unsqueeze(0);
-    let pos = Tensor::from_slice(&g.positions)
-        .to_device(device)
-        .unsqueeze(1);
-    let base = match &g.mask {
-        Some(m) => {
-            let m = m.to_device(device).to_kind(Kind::Bool);
-            if w > own {
-                Tensor::cat(&[m, Tensor::zeros([si, w - own], (Kind::Bool, device))], 1)
-            } else {
-                m
+/// Whether `b` can attend in one bucket after `a`: the same input length, each on ascending
+/// adjacent rows, `b`'s right after `a`'s.
+fn adjacent(a: &BatchInput, b: &BatchInput) -> bool {
+    a.positions.len() == b.positions.len()
+        && row_access(&a.rows).is_some()
+        && row_access(&b.rows).is_some()
+        && a.rows.last().is_some_and(|&l| b.rows[0] == l + 1)
+}
+
+/// One attention call's fixed cost, in key columns read by one input of one row: a bucket
+/// reads its widest group's width for every row, so a run of groups far apart in progress (AR
+/// sessions at different rows of the grid) attends in several calls, each at its own width.
+const CALL_COST_COLUMNS: i64 = 16;
+
+/// `run` (groups of one input length on adjacent rows, in row order) cut into buckets that read
+/// the fewest key columns, each bucket charged [`CALL_COST_COLUMNS`] besides.
+fn split_by_width<'a>(run: &'a [usize], groups: &[BatchInput], widths: &[i64]) -> Vec<&'a [usize]> {
+    let n = run.len();
+    let s = groups[run[0]].positions.len() as i64;
+    // best[j]: cost of the first j groups, cut[j]: where their last bucket starts.
+    let (mut best, mut cut) = (vec![0i64; n + 1], vec![0usize; n + 1]);
+    for j in 1..=n {
+        let (mut rows, mut width) = (0i64, 0i64);
+        best[j] = i64::MAX;
+        for i in (0..j).rev() {
+            rows += groups[run[i]].rows.len() as i64;
+            width = width.max(widths[run[i]]);
+            let cost = best[i] + CALL_COST_COLUMNS + s * rows * width;
+            if cost < best[j] {
+                (best[j], cut[j]) = (cost, i);
             }
         }
-        None => cols.le_tensor(&pos),
-    };
-    let mut m = base.unsqueeze(0).expand([n, si, w], false);
-    if let Some(v) = &cache.visible {
-        let rows = Tensor::from_slice(&g.rows).to_device(device);
-        m = m.logical_and(&v.index_select(0, &rows).narrow(1, 0, w).unsqueeze(1));
     }
-    m.logical_or(&cols.eq_tensor(&pos).unsqueeze(0))
-        .unsqueeze(1)
+    let mut out = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        out.push(&run[cut[j]..j]);
+        j = cut[j];
+    }
+    out.reverse();
+    out
 }
 
 /// The rows as a contiguous range `(first, n)` when they are one, else as an index tensor.
-fn row_access(rows: &[i64], device: Device) -> std::result::Result<(i64, i64), Tensor> {
+fn row_access(rows: &[i64]) -> Option<(i64, i64)> {
     let first = rows.first().copied().unwrap_or(0);
-    if rows.iter().enumerate().all(|(i, &r)| r == first + i as i64) {
-        Ok((first, rows.len() as i64))
-    } else {
-        Err(Tensor::from_slice(rows).to_device(device))
-    }
+    rows.iter()
+        .enumerate()
+        .all(|(i, &r)| r == first + i as i64)
+        .then_some((first, rows.len() as i64))
 }
 
 impl BatchPlan {
@@ -182,18 +197,17 @@ impl BatchPlan {
             }
         }
         let device = cache.slots.device();
-        // Packed by input length, so that each length's groups are one range.
+        // Packed by input length then cache row, so that each bucket's groups are one range.
         let mut order: Vec<usize> = (0..groups.len()).collect();
-        order.sort_by_key(|&i| groups[i].positions.len());
+        order.sort_by_key(|&i| (groups[i].positions.len(), groups[i].rows[0]));
         let mut spans: Vec<Option<GroupSpan>> = (0..groups.len()).map(|_| None).collect();
         let (mut xs, mut buckets, mut positions) = (vec![], vec![], vec![]);
         let (mut write_rows, mut write_positions) = (vec![], vec![]);
-        for same in order.chunk_by(|&a, &b| groups[a].positions.len() == groups[b].positions.len())
-        {
+        let runs = order.chunk_by(|&a, &b| adjacent(&groups[a], &groups[b]));
+        for same in runs.flat_map(|run| split_by_width(run, groups, &widths)) {
             let si = groups[same[0]].positions.len() as i64;
-            let width = same.iter().map(|&i| widths[i]).max().unwrap_or(1);
             let start = positions.len() as i64;
-            let (mut rows, mut masks) = (vec![], vec![]);
+            let mut rows = vec![];
             for &i in same {
                 let g = &groups[i];
                 let n = g.rows.len() as i64;
@@ -202,7 +216,6 @@ impl BatchPlan {
                     n,
                     s: si,
                 });
-                masks.push(group_mask(g, width, widths[i], cache, device));
                 xs.push(g.x.reshape([n * si, dim]));
                 for &r in &g.rows {
                     rows.push(r);
@@ -215,22 +228,58 @@ impl BatchPlan {
                 start,
                 rows: rows.len() as i64,
                 s: si,
-                access: row_access(&rows, device),
-                width,
-                mask: Tensor::cat(&masks, 0),
+                access: row_access(&rows)
+                    .ok_or_else(|| Tensor::from_slice(&rows).to_device(device)),
+                width: same.iter().map(|&i| widths[i]).max().unwrap_or(1),
+                mask: Tensor::new(),
             });
         }
         let on = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let max_position = write_positions.iter().copied().max().unwrap_or(0);
-        Ok(Self {
+        let spans: Vec<GroupSpan> = spans.into_iter().flatten().collect();
+        let mut plan = Self {
             x: Tensor::cat(&xs, 0).unsqueeze(0),
             positions: on(&positions),
             buckets,
-            spans: spans.into_iter().flatten().collect(),
+            spans,
             write_rows: on(&write_rows),
             write_positions: on(&write_positions),
             max_position,
-        })
+        };
+        plan.set_masks(groups, &widths, cache);
+        Ok(plan)
+    }
+
+    /// Every bucket's mask `[rows, 1, S, W]`, cut from one mask of all packed inputs: explicit or
+    /// causal by position, AND the caption visibility of the input's row, OR the input's own
+    /// column; nothing past its group's width.
+    fn set_masks(&mut self, groups: &[BatchInput], widths: &[i64], cache: &KvCache) {
+        let w = self.buckets.iter().map(|b| b.width).max().unwrap_or(1);
+        let cols = cache.slots.narrow(0, 0, w).unsqueeze(0);
+        let pos = self.positions.unsqueeze(1);
+        let mut all = cols.le_tensor(&pos);
+        let device = all.device();
+        for ((g, span), &own) in groups.iter().zip(&self.spans).zip(widths) {
+            if let Some(m) = &g.mask {
+                let m = m.to_device(device).to_kind(Kind::Bool);
+                let dest = all
+                    .narrow(0, span.start, span.n * span.s)
+                    .view([span.n, span.s, w]);
+                // Past `own` (> every position of the group) the causal mask is false already.
+                dest.narrow(2, 0, own)
+                    .copy_(&m.expand([span.n, span.s, own], false));
+            }
+        }
+        if let Some(v) = &cache.visible {
+            all = all.logical_and(&v.index_select(0, &self.write_rows).narrow(1, 0, w));
+        }
+        let all = all.logical_or(&cols.eq_tensor(&pos));
+        for b in &mut self.buckets {
+            b.mask = all
+                .narrow(0, b.start, b.rows * b.s)
+                .narrow(1, 0, b.width)
+                .reshape([b.rows, 1, b.s, b.width]);
+        }
     }
 
     /// Writes keys or values `[1, T, kv_heads, hd]` of the packed tokens into `buffer`

@@ -84,7 +84,10 @@ pub fn save(vs: &VarStore, path: &Path, kind: Kind) -> Result<()> {
     let mut vars: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .map(|(n, t)| (n, t.detach().to_kind(kind).to_device(tch::Device::Cpu)))
+        .map(|(n, t)| {
+            let t = t.detach().to_kind(kind).to_device(tch::Device::Cpu);
+            (n, t.contiguous())
+        })
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(dir) = path.parent() {

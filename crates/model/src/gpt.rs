@@ -195,6 +195,28 @@ impl Gpt {
         })
     }
 
+    /// Lays the weights of the linear layers (projections, feed-forward, output head) out
+    /// input-major in memory (`[in, out]`, read as the same `[out, in]` tensors): on a CPU, MKL
+    /// then multiplies a few tokens by them without repacking the weight on every call (measured
+    /// 1.4x faster at 16 tokens on this project's CPU machine; no gain on large batches or GPUs).
+    /// Values, checkpoints and training are unchanged. Serving on a CPU calls it after loading.
+    pub fn use_input_major_weights(&mut self) {
+        let relayout = |w: &mut Tensor| {
+            if w.is_contiguous() {
+                let t = w.detach().tr().contiguous().tr();
+                w.set_data(&t);
+            }
+        };
+        tch::no_grad(|| {
+            for b in &mut self.layers {
+                for w in [&mut b.wqkv, &mut b.wo, &mut b.w1, &mut b.w2, &mut b.w3] {
+                    relayout(w);
+                }
+            }
+            relayout(&mut self.output);
+        });
+    }
+
     /// Runs the weight multiplies and attention in `kind` (e.g. bf16) while the weights, the
     /// residual stream, the norms and the logits keep their own kind: mixed-precision training on
     /// CPUs with fast bf16 matmuls. `None` restores plain computation in the weights' kind.

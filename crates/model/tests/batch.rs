@@ -227,15 +227,17 @@ proptest! {
         kind in 0usize..3,
         seeds in prop::collection::vec(any::<u64>(), 1..5),
         order in any::<u64>(),
+        shuffle in any::<bool>(),
     ) {
         let m = model(caption, kind);
         let sessions: Vec<Session> = seeds.iter().map(|&s| session(caption, s)).collect();
         let need: usize = sessions.iter().map(|s| 1 + usize::from(s.cfg)).sum();
-        // A pool with two spare rows, handed out in a shuffled order.
+        // A pool with two spare rows, handed out in order (sessions of equal input length on
+        // adjacent rows attend together) or shuffled (rows gathered).
         let total = need as i64 + 2;
         let mut rows: Vec<i64> = (0..total).collect();
         let mut r = Lcg(order);
-        for i in (1..rows.len()).rev() {
+        for i in (1..rows.len()).rev().filter(|_| shuffle) {
             rows.swap(i, r.next(i + 1));
         }
         let cls = m.config().cls_token_num;

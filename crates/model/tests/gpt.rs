@@ -510,3 +510,38 @@ fn kv_cache_bytes_is_what_a_session_allocates() {
         }
     }
 }
+
+#[test]
+fn input_major_weights_change_neither_logits_nor_checkpoints() {
+    let mut m = Gpt::random(
+        config(true, None, PositionEmbedding::Rope2d),
+        Device::Cpu,
+        DType::Fp32,
+        9,
+        0.2,
+    )
+    .unwrap();
+    let toks = tokens(20);
+    let cond = condition(true);
+    let before = cached_logits(&m, &cond, true, &toks);
+    let dir = tempfile::tempdir().unwrap();
+    m.save(&dir.path().join("a"), DType::Fp32).unwrap();
+    m.use_input_major_weights();
+    // Laid out input-major: the same `[out, in]` shape, no longer contiguous.
+    let w = &m.var_store().variables()["layers.0.attention.wqkv.weight"];
+    assert_eq!(w.size(), [3 * 64, 64]);
+    assert!(!w.is_contiguous());
+    let after = cached_logits(&m, &cond, true, &toks);
+    assert!(
+        max_abs(&before, &after) < 1e-4,
+        "{}",
+        max_abs(&before, &after)
+    );
+    // Saved input-major, the checkpoint is the same tensors as before.
+    m.save(&dir.path().join("b"), DType::Fp32).unwrap();
+    let (a, _) = Gpt::load(&dir.path().join("a"), Device::Cpu, None).unwrap();
+    let (b, _) = Gpt::load(&dir.path().join("b"), Device::Cpu, None).unwrap();
+    for (name, t) in a.var_store().variables() {
+        assert!(t.equal(&b.var_store().variables()[&name]), "{name}");
+    }
+}
