@@ -15,7 +15,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use mulo_core::SamplingParams;
 use mulo_model::gpt::Conditioning;
+use mulo_model::sampling::process_probs;
 use mulo_model::{BatchInput, Gpt, KvCache};
 use tch::Tensor;
 
@@ -93,6 +95,7 @@ struct Request {
     positions: Vec<i64>,
     mask: Option<Tensor>,
     read: Vec<i64>,
+    params: SamplingParams,
     alive: Rc<Cell<bool>>,
     reply: Reply,
     submitted: std::time::Instant,
@@ -131,14 +134,17 @@ pub(crate) struct ForwardCall {
     pub rows: Vec<i64>,
     pub positions: Vec<i64>,
     pub mask: Option<Tensor>,
-    /// Indices of the inputs whose logits the op reads.
+    /// Indices of the inputs whose next-token probabilities the op reads.
     pub read: Vec<i64>,
+    /// How the logits become probabilities (CFG over the rows, temperature, top-k, top-p).
+    pub params: SamplingParams,
     /// False once the session is released: the request is dropped before it runs.
     pub alive: Rc<Cell<bool>>,
 }
 
 impl Forwards {
-    /// Queues `call`; the future gives its fp32 logits `[rows, read, V]`.
+    /// Queues `call`; the future gives the processed probabilities `[read, V]` (fp32) of its
+    /// `read` inputs (the rows combined by CFG).
     pub(crate) fn submit(&self, call: ForwardCall) -> ReplyFuture {
         let (reply, future) = reply_slot();
         self.queue.borrow_mut().push_back(Request {
@@ -148,6 +154,7 @@ impl Forwards {
             positions: call.positions,
             mask: call.mask,
             read: call.read,
+            params: call.params,
             alive: call.alive,
             reply,
             submitted: std::time::Instant::now(),
@@ -362,13 +369,42 @@ fn forward(
         shapes.push((n, k));
     }
     let logits = model.head(&Tensor::cat(&picked, 0));
-    let mut out = Vec::with_capacity(shapes.len());
     let mut at = 0;
-    for (n, k) in shapes {
-        out.push(logits.narrow(0, at, n * k).view([n, k, vocab]));
-        at += n * k;
+    let per_request: Vec<Tensor> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            at += n * k;
+            logits.narrow(0, at - n * k, n * k).view([n, k, vocab])
+        })
+        .collect();
+    Ok(probabilities(&per_request, requests))
+}
+
+/// Each request's processed probabilities `[k, V]` from its logits `[n, k, V]`: the requests
+/// with the same sampling parameters and number of rows are processed in one go.
+fn probabilities(logits: &[Tensor], requests: &[Request]) -> Vec<Tensor> {
+    let mut kinds: Vec<(SamplingParams, usize, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        match kinds
+            .iter_mut()
+            .find(|(p, n, _)| *p == r.params && *n == r.rows.len())
+        {
+            Some((_, _, members)) => members.push(i),
+            None => kinds.push((r.params, r.rows.len(), vec![i])),
+        }
     }
-    Ok(out)
+    let mut out: Vec<Option<Tensor>> = (0..requests.len()).map(|_| None).collect();
+    for (params, _, members) in kinds {
+        let parts: Vec<&Tensor> = members.iter().map(|&i| &logits[i]).collect();
+        let p = process_probs(&Tensor::cat(&parts, 1), &params);
+        let mut at = 0;
+        for &i in &members {
+            let k = logits[i].size()[1];
+            out[i] = Some(p.narrow(0, at, k));
+            at += k;
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// The ops of a process, polled once per round.

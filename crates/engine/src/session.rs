@@ -4,7 +4,6 @@
 
 use mulo_core::{Condition, SamplingParams};
 use mulo_model::gpt::Conditioning;
-use mulo_model::sampling::process_probs;
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -192,7 +191,7 @@ impl Stream {
     ) -> Result<Self, EngineError> {
         let n = fw.model.config().grid.len();
         let cls = fw.model.config().cls_token_num;
-        let logits = fw
+        let probs = fw
             .queue
             .submit(ForwardCall {
                 model: fw.index,
@@ -201,11 +200,12 @@ impl Stream {
                 positions: (0..cls).collect(),
                 mask: None,
                 read: vec![cls - 1],
+                params: *params,
                 alive: alive.clone(),
             })
             .await?;
         Ok(Self {
-            first: process_probs(&logits, params),
+            first: probs,
             lease,
             book: SlotBook::new(n),
             passes: 0,
@@ -254,7 +254,7 @@ impl Stream {
             .iter()
             .map(|r| positions.iter().position(|p| p == r).unwrap_or(0) as i64)
             .collect();
-        let logits = self
+        let probs = self
             .fw
             .queue
             .submit(ForwardCall {
@@ -264,12 +264,13 @@ impl Stream {
                 positions: abs,
                 mask,
                 read: idx,
+                params: *params,
                 alive: self.alive.clone(),
             })
             .await?;
         self.passes += 1;
         self.book.mark_fed(positions);
-        Ok(process_probs(&logits, params))
+        Ok(probs)
     }
 
     /// Processed `p` for each grid position in `queries` (ascending), feeding the stale committed
