@@ -121,9 +121,12 @@ impl Rounds for Engine {
     }
 
     fn round(&mut self) {
+        // Ops run on between the roles' passes: a session answered by the verifier can queue its
+        // drafter work for this same round (embedded mode), and the other way round next time.
         self.ops.poll_all();
         if let Some(v) = &mut self.verifier {
             v.round();
+            self.ops.poll_all();
         }
         if let Some(d) = &mut self.drafter {
             d.round();
