@@ -205,7 +205,9 @@ impl Stream {
             })
             .await?;
         Ok(Self {
-            first: probs,
+            // A copy: the answer is a slice of every same-parameter request's probabilities of
+            // that round, which the session would otherwise keep alive.
+            first: probs.copy(),
             lease,
             book: SlotBook::new(n),
             passes: 0,
