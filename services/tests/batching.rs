@@ -15,20 +15,7 @@ use tonic::Code;
 
 fn open(id: &str) -> pb::VerifierOpenRequest {
     pb::VerifierOpenRequest {
-        spec: Some(pb::SessionSpec {
-            session_id: id.into(),
-            epoch: 0,
-            condition: Some(pb::Condition {
-                kind: Some(pb::condition::Kind::Prompt("red apple".into())),
-            }),
-            sampling: Some(pb::Sampling {
-                cfg_scale: Some(2.0),
-                temperature: Some(1.0),
-                top_k: Some(0),
-                top_p: Some(1.0),
-            }),
-            seed: 1,
-        }),
+        spec: Some(common::session_spec(id)),
         with_draft: false,
         committed: Vec::new(),
     }

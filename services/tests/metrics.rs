@@ -161,22 +161,8 @@ async fn counters_move_by_what_each_request_reports() {
 
     // A session held on the verifier shows in its gauges until released.
     let mut v = VerifierClient::new(common::connect_to(&verifier.addr).await);
-    let spec = pb::SessionSpec {
-        session_id: "held".into(),
-        epoch: 0,
-        condition: Some(pb::Condition {
-            kind: Some(pb::condition::Kind::Prompt("red apple".into())),
-        }),
-        sampling: Some(pb::Sampling {
-            cfg_scale: Some(2.0),
-            temperature: Some(1.0),
-            top_k: Some(0),
-            top_p: Some(1.0),
-        }),
-        seed: 1,
-    };
     v.open(pb::VerifierOpenRequest {
-        spec: Some(spec),
+        spec: Some(common::session_spec("held")),
         with_draft: false,
         committed: Vec::new(),
     })

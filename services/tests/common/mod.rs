@@ -172,6 +172,24 @@ pub fn request(prompt: &str, method: &str, seed: u64) -> mulo_proto::v1::Generat
     }
 }
 
+/// A role session `id` for "red apple", CFG 2, seed 1.
+pub fn session_spec(id: &str) -> mulo_proto::v1::SessionSpec {
+    mulo_proto::v1::SessionSpec {
+        session_id: id.into(),
+        epoch: 0,
+        condition: Some(mulo_proto::v1::Condition {
+            kind: Some(mulo_proto::v1::condition::Kind::Prompt("red apple".into())),
+        }),
+        sampling: Some(mulo_proto::v1::Sampling {
+            cfg_scale: Some(2.0),
+            temperature: Some(1.0),
+            top_k: Some(0),
+            top_p: Some(1.0),
+        }),
+        seed: 1,
+    }
+}
+
 /// The Prometheus text a service serves on `http://addr/metrics`.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
