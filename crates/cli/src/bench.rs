@@ -169,9 +169,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let _in_rt = rt.enter();
             Some(Gateway {
                 rt: &rt,
-                client: mulo_server::proto::gateway_client::GatewayClient::new(
-                    mulo_server::client::channel(&c.gateway)?,
-                ),
+                client: mulo_server::client::gateway_client(&c.gateway)?,
             })
         }
         None => None,

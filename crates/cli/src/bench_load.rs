@@ -92,7 +92,7 @@ pub fn run(
             &a.batch.to_flags(),
         ))?;
         let _in_rt = rt.enter();
-        let client = GatewayClient::new(mulo_server::client::channel(&c.gateway)?);
+        let client = mulo_server::client::gateway_client(&c.gateway)?;
         let drafter = DrafterClient::new(mulo_server::client::channel(&c.drafter)?);
         let verifier = VerifierClient::new(mulo_server::client::channel(&c.verifier)?);
         places.push((

@@ -340,7 +340,6 @@ fn run_gateway(
     out: Option<PathBuf>,
 ) -> Result<()> {
     use mulo_server::convert::{condition_out, stats_in};
-    use mulo_server::proto::gateway_client::GatewayClient;
     use mulo_server::proto::{generate_event, GenerateRequest, Sampling};
     let s = &args.sampling;
     let req = GenerateRequest {
@@ -370,8 +369,7 @@ fn run_gateway(
         .enable_all()
         .build()?;
     let done = rt.block_on(async {
-        let channel = mulo_server::client::channel(addr)?;
-        let mut client = GatewayClient::new(channel);
+        let mut client = mulo_server::client::gateway_client(addr)?;
         let mut stream = client
             .generate_stream(req)
             .await

@@ -34,16 +34,27 @@ pub enum Condition {
 impl Condition {
     /// Checks the internal consistency of caption features (sizes, finiteness, mask length).
     pub fn validate(&self) -> Result<(), ParamError> {
+        use crate::limits as l;
         match self {
             Condition::Class(_) => Ok(()),
             Condition::Prompt(p) => {
                 if p.trim().is_empty() {
-                    Err(ParamError::new("prompt", "must not be empty"))
-                } else {
-                    Ok(())
+                    return Err(ParamError::new("prompt", "must not be empty"));
                 }
+                if p.len() > l::MAX_PROMPT_BYTES {
+                    return Err(ParamError::new(
+                        "prompt",
+                        format!(
+                            "must be at most {} bytes, got {}",
+                            l::MAX_PROMPT_BYTES,
+                            p.len()
+                        ),
+                    ));
+                }
+                Ok(())
             }
             Condition::CaptionTokens { ids, mask } => {
+                l::at_most("caption_tokens", ids.len(), l::MAX_CAPTION_ROWS)?;
                 if ids.is_empty() || ids.len() != mask.len() {
                     return Err(ParamError::new(
                         "caption_tokens",
@@ -58,6 +69,9 @@ impl Condition {
                 dim,
                 mask,
             } => {
+                l::at_most("caption_features.len", *len, l::MAX_CAPTION_ROWS)?;
+                l::at_most("caption_features.dim", *dim, l::MAX_CAPTION_DIM)?;
+                l::at_most("caption_features", features.len(), l::MAX_CAPTION_VALUES)?;
                 if *len == 0 || *dim == 0 || features.len() != len * dim {
                     return Err(ParamError::new(
                         "caption_features",
@@ -116,5 +130,14 @@ mod tests {
         };
         assert_eq!(bad_mask.validate().unwrap_err().field, "caption_mask");
         assert!(Condition::Prompt("  ".into()).validate().is_err());
+        let long = Condition::Prompt("a".repeat(crate::limits::MAX_PROMPT_BYTES + 1));
+        assert!(long.validate().unwrap_err().to_string().contains("at most"));
+        let wide = Condition::CaptionFeatures {
+            features: vec![0.0; 2 * 9000],
+            len: 2,
+            dim: 9000,
+            mask: None,
+        };
+        assert_eq!(wide.validate().unwrap_err().field, "caption_features.dim");
     }
 }

@@ -6,6 +6,7 @@
 pub mod caption;
 pub mod condition;
 pub mod grid;
+pub mod limits;
 pub mod method;
 pub mod metrics;
 pub mod params;

@@ -287,19 +287,13 @@ impl Method {
 
     /// Checks every parameter; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ParamError> {
-        let at_least_one = |field: &'static str, v: usize| {
-            if v == 0 {
-                Err(ParamError::new(field, "must be at least 1, got 0"))
-            } else {
-                Ok(())
-            }
-        };
+        use crate::limits as l;
         match self {
             Self::Ar => Ok(()),
-            Self::Sd(p) => at_least_one("gamma", p.gamma),
+            Self::Sd(p) => l::in_range("gamma", p.gamma, l::MAX_GAMMA),
             Self::Lantern(p) => {
-                at_least_one("gamma", p.gamma)?;
-                at_least_one("k", p.k)?;
+                l::in_range("gamma", p.gamma, l::MAX_GAMMA)?;
+                l::in_range("k", p.k, l::MAX_LANTERN_K)?;
                 if !(0.0..=1.0).contains(&p.delta) {
                     return Err(ParamError::new(
                         "delta",
@@ -318,8 +312,10 @@ impl Method {
                         format!("must be in [0, 1], got {}", p.tau),
                     ));
                 }
-                at_least_one("pool_k", p.pool_k)?;
-                at_least_one("block_rows", p.block_rows)
+                l::in_range("pool_k", p.pool_k, l::MAX_POOL_K)?;
+                l::in_range("block_rows", p.block_rows, l::MAX_BLOCK_ROWS)?;
+                l::at_most("radius", p.radius, l::MAX_RADIUS)?;
+                l::at_most("zipar_window", p.zipar_window, l::MAX_ZIPAR_WINDOW)
             }
         }
     }
@@ -452,6 +448,12 @@ mod tests {
             ("sd:gamma=0", "gamma"),
             ("lantern:delta=3", "delta"),
             ("lantern:k=0", "k"),
+            ("lantern:k=1025", "k"),
+            ("mulo:pool_k=1025", "pool_k"),
+            ("mulo:radius=9", "radius"),
+            ("mulo:block_rows=65", "block_rows"),
+            ("mulo:zipar_window=257", "zipar_window"),
+            ("sd:gamma=17", "gamma"),
             ("ar:tau=0.1", "parameter"),
             ("greedy", "method"),
         ];
@@ -459,6 +461,11 @@ mod tests {
             let e = Method::parse(spec).unwrap_err();
             assert_eq!(e.field, field, "{spec}: {e}");
         }
+        // The bounds themselves are accepted, and an error past one names it.
+        Method::parse("mulo:pool_k=1024,radius=8,block_rows=64,zipar_window=256").unwrap();
+        Method::parse("lantern:k=1024,gamma=16").unwrap();
+        let e = Method::parse("mulo:pool_k=100000").unwrap_err().to_string();
+        assert!(e.contains("at most 1024"), "{e}");
         let e = Method::parse("mulo:gamma=3").unwrap_err().to_string();
         assert!(e.contains("tau") && e.contains("gamma"), "{e}");
     }

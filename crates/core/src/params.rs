@@ -63,21 +63,26 @@ impl SamplingParams {
 
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ParamError> {
-        if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
+        use crate::limits::{at_most, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_TOP_K};
+        if !(0.0..=MAX_CFG_SCALE).contains(&self.cfg_scale) {
             return Err(ParamError::new(
                 "cfg_scale",
                 format!(
-                    "must be a finite number >= 0 (<= 1 disables guidance), got {}",
+                    "must be in [0, {MAX_CFG_SCALE}] (<= 1 disables guidance), got {}",
                     self.cfg_scale
                 ),
             ));
         }
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return Err(ParamError::new(
                 "temperature",
-                format!("must be a finite number >= 0, got {}", self.temperature),
+                format!(
+                    "must be in [0, {MAX_TEMPERATURE}], got {}",
+                    self.temperature
+                ),
             ));
         }
+        at_most("top_k", self.top_k, MAX_TOP_K)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ParamError::new(
                 "top_p",
@@ -123,6 +128,27 @@ mod tests {
                     ..base
                 },
                 "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: 101.0,
+                    ..base
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    cfg_scale: f64::INFINITY,
+                    ..base
+                },
+                "cfg_scale",
+            ),
+            (
+                SamplingParams {
+                    top_k: (1 << 20) + 1,
+                    ..base
+                },
+                "top_k",
             ),
             (SamplingParams { top_p: 0.0, ..base }, "top_p"),
             (SamplingParams { top_p: 1.5, ..base }, "top_p"),

@@ -8,6 +8,7 @@ pub mod drafter;
 pub mod error;
 pub mod family;
 pub mod family_check;
+pub mod pool_tables;
 pub mod prompt;
 pub mod roles;
 pub mod score;

@@ -8,11 +8,11 @@
 //! the synchronous methods run one op to its end.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
 
 use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
+use mulo_core::limits::{MAX_LANTERN_K, MAX_POOL_K};
 use mulo_core::{ParamError, SamplingParams};
 use mulo_model::sampling::{sample_from_probs, TokenRng};
 use mulo_model::{Gpt, KvCache};
@@ -24,6 +24,7 @@ use crate::batching::{
     block_on, hold, run_round, BatchLimits, BatchStats, Forwards, Held, Home, LocalOp, RowPool,
 };
 use crate::error::EngineError;
+use crate::pool_tables::{PoolTable, PoolTables};
 use crate::prompt::encode_prompt;
 use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
@@ -136,8 +137,8 @@ pub struct VerifierCore {
     /// L2-normalised codebook `[V, d]` on the host (pooling tables and LANTERN distances).
     codes: Vec<f32>,
     code_dim: usize,
-    /// `[V, k]` nearest-code tables by `k`, int64 on the device.
-    pools: HashMap<usize, (Vec<u32>, Tensor)>,
+    /// `[V, k]` nearest-code tables by `k` (bounded in number).
+    pools: PoolTables,
     sessions: Rc<RefCell<SessionTable<Session>>>,
     target_tokenizer: Option<CaptionTokenizer>,
     draft_tokenizer: Option<CaptionTokenizer>,
@@ -223,7 +224,7 @@ impl VerifierCore {
             kv,
             limits: BatchLimits::default(),
             stats: BatchStats::default(),
-            pools: HashMap::new(),
+            pools: PoolTables::default(),
             sessions: Rc::new(RefCell::new(SessionTable::new("verifier", max_sessions))),
             target_tokenizer: None,
             draft_tokenizer: None,
@@ -348,39 +349,40 @@ impl VerifierCore {
         self.sessions.borrow().len()
     }
 
-    /// The `[V, k]` nearest-code table; `k` larger than the codebook means the whole codebook
-    /// (every code is within the pool: the pooled mass is 1), so it is clamped to `V`.
-    /// Builds the nearest-code tables of each `k` now, so that the first request using it does
-    /// not pay for it (warm-up).
+    /// Builds the nearest-code tables of each `k` now and keeps them for good, so that the first
+    /// request using it does not pay for it (warm-up: the configured defaults).
     pub fn warm_up_pools(&mut self, ks: &[usize]) -> Result<(), EngineError> {
         for &k in ks {
-            self.pool(k)?;
+            self.pool(k, true)?;
         }
         Ok(())
     }
 
-    /// Nearest-code tables built so far (each `k`, capped at the vocabulary, counts once).
+    /// Nearest-code tables kept now (each `k`, capped at the vocabulary, counts once): the
+    /// warm-up's plus at most [`crate::pool_tables::MAX_EXTRA_TABLES`].
     pub fn pool_tables(&self) -> usize {
         self.pools.len()
     }
 
-    fn pool(&mut self, k: usize) -> Result<&(Vec<u32>, Tensor), EngineError> {
+    /// The `[V, k]` nearest-code table (`k` within its bound); `k` larger than the codebook means
+    /// the whole codebook (every code is within the pool: the pooled mass is 1), so it is clamped
+    /// to `V`.
+    fn pool(&mut self, k: usize, pin: bool) -> Result<PoolTable, EngineError> {
+        let max = MAX_POOL_K.max(MAX_LANTERN_K);
+        mulo_core::limits::in_range("pool_k", k, max)?;
         let v = self.target.config().vocab_size as usize;
-        if k == 0 {
-            return Err(ParamError::new("pool_k", format!("must be at least 1, got {k}")).into());
-        }
-        let k = k.min(v);
-        if !self.pools.contains_key(&k) {
-            let table = nearest_codes(&self.codes, self.code_dim, k);
+        let (codes, dim, device) = (&self.codes, self.code_dim, self.target.device());
+        self.pools.get(k.min(v), pin, |k| -> Result<_, EngineError> {
+            let table = nearest_codes(codes, dim, k);
             let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
             let dev = Tensor::from_slice(&t)
                 .view([v as i64, k as i64])
-                .to_device(self.target.device());
-            self.pools.insert(k, (table, dev));
-        }
-        self.pools
-            .get(&k)
-            .ok_or_else(|| EngineError::Precondition("pool table".into()))
+                .to_device(device);
+            Ok(PoolTable {
+                host: Rc::new(table),
+                device: Rc::new(dev),
+            })
+        })
     }
 
     /// The target's [`TargetNll`] of a finished grid (a text prompt goes through the target's
@@ -392,7 +394,7 @@ impl VerifierCore {
         params: &SamplingParams,
         pool_k: usize,
     ) -> Result<crate::score::TargetNll, EngineError> {
-        let pools = self.pool(pool_k)?.1.shallow_clone();
+        let pools = self.pool(pool_k, false)?.device;
         let cfg = self.target.config();
         let grid = mulo_core::TokenGrid::new(cfg.grid, tokens.to_vec(), cfg.vocab_size as usize)?;
         let cond = encode_prompt(cond, self.text.as_mut())?.0;
@@ -541,7 +543,7 @@ impl VerifierCore {
     ) -> Result<Op<VerifyReply>, EngineError> {
         let v = self.target.config().vocab_size;
         let n = self.target.config().grid.len();
-        let pool = self.pool(pool_k)?.1.shallow_clone();
+        let pool = self.pool(pool_k, false)?.device;
         let entry = self.session(&r.id)?;
         let work = async move {
             let start = Instant::now();
@@ -756,8 +758,9 @@ impl VerifierCore {
         gamma: usize,
         relax: Option<Relaxation>,
     ) -> Result<Op<SpeculateReply>, EngineError> {
-        if gamma == 0 {
-            return Err(ParamError::new("gamma", "must be at least 1").into());
+        mulo_core::limits::in_range("gamma", gamma, mulo_core::limits::MAX_GAMMA)?;
+        if let Some(x) = relax {
+            mulo_core::limits::in_range("k", x.k, MAX_LANTERN_K)?;
         }
         if self.draft.is_none() {
             return Err(EngineError::Unsupported(
@@ -768,7 +771,7 @@ impl VerifierCore {
         let v = self.target.config().vocab_size as usize;
         let relax = relax.map(|x| Relaxation { k: x.k.min(v), ..x });
         let table = match relax {
-            Some(x) => Some(self.pool(x.k)?.0.clone()),
+            Some(x) => Some(self.pool(x.k, false)?.host),
             None => None,
         };
         let n = self.target.config().grid.len();
@@ -811,7 +814,7 @@ impl VerifierCore {
                 p: &p_host,
                 v,
                 qs: &qs,
-                relax: relax.zip(table.as_deref()),
+                relax: relax.zip(table.as_ref().map(|t| t.as_slice())),
                 wrong_residual,
             };
             let (out, accepted) = accept.run(&drafts, bonus, rng);

@@ -414,3 +414,23 @@ fn warm_up_builds_the_default_nearest_code_tables_and_kv_rows() {
     v.warm_up_pools(&[3, 5, 100]).unwrap();
     assert_eq!(v.pool_tables(), 3);
 }
+
+#[test]
+fn nearest_code_tables_are_bounded_in_size_and_number() {
+    let mut e = engine();
+    e.warm_up().unwrap();
+    let v = e.verifier.as_mut().unwrap();
+    let pinned = v.pool_tables();
+    let (cond, tokens, params) = (
+        mulo_core::Condition::Class(1),
+        vec![0i64; 16],
+        sampling(1.0),
+    );
+    for k in 1..=10 {
+        v.score_target(&cond, &tokens, &params, k).unwrap();
+        assert!(v.pool_tables() <= pinned + mulo_engine::pool_tables::MAX_EXTRA_TABLES);
+    }
+    let max = mulo_core::limits::MAX_POOL_K;
+    let e = v.score_target(&cond, &tokens, &params, max + 1).unwrap_err();
+    assert!(e.to_string().contains(&format!("at most {max}")), "{e}");
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use mulo_core::limits::MAX_MESSAGE_BYTES;
 use mulo_engine::prompt::TEXT_CACHE_DEFAULT;
 use mulo_engine::{
     default_family_dir, Batching, Engine, Family, Local, Member, RoleSet, TextOptions, TorchWorker,
@@ -271,13 +272,21 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
     if role == "drafter" {
         let svc = drafter::DrafterService::new(local, args.max_sessions).await?;
         serve(role, args.common.listen, &worker, |r| {
-            r.add_service(mulo_proto::v1::drafter_server::DrafterServer::new(svc))
+            r.add_service(
+                mulo_proto::v1::drafter_server::DrafterServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
         })
         .await
     } else {
         let svc = verifier::VerifierService::new(local, args.max_sessions).await?;
         serve(role, args.common.listen, &worker, |r| {
-            r.add_service(mulo_proto::v1::verifier_server::VerifierServer::new(svc))
+            r.add_service(
+                mulo_proto::v1::verifier_server::VerifierServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
         })
         .await
     }
@@ -355,7 +364,11 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
         );
     }
     serve("gateway", args.common.listen, &own, |r| {
-        r.add_service(mulo_proto::v1::gateway_server::GatewayServer::new(svc))
+        r.add_service(
+            mulo_proto::v1::gateway_server::GatewayServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     })
     .await
 }

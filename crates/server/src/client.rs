@@ -12,6 +12,7 @@ use mulo_proto::v1 as pb;
 use mulo_proto::v1::drafter_client::DrafterClient;
 use mulo_proto::v1::verifier_client::VerifierClient;
 use prost::Message;
+use mulo_core::limits::MAX_MESSAGE_BYTES;
 use tonic::transport::{Channel, Endpoint};
 
 tokio::task_local! {
@@ -64,6 +65,15 @@ pub fn channel(addr: &str) -> Result<Channel, EngineError> {
         .connect_timeout(std::time::Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// A client of a gateway at `addr`, with the message size limits of every mulo server.
+pub fn gateway_client(
+    addr: &str,
+) -> Result<pb::gateway_client::GatewayClient<Channel>, EngineError> {
+    Ok(pb::gateway_client::GatewayClient::new(channel(addr)?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// Attempts of an idempotent call (open, release, info, status, image decoding) when the peer is
@@ -174,7 +184,9 @@ impl RemoteDrafter {
     pub fn new(addr: &str) -> Result<Self, EngineError> {
         Ok(Self {
             addr: addr.to_string(),
-            client: DrafterClient::new(channel(addr)?),
+            client: DrafterClient::new(channel(addr)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })
     }
 
@@ -294,7 +306,9 @@ impl RemoteVerifier {
     pub fn new(addr: &str) -> Result<Self, EngineError> {
         Ok(Self {
             addr: addr.to_string(),
-            client: VerifierClient::new(channel(addr)?),
+            client: VerifierClient::new(channel(addr)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })
     }
 

@@ -51,6 +51,24 @@ pub fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {why}"))
 }
 
+/// `INVALID_ARGUMENT` of a parameter error (it names the field and, past a bound, the bound).
+pub fn param(e: ParamError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A count from the wire, between 1 and `max` (a bound of [`mulo_core::limits`]).
+pub fn count_in(field: &'static str, v: u32, max: usize) -> Result<usize, Status> {
+    mulo_core::limits::in_range(field, v as usize, max).map_err(param)?;
+    Ok(v as usize)
+}
+
+/// A token list a peer sends to a role: at most [`mulo_core::limits::MAX_TOKENS`] ids (the role
+/// checks them against its grid and codebook).
+pub fn list_in(field: &'static str, v: &[u32]) -> Result<Vec<i64>, Status> {
+    mulo_core::limits::at_most(field, v.len(), mulo_core::limits::MAX_TOKENS).map_err(param)?;
+    Ok(tokens_in(v))
+}
+
 /// A required message field.
 pub fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
     v.ok_or_else(|| invalid(field, "missing"))

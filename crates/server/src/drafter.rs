@@ -10,7 +10,8 @@ use mulo_proto::v1 as pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{ref_in, spec_in, status, tokens_in, tokens_out};
+use crate::convert::{count_in, list_in, param, ref_in, spec_in, status, tokens_out};
+use mulo_core::limits::{at_most, MAX_BLOCK_ROWS, MAX_ZIPAR_WINDOW};
 
 /// `mulo.v1.Drafter` served from this process's torch thread.
 #[derive(Debug, Clone)]
@@ -71,7 +72,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         let r = req.into_inner();
         let spec = spec_in(r.spec)?;
         let t = Instant::now();
-        let info = DrafterRole::open(&self.base.local, spec, tokens_in(&r.committed))
+        let info = DrafterRole::open(&self.base.local, spec, list_in("committed", &r.committed)?)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DrafterOpenResponse {
@@ -88,23 +89,21 @@ impl pb::drafter_server::Drafter for DrafterService {
     ) -> Result<Response<Self::DraftStream>, Status> {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
-        if r.rows == 0 {
-            return Err(crate::convert::invalid("rows", "must be at least 1"));
-        }
+        let rows = count_in("rows", r.rows, MAX_BLOCK_ROWS)?;
+        at_most("zipar_window", r.zipar_window as usize, MAX_ZIPAR_WINDOW).map_err(param)?;
         let reply = self
             .base
             .local
             .draft(
                 session,
-                tokens_in(&r.realign),
-                r.rows as usize,
+                list_in("realign", &r.realign)?,
+                rows,
                 r.zipar_window as usize,
             )
             .await
             .map_err(|e| status(&e))?;
         // One message per drafted low-res row, then the stats. (The rows of a block are sent when
         // the block is drafted: the gateway verifies whole blocks.)
-        let rows = r.rows as usize;
         let (low_w, high_w) = (reply.low.len() / rows, reply.high.len() / rows);
         let first_low_row = reply.first_row as u32;
         let mut chunks = Vec::with_capacity(rows + 1);
@@ -133,7 +132,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         &self,
         req: Request<pb::DecodeImageRequest>,
     ) -> Result<Response<pb::DecodeImageResponse>, Status> {
-        let tokens = tokens_in(&req.into_inner().tokens);
+        let tokens = list_in("tokens", &req.into_inner().tokens)?;
         let t = Instant::now();
         let png = self
             .base

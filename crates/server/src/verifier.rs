@@ -7,7 +7,10 @@ use mulo_engine::{Engine, EngineError, Local, VerifierRole};
 use mulo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{condition_out, invalid, ref_in, spec_in, status, tokens_in, tokens_out};
+use crate::convert::{
+    condition_out, count_in, invalid, list_in, param, ref_in, spec_in, status, tokens_out,
+};
+use mulo_core::limits::{at_most, MAX_GAMMA, MAX_LANTERN_K, MAX_POOL_K, MAX_TOKENS};
 
 /// `mulo.v1.Verifier` served from this process's torch thread.
 #[derive(Debug, Clone)]
@@ -65,7 +68,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             &self.base.local,
             spec,
             r.with_draft,
-            tokens_in(&r.committed),
+            list_in("committed", &r.committed)?,
         )
         .await
         .map_err(|e| status(&e))?;
@@ -86,14 +89,15 @@ impl pb::verifier_server::Verifier for VerifierService {
         if r.proposals.is_empty() {
             return Err(invalid("proposals", "at least one proposal"));
         }
+        let pool_k = count_in("pool_k", r.pool_k, MAX_POOL_K)?;
         let reply = self
             .base
             .local
             .verify(
                 session,
-                tokens_in(&r.commit),
-                tokens_in(&r.proposals),
-                r.pool_k as usize,
+                list_in("commit", &r.commit)?,
+                list_in("proposals", &r.proposals)?,
+                pool_k,
             )
             .await
             .map_err(|e| status(&e))?;
@@ -110,6 +114,9 @@ impl pb::verifier_server::Verifier for VerifierService {
     ) -> Result<Response<pb::ResampleResponse>, Status> {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
+        let positions: usize = r.passes.iter().map(|p| p.positions.len()).sum();
+        at_most("passes", r.passes.len(), MAX_TOKENS).map_err(param)?;
+        at_most("positions", positions, MAX_TOKENS).map_err(param)?;
         let passes: Vec<Vec<usize>> = r
             .passes
             .into_iter()
@@ -138,7 +145,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         let refreshed = self
             .base
             .local
-            .commit(session, tokens_in(&r.values))
+            .commit(session, list_in("values", &r.values)?)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::CommitResponse {
@@ -153,13 +160,11 @@ impl pb::verifier_server::Verifier for VerifierService {
     ) -> Result<Response<pb::DecodeResponse>, Status> {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
-        if r.count == 0 {
-            return Err(invalid("count", "must be at least 1"));
-        }
+        let count = count_in("count", r.count, MAX_TOKENS)?;
         let reply = self
             .base
             .local
-            .decode(session, r.count as usize)
+            .decode(session, count)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DecodeResponse {
@@ -175,28 +180,21 @@ impl pb::verifier_server::Verifier for VerifierService {
     ) -> Result<Response<pb::SpeculateResponse>, Status> {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
-        if r.gamma == 0 {
-            return Err(invalid("gamma", "must be at least 1"));
-        }
+        let gamma = count_in("gamma", r.gamma, MAX_GAMMA)?;
         let relax = match r.relaxation {
             Some(x) => {
-                if x.k == 0 {
-                    return Err(invalid("relaxation.k", "must be at least 1"));
-                }
+                let k = count_in("relaxation.k", x.k, MAX_LANTERN_K)?;
                 if !(0.0..=1.0).contains(&x.delta) {
                     return Err(invalid("relaxation.delta", "must be in [0, 1]"));
                 }
-                Some(Relaxation {
-                    k: x.k as usize,
-                    delta: x.delta,
-                })
+                Some(Relaxation { k, delta: x.delta })
             }
             None => None,
         };
         let reply = self
             .base
             .local
-            .speculate(session, r.gamma as usize, relax)
+            .speculate(session, gamma, relax)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::SpeculateResponse {
