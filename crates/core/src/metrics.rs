@@ -94,6 +94,8 @@ pub const SESSION_LIMIT: &str = "mulo_session_limit";
 pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
 /// Text prompts turned into caption features by the verifier's text encoder, by cache outcome.
 pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
+/// Nearest-code tables the verifier keeps (MuLo-SD pools, LANTERN proximity sets).
+pub const POOL_TABLES: &str = "mulo_nearest_code_tables";
 /// Sessions (request groups) in each batched forward, by model.
 pub const BATCH_SESSIONS: &str = "mulo_batch_sessions";
 /// Role calls running or waiting on the torch thread, by role.
@@ -315,6 +317,13 @@ pub const ALL: &[Metric] = &[
         services: VERIFIER,
         help: "Text prompts of a T5 family turned into caption features, by cache outcome (hit: the features of the same prompt were still cached; miss: the encoder ran).",
     },
+    Metric {
+        name: POOL_TABLES,
+        kind: Kind::Gauge,
+        labels: &[],
+        services: VERIFIER,
+        help: "Nearest-code tables ([V, k], one per pool size k) the verifier keeps: those of the defaults, built at warm-up, plus at most two others, least recently used out first.",
+    },
 ];
 
 /// The `outcome` label of a gRPC status code: `ok` or the code in snake case.
@@ -401,6 +410,7 @@ mod tests {
             SESSION_LIMIT,
             KV_CACHE_BYTES,
             TEXT_ENCODINGS,
+            POOL_TABLES,
         ] {
             assert!(seen.contains(n), "{n} is not in ALL");
         }

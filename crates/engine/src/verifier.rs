@@ -11,8 +11,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
 
-use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
 use mulo_core::limits::{MAX_LANTERN_K, MAX_POOL_K};
+use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
 use mulo_core::{ParamError, SamplingParams};
 use mulo_model::sampling::{sample_from_probs, TokenRng};
 use mulo_model::{Gpt, KvCache};
@@ -372,17 +372,21 @@ impl VerifierCore {
         mulo_core::limits::in_range("pool_k", k, max)?;
         let v = self.target.config().vocab_size as usize;
         let (codes, dim, device) = (&self.codes, self.code_dim, self.target.device());
-        self.pools.get(k.min(v), pin, |k| -> Result<_, EngineError> {
-            let table = nearest_codes(codes, dim, k);
-            let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
-            let dev = Tensor::from_slice(&t)
-                .view([v as i64, k as i64])
-                .to_device(device);
-            Ok(PoolTable {
-                host: Rc::new(table),
-                device: Rc::new(dev),
-            })
-        })
+        let table = self
+            .pools
+            .get(k.min(v), pin, |k| -> Result<_, EngineError> {
+                let table = nearest_codes(codes, dim, k);
+                let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
+                let dev = Tensor::from_slice(&t)
+                    .view([v as i64, k as i64])
+                    .to_device(device);
+                Ok(PoolTable {
+                    host: Rc::new(table),
+                    device: Rc::new(dev),
+                })
+            })?;
+        metrics::gauge!(mulo_core::metrics::POOL_TABLES).set(self.pools.len() as f64);
+        Ok(table)
     }
 
     /// The target's [`TargetNll`] of a finished grid (a text prompt goes through the target's

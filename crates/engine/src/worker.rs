@@ -55,6 +55,20 @@ pub struct TorchWorker<S> {
     tx: Option<mpsc::Sender<Job<S>>>,
     handle: Option<JoinHandle<()>>,
     rounds: bool,
+    failed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Set when the torch thread dies of a panic (a bug, or libtorch throwing — CUDA out of memory in
+/// a forward). Declared before the state, so it is dropped after it: by the time the flag is up,
+/// every call the state held has failed with [`EngineError::WorkerGone`].
+struct PanicFlag(tokio::sync::watch::Sender<bool>);
+
+impl Drop for PanicFlag {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.send(true);
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for TorchWorker<S> {
@@ -95,9 +109,11 @@ impl<S: 'static> TorchWorker<S> {
     {
         let (tx, rx) = mpsc::channel::<Job<S>>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), E>>();
+        let (failed_tx, failed) = tokio::sync::watch::channel(false);
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let _flag = PanicFlag(failed_tx);
                 let mut state = match init() {
                     Ok(s) => {
                         let _ = ready_tx.send(Ok(()));
@@ -116,6 +132,7 @@ impl<S: 'static> TorchWorker<S> {
                 tx: Some(tx),
                 handle: Some(handle),
                 rounds: rounds.is_some(),
+                failed,
             }),
             Ok(Err(e)) => {
                 let _ = handle.join();
@@ -131,6 +148,12 @@ impl<S: 'static> TorchWorker<S> {
     /// Whether the thread runs the state's rounds between jobs ([`TorchWorker::spawn_rounds`]).
     pub fn runs_rounds(&self) -> bool {
         self.rounds
+    }
+
+    /// Becomes `true` when the thread died of a panic; every call after that (and every call it
+    /// held) fails with [`EngineError::WorkerGone`].
+    pub fn failed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.failed.clone()
     }
 
     fn send(&self, job: Job<S>) -> Result<(), EngineError> {
@@ -210,7 +233,32 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("invalid x"));
         let w = TorchWorker::spawn("t", || Ok::<_, EngineError>(())).unwrap();
+        assert!(!*w.failed().borrow());
         let r: Result<(), _> = w.run(|_| panic!("boom"));
         assert!(matches!(r, Err(EngineError::WorkerGone)));
+        assert!(*w.failed().borrow(), "a panic raises the flag");
+    }
+
+    /// A call the state holds (an op waiting for a round) fails when the thread panics, before
+    /// the flag goes up; a thread that just ends (every sender gone) raises no flag.
+    #[test]
+    fn held_calls_fail_before_the_flag_and_a_clean_end_raises_none() {
+        type Held = Option<tokio::sync::oneshot::Sender<()>>;
+        let w = TorchWorker::spawn("t", || Ok::<Held, EngineError>(None)).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        w.run(move |s: &mut Held| *s = Some(tx)).unwrap();
+        let mut failed = w.failed();
+        let _ = w.run(|_| panic!("boom"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            failed.wait_for(|f| *f).await.unwrap();
+            assert!(rx.await.is_err(), "the held call saw the thread die");
+        });
+        let w = TorchWorker::spawn("t", || Ok::<_, EngineError>(())).unwrap();
+        let failed = w.failed();
+        drop(w);
+        assert!(!*failed.borrow());
     }
 }

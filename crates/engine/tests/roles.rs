@@ -431,6 +431,8 @@ fn nearest_code_tables_are_bounded_in_size_and_number() {
         assert!(v.pool_tables() <= pinned + mulo_engine::pool_tables::MAX_EXTRA_TABLES);
     }
     let max = mulo_core::limits::MAX_POOL_K;
-    let e = v.score_target(&cond, &tokens, &params, max + 1).unwrap_err();
+    let e = v
+        .score_target(&cond, &tokens, &params, max + 1)
+        .unwrap_err();
     assert!(e.to_string().contains(&format!("at most {max}")), "{e}");
 }

@@ -114,7 +114,10 @@ async fn serve(
     let reflection_alpha = reflection_builder()
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
+    // Every call is bounded in time (streams until their first message).
+    let cap = Duration::from_secs_f64(mulo_core::limits::MAX_DEADLINE_SECONDS);
     let router = tonic::transport::Server::builder()
+        .timeout(cap)
         .trace_fn(telemetry::server_span)
         .layer(metrics::RpcMetricsLayer)
         .add_service(health)
@@ -124,19 +127,49 @@ async fn serve(
     let router = add(router);
     tracing::info!(role, %listen, "serving");
     // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
-    // the calls in flight (streams included) finish, then return.
+    // the calls in flight (streams included) finish, then return. When the torch thread dies
+    // (panic): the same, but the calls it held have failed already (the gateway moves them), and
+    // the process exits non-zero after FATAL_GRACE so that Kubernetes restarts it.
+    let failed = worker.failed();
     let drain = async move {
-        shutdown_signal().await;
+        tokio::select! {
+            () = shutdown_signal() => {},
+            () = torch_failed(failed) => tracing::error!(
+                role,
+                "the torch thread died (panic or fatal libtorch error): health NOT_SERVING, exiting"
+            ),
+        }
         DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     };
-    router
-        .serve_with_shutdown(listen, drain)
-        .await
-        .with_context(|| format!("serving on {listen}"))?;
+    let failed = worker.failed();
+    let grace = async move {
+        torch_failed(failed).await;
+        tokio::time::sleep(FATAL_GRACE).await;
+    };
+    tokio::select! {
+        r = router.serve_with_shutdown(listen, drain) => {
+            r.with_context(|| format!("serving on {listen}"))?;
+        }
+        () = grace => {}
+    }
+    if *worker.failed().borrow() {
+        bail!("the torch thread died (a panic or a fatal libtorch error); exiting so that the replica is restarted");
+    }
     Ok(())
+}
+
+/// Time a process whose torch thread died keeps answering (NOT_SERVING, every call failing
+/// UNAVAILABLE) before it exits, so that health watchers and the gateway see the state.
+const FATAL_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves when the torch thread has died of a panic (never, if it ends cleanly).
+async fn torch_failed(mut failed: tokio::sync::watch::Receiver<bool>) {
+    if failed.wait_for(|f| *f).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn family(dir: &Option<PathBuf>) -> Result<Family> {
@@ -270,7 +303,9 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
     let local = Local::new(worker.clone());
     expire_idle(worker.clone(), args.session_ttl);
     if role == "drafter" {
-        let svc = drafter::DrafterService::new(local, args.max_sessions).await?;
+        let svc = drafter::DrafterService::new(local, args.max_sessions)
+            .await?
+            .panic_after(args.test_panic_after_calls);
         serve(role, args.common.listen, &worker, |r| {
             r.add_service(
                 mulo_proto::v1::drafter_server::DrafterServer::new(svc)
@@ -280,7 +315,9 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
         })
         .await
     } else {
-        let svc = verifier::VerifierService::new(local, args.max_sessions).await?;
+        let svc = verifier::VerifierService::new(local, args.max_sessions)
+            .await?
+            .panic_after(args.test_panic_after_calls);
         serve(role, args.common.listen, &worker, |r| {
             r.add_service(
                 mulo_proto::v1::verifier_server::VerifierServer::new(svc)
@@ -310,6 +347,10 @@ pub async fn serve_gateway(args: GatewayArgs) -> Result<()> {
 async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
     if args.max_in_flight == 0 {
         bail!("invalid --max-in-flight: must be at least 1");
+    }
+    let max = mulo_core::limits::MAX_DEADLINE_SECONDS;
+    if !(args.request_timeout > 0.0 && args.request_timeout <= max) {
+        bail!("invalid --request-timeout: must be more than 0 and at most {max} seconds");
     }
     let fam = family(&args.common.family)?;
     let target = mulo_model::ModelConfig::load_gpt(&fam.path(Member::Target)?)?;
@@ -345,8 +386,11 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
         info,
         drafters,
         verifiers,
-        args.max_in_flight,
-        args.max_migrations,
+        gateway::GatewayLimits {
+            max_in_flight: args.max_in_flight,
+            max_migrations: args.max_migrations,
+            request_timeout: Duration::from_secs_f64(args.request_timeout),
+        },
         Some(vq),
     );
     if args.resolve_interval > 0.0

@@ -2,6 +2,7 @@
 //! engine's own whether the roles live in this process or behind the network.
 
 use async_trait::async_trait;
+use mulo_core::limits::MAX_MESSAGE_BYTES;
 use mulo_core::GridSize;
 use mulo_engine::drafter::{DraftReply, DrafterInfo};
 use mulo_engine::verifier::{
@@ -12,7 +13,6 @@ use mulo_proto::v1 as pb;
 use mulo_proto::v1::drafter_client::DrafterClient;
 use mulo_proto::v1::verifier_client::VerifierClient;
 use prost::Message;
-use mulo_core::limits::MAX_MESSAGE_BYTES;
 use tonic::transport::{Channel, Endpoint};
 
 tokio::task_local! {

@@ -69,6 +69,46 @@ pub fn list_in(field: &'static str, v: &[u32]) -> Result<Vec<i64>, Status> {
     Ok(tokens_in(v))
 }
 
+/// The deadline of a call: the client's (`grpc-timeout`), at most `cap`. A client deadline past
+/// [`mulo_core::limits::MAX_DEADLINE_SECONDS`], or one that does not parse, is refused.
+pub fn deadline_in(
+    meta: &tonic::metadata::MetadataMap,
+    cap: std::time::Duration,
+) -> Result<std::time::Duration, Status> {
+    let Some(v) = meta.get("grpc-timeout") else {
+        return Ok(cap);
+    };
+    let bad = || {
+        invalid(
+            "deadline",
+            "grpc-timeout must be 1 to 8 digits and a unit of HMSmun",
+        )
+    };
+    let v = v.to_str().map_err(|_| bad())?;
+    let (digits, unit) = v.split_at(v.len().saturating_sub(1));
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: f64 = digits.parse().map_err(|_| bad())?;
+    let seconds = n * match unit {
+        "H" => 3600.0,
+        "M" => 60.0,
+        "S" => 1.0,
+        "m" => 1e-3,
+        "u" => 1e-6,
+        "n" => 1e-9,
+        _ => return Err(bad()),
+    };
+    let max = mulo_core::limits::MAX_DEADLINE_SECONDS;
+    if seconds > max {
+        return Err(invalid(
+            "deadline",
+            format!("must be at most {max} s, got {seconds} s"),
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds).min(cap))
+}
+
 /// A required message field.
 pub fn required<T>(field: &str, v: Option<T>) -> Result<T, Status> {
     v.ok_or_else(|| invalid(field, "missing"))
@@ -290,6 +330,28 @@ pub fn unpack_bits(bytes: &[u8], n: usize) -> Vec<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_are_parsed_capped_and_bounded() {
+        let cap = std::time::Duration::from_secs(600);
+        let meta = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            m
+        };
+        assert_eq!(deadline_in(&Default::default(), cap).unwrap(), cap);
+        assert_eq!(
+            deadline_in(&meta("1500m"), cap).unwrap(),
+            std::time::Duration::from_millis(1500)
+        );
+        assert_eq!(deadline_in(&meta("20M"), cap).unwrap(), cap);
+        let e = deadline_in(&meta("2H"), cap).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("at most 3600"), "{e}");
+        for bad in ["", "S", "12", "123456789S", "1.5S", "5x"] {
+            assert!(deadline_in(&meta(bad), cap).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bits_round_trip() {

@@ -34,6 +34,13 @@ impl DrafterService {
         })
     }
 
+    /// Arms the test-only fault hook (`--test-panic-after-calls`): the `n`th draft call panics
+    /// the torch thread.
+    pub fn panic_after(mut self, n: Option<u64>) -> Self {
+        self.base.panic_after(n);
+        self
+    }
+
     fn info_out(&self, i: &DrafterInfo) -> pb::DrafterInfoResponse {
         pb::DrafterInfoResponse {
             low: Some(grid(i.low)),
@@ -90,6 +97,7 @@ impl pb::drafter_server::Drafter for DrafterService {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
         let rows = count_in("rows", r.rows, MAX_BLOCK_ROWS)?;
+        self.base.fault_hook();
         at_most("zipar_window", r.zipar_window as usize, MAX_ZIPAR_WINDOW).map_err(param)?;
         let reply = self
             .base

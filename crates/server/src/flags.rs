@@ -117,6 +117,10 @@ pub struct RoleArgs {
     #[arg(long, env = "MULO_TEXT_CACHE", default_value_t = mulo_engine::prompt::TEXT_CACHE_DEFAULT,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub text_cache: usize,
+    /// Test-only fault hook: the Nth draft (drafter) or verify (verifier) call panics the torch
+    /// thread, as a fatal libtorch error would.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_panic_after_calls: Option<u64>,
 }
 
 /// Flags of `mulo-gateway`.
@@ -147,6 +151,16 @@ pub struct GatewayArgs {
     /// (it is re-prefilled there with the committed tokens); past that it fails UNAVAILABLE.
     #[arg(long, env = "MULO_MAX_MIGRATIONS", default_value_t = 2)]
     pub max_migrations: u32,
+    /// Seconds a request may take when its client sets no deadline or a longer one; past it the
+    /// request fails DEADLINE_EXCEEDED and its sessions are freed. Client deadlines above 3600 s
+    /// are refused (INVALID_ARGUMENT).
+    #[arg(
+        long,
+        env = "MULO_REQUEST_TIMEOUT",
+        default_value_t = 600.0,
+        value_name = "SECONDS"
+    )]
+    pub request_timeout: f64,
     /// Seconds between re-resolutions of the endpoint names given to --drafter and --verifier
     /// (pods joining or leaving a headless Service); 0 = resolve once at start-up. A name that
     /// does not resolve keeps the previous addresses.

@@ -36,6 +36,27 @@ pub struct FamilyInfo {
     pub condition: String,
 }
 
+/// How the gateway admits and bounds requests.
+#[derive(Debug, Clone)]
+pub struct GatewayLimits {
+    /// Requests generated at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Times one request may move to another verifier replica.
+    pub max_migrations: u32,
+    /// A request's deadline when the client sets none or a longer one (DEADLINE_EXCEEDED past it).
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            max_migrations: 2,
+            request_timeout: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
 /// `mulo.v1.Gateway` (cheap to clone: the state is shared).
 #[derive(Debug, Clone)]
 pub struct GatewayService(Arc<GatewayState>);
@@ -56,6 +77,7 @@ pub struct GatewayState {
     ids: AtomicU64,
     admission: Arc<Semaphore>,
     max_in_flight: usize,
+    request_timeout: std::time::Duration,
     /// A VQ decoder of its own, for the PNG when no drafter answers.
     vq: Option<Arc<TorchWorker<Engine>>>,
 }
@@ -79,6 +101,8 @@ struct Run {
 /// A validated request and what the caller wants back.
 struct Job {
     req: GenerateRequest,
+    /// Time it may take (the client's deadline, at most the gateway's request timeout).
+    deadline: std::time::Duration,
     return_tokens: bool,
     skip_png: bool,
 }
@@ -89,16 +113,19 @@ impl GatewayService {
         Arc::clone(&self.0)
     }
 
-    /// A gateway over the given replicas, admitting `max_in_flight` requests at once and moving a
-    /// request to another verifier replica at most `max_migrations` times.
+    /// A gateway over the given replicas, admitting and bounding requests by `limits`.
     pub fn new(
         family: FamilyInfo,
         drafters: Vec<RemoteDrafter>,
         verifiers: Vec<RemoteVerifier>,
-        max_in_flight: usize,
-        max_migrations: u32,
+        limits: GatewayLimits,
         vq: Option<Arc<TorchWorker<Engine>>>,
     ) -> Self {
+        let GatewayLimits {
+            max_in_flight,
+            max_migrations,
+            request_timeout,
+        } = limits;
         metrics::gauge!(names::REQUESTS_IN_FLIGHT_LIMIT).set(max_in_flight.max(1) as f64);
         metrics::gauge!(names::REQUESTS_IN_FLIGHT).set(0.0);
         // The series alerts divide by or rate(), at 0 from the start: the first failure of a kind
@@ -123,6 +150,7 @@ impl GatewayService {
             ids: AtomicU64::new(0),
             admission: Arc::new(Semaphore::new(max_in_flight.max(1))),
             max_in_flight: max_in_flight.max(1),
+            request_timeout,
             vq,
         }))
     }
@@ -170,7 +198,9 @@ impl GatewayState {
         )
     }
 
-    fn job(&self, r: pb::GenerateRequest) -> Result<Job, Status> {
+    fn job(&self, req: Request<pb::GenerateRequest>) -> Result<Job, Status> {
+        let deadline = crate::convert::deadline_in(req.metadata(), self.request_timeout)?;
+        let r = req.into_inner();
         let id = if r.request_id.is_empty() {
             format!("gw-{}", self.ids.fetch_add(1, Ordering::Relaxed))
         } else {
@@ -203,6 +233,7 @@ impl GatewayState {
                 seed: r.seed,
                 method,
             },
+            deadline,
             return_tokens: r.return_tokens,
             skip_png: r.skip_png,
         })
@@ -213,6 +244,7 @@ impl GatewayState {
     async fn run(
         &self,
         req: &GenerateRequest,
+        deadline: std::time::Duration,
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
     ) -> Result<Run, Status> {
         if self.verifiers.replicas().is_empty() {
@@ -234,9 +266,18 @@ impl GatewayState {
         let out = WIRE_BYTES
             .scope(
                 wire.clone(),
-                generate(d, self.verifiers.as_ref(), req, on_event),
+                tokio::time::timeout(
+                    deadline,
+                    generate(d, self.verifiers.as_ref(), req, on_event),
+                ),
             )
-            .await;
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the request ran past its deadline of {:.3} s",
+                    deadline.as_secs_f64()
+                ))
+            })?;
         guard.armed = false;
         let migrations = self.verifiers.take_migrations(&req.id);
         out.map(|outcome| Run {
@@ -315,8 +356,8 @@ impl GatewayState {
     }
 
     /// Validates and admits a request; a refusal is counted with its code.
-    fn accept(&self, req: pb::GenerateRequest) -> Result<(Job, Admitted), Status> {
-        let method = method_label(&req.method);
+    fn accept(&self, req: Request<pb::GenerateRequest>) -> Result<(Job, Admitted), Status> {
+        let method = method_label(&req.get_ref().method);
         self.job(req)
             .and_then(|j| Ok((j, self.admit(method)?)))
             .inspect_err(|e| count_request(method, outcome(Some(e))))
@@ -428,8 +469,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (job, mut admitted) = self.accept(req.into_inner())?;
-        let out = match self.run(&job.req, &mut |_| {}).await {
+        let (job, mut admitted) = self.accept(req)?;
+        let out = match self.run(&job.req, job.deadline, &mut |_| {}).await {
             Ok(out) => self.response(&job, out).await,
             Err(e) => Err(e),
         };
@@ -444,7 +485,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (job, mut admitted) = self.accept(req.into_inner())?;
+        let (job, mut admitted) = self.accept(req)?;
         // Bounded: one event per block of the grid, plus the result.
         let (tx, rx) = mpsc::channel(self.family.rows * self.family.cols + 2);
         let me = Arc::clone(&self.0);
@@ -459,7 +500,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                 };
                 let gone = tx.clone();
                 let result = tokio::select! {
-                    r = me.run(&job.req, &mut on_event) => r,
+                    r = me.run(&job.req, job.deadline, &mut on_event) => r,
                     // The client cancelled: dropping the generation releases its sessions.
                     () = gone.closed() => return,
                 };
@@ -534,8 +575,10 @@ mod tests {
                 RemoteVerifier::new("127.0.0.1:2").unwrap(),
                 RemoteVerifier::new("127.0.0.1:3").unwrap(),
             ],
-            4,
-            2,
+            GatewayLimits {
+                max_in_flight: 4,
+                ..Default::default()
+            },
             None,
         );
         let st = gw.state();

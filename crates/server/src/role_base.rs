@@ -1,6 +1,9 @@
 //! What the drafter and verifier services share: [`RoleBase`] (the in-process role, its session
 //! limit and codebook hash) and the `Release` / `Status` calls both roles answer the same way.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use mulo_engine::{Engine, Local};
 use tonic::Status;
 
@@ -13,6 +16,8 @@ pub(crate) struct RoleBase {
     pub(crate) local: Local,
     pub(crate) max_sessions: usize,
     pub(crate) codebook_hash: String,
+    /// Test-only fault hook: calls left before the torch thread is made to panic.
+    panic_after: Option<Arc<AtomicU64>>,
 }
 
 impl RoleBase {
@@ -28,7 +33,33 @@ impl RoleBase {
             local,
             max_sessions,
             codebook_hash,
+            panic_after: None,
         })
+    }
+
+    /// Arms the test-only fault hook: the `n`th [`RoleBase::fault_hook`] call panics the torch
+    /// thread.
+    pub(crate) fn panic_after(&mut self, n: Option<u64>) {
+        self.panic_after = n.map(|n| Arc::new(AtomicU64::new(n)));
+    }
+
+    /// Counts a draft/verify call for the fault hook; at the armed count it sends the torch thread
+    /// a job that panics (the call itself then fails as every held call does).
+    pub(crate) fn fault_hook(&self) {
+        let Some(left) = &self.panic_after else {
+            return;
+        };
+        if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            tracing::warn!("test fault hook: panicking the torch thread");
+            let worker = self.local.worker().clone();
+            tokio::spawn(async move {
+                let _ = worker
+                    .call(|_: &mut Engine| {
+                        panic!("test fault hook: forced panic on the torch thread")
+                    })
+                    .await;
+            });
+        }
     }
 }
 

@@ -26,6 +26,13 @@ impl VerifierService {
         })
     }
 
+    /// Arms the test-only fault hook (`--test-panic-after-calls`): the `n`th verify call panics
+    /// the torch thread.
+    pub fn panic_after(mut self, n: Option<u64>) -> Self {
+        self.base.panic_after(n);
+        self
+    }
+
     fn info_out(&self, i: &VerifierInfo) -> pb::VerifierInfoResponse {
         pb::VerifierInfoResponse {
             grid: Some(pb::Grid {
@@ -90,6 +97,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             return Err(invalid("proposals", "at least one proposal"));
         }
         let pool_k = count_in("pool_k", r.pool_k, MAX_POOL_K)?;
+        self.base.fault_hook();
         let reply = self
             .base
             .local
