@@ -94,6 +94,8 @@ pub const SESSION_LIMIT: &str = "mulo_session_limit";
 pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
 /// Text prompts turned into caption features by the verifier's text encoder, by cache outcome.
 pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
+/// Calls to the gateway by bearer token name and outcome (with `--auth-tokens`).
+pub const TOKEN_REQUESTS: &str = "mulo_token_requests_total";
 /// Nearest-code tables the verifier keeps (MuLo-SD pools, LANTERN proximity sets).
 pub const POOL_TABLES: &str = "mulo_nearest_code_tables";
 /// Sessions (request groups) in each batched forward, by model.
@@ -318,6 +320,13 @@ pub const ALL: &[Metric] = &[
         help: "Text prompts of a T5 family turned into caption features, by cache outcome (hit: the features of the same prompt were still cached; miss: the encoder ran).",
     },
     Metric {
+        name: TOKEN_REQUESTS,
+        kind: Kind::Counter,
+        labels: &["token", "outcome"],
+        services: GATEWAY,
+        help: "Calls to the gateway's API with --auth-tokens, by token name (- when none matched) and outcome: admitted, unauthenticated, rate_limited or in_flight_limited.",
+    },
+    Metric {
         name: POOL_TABLES,
         kind: Kind::Gauge,
         labels: &[],
@@ -411,6 +420,7 @@ mod tests {
             KV_CACHE_BYTES,
             TEXT_ENCODINGS,
             POOL_TABLES,
+            TOKEN_REQUESTS,
         ] {
             assert!(seen.contains(n), "{n} is not in ALL");
         }

@@ -390,6 +390,7 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
             max_in_flight: args.max_in_flight,
             max_migrations: args.max_migrations,
             request_timeout: Duration::from_secs_f64(args.request_timeout),
+            auth: args.auth.auth()?.map(Arc::new),
         },
         Some(vq),
     );

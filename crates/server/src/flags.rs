@@ -123,6 +123,47 @@ pub struct RoleArgs {
     pub test_panic_after_calls: Option<u64>,
 }
 
+/// Bearer tokens at the gateway and their per-token limits.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Bearer tokens callers must send (`authorization: Bearer <token>`): a file of `name:token`
+    /// lines, or a directory with one file per token named for it (a Kubernetes Secret mounted
+    /// as a volume). Re-read when it changes. Unset: every caller is admitted.
+    #[arg(long, env = "MULO_AUTH_TOKENS", value_name = "PATH")]
+    pub auth_tokens: Option<std::path::PathBuf>,
+    /// Requests per second one token may start on average (token bucket); 0 = no rate limit.
+    #[arg(long, env = "MULO_TOKEN_RATE", default_value_t = 10.0)]
+    pub token_rate: f64,
+    /// Requests one token may start at once after being idle (the bucket's size).
+    #[arg(long, env = "MULO_TOKEN_BURST", default_value_t = 20.0)]
+    pub token_burst: f64,
+    /// Requests of one token generated at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MULO_TOKEN_MAX_IN_FLIGHT", default_value_t = 16,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub token_max_in_flight: usize,
+}
+
+impl AuthArgs {
+    /// The gateway's token check, when tokens are configured.
+    pub fn auth(&self) -> Result<Option<crate::auth::Auth>> {
+        let Some(path) = &self.auth_tokens else {
+            return Ok(None);
+        };
+        if !(self.token_rate.is_finite() && self.token_rate >= 0.0) {
+            anyhow::bail!("invalid --token-rate: must be a number >= 0");
+        }
+        if !(self.token_burst.is_finite() && self.token_burst >= 1.0) {
+            anyhow::bail!("invalid --token-burst: must be a number >= 1");
+        }
+        let limits = crate::auth::TokenLimits {
+            rate: self.token_rate,
+            burst: self.token_burst,
+            max_in_flight: self.token_max_in_flight,
+        };
+        Ok(Some(crate::auth::Auth::new(path.clone(), limits)?))
+    }
+}
+
 /// Flags of `mulo-gateway`.
 #[derive(Debug, Clone, Parser)]
 pub struct GatewayArgs {
@@ -130,6 +171,8 @@ pub struct GatewayArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Drafter endpoints (`host:port`, comma-separated or repeated; a name resolving to several
     /// addresses, like a headless Service, gives one endpoint per address); none = every request
     /// runs as AR on a verifier.

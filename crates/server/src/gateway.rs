@@ -45,6 +45,8 @@ pub struct GatewayLimits {
     pub max_migrations: u32,
     /// A request's deadline when the client sets none or a longer one (DEADLINE_EXCEEDED past it).
     pub request_timeout: std::time::Duration,
+    /// Bearer tokens and their limits; `None` admits every caller.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for GatewayLimits {
@@ -53,6 +55,7 @@ impl Default for GatewayLimits {
             max_in_flight: 64,
             max_migrations: 2,
             request_timeout: std::time::Duration::from_secs(600),
+            auth: None,
         }
     }
 }
@@ -78,6 +81,7 @@ pub struct GatewayState {
     admission: Arc<Semaphore>,
     max_in_flight: usize,
     request_timeout: std::time::Duration,
+    auth: Option<Arc<crate::auth::Auth>>,
     /// A VQ decoder of its own, for the PNG when no drafter answers.
     vq: Option<Arc<TorchWorker<Engine>>>,
 }
@@ -125,6 +129,7 @@ impl GatewayService {
             max_in_flight,
             max_migrations,
             request_timeout,
+            auth,
         } = limits;
         metrics::gauge!(names::REQUESTS_IN_FLIGHT_LIMIT).set(max_in_flight.max(1) as f64);
         metrics::gauge!(names::REQUESTS_IN_FLIGHT).set(0.0);
@@ -151,6 +156,7 @@ impl GatewayService {
             admission: Arc::new(Semaphore::new(max_in_flight.max(1))),
             max_in_flight: max_in_flight.max(1),
             request_timeout,
+            auth,
             vq,
         }))
     }
@@ -355,15 +361,36 @@ impl GatewayState {
         })
     }
 
-    /// Validates and admits a request; a refusal is counted with its code.
+    /// Authenticates, validates and admits a request; a refusal is counted with its code.
     fn accept(&self, req: Request<pb::GenerateRequest>) -> Result<(Job, Admitted), Status> {
         let method = method_label(&req.get_ref().method);
-        self.job(req)
-            .and_then(|j| Ok((j, self.admit(method)?)))
+        self.caller(req.metadata(), true)
+            .and_then(|caller| {
+                let job = self.job(req)?;
+                let admitted = self.admit(method, caller)?;
+                Ok((job, admitted))
+            })
             .inspect_err(|e| count_request(method, outcome(Some(e))))
     }
 
-    fn admit(&self, method: &'static str) -> Result<Admitted, Status> {
+    /// The caller of a call when the gateway checks tokens (UNAUTHENTICATED, RESOURCE_EXHAUSTED
+    /// past its token's limits); `generate` calls also take one of its in-flight slots.
+    fn caller(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+        generate: bool,
+    ) -> Result<Option<crate::auth::Caller>, Status> {
+        self.auth
+            .as_ref()
+            .map(|a| a.admit(meta, generate))
+            .transpose()
+    }
+
+    fn admit(
+        &self,
+        method: &'static str,
+        caller: Option<crate::auth::Caller>,
+    ) -> Result<Admitted, Status> {
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "the gateway is running {} requests, its limit",
@@ -373,6 +400,7 @@ impl GatewayState {
         metrics::gauge!(names::REQUESTS_IN_FLIGHT).increment(1.0);
         Ok(Admitted {
             _permit: permit,
+            caller,
             since: Instant::now(),
             method,
             outcome: "cancelled",
@@ -385,12 +413,18 @@ impl GatewayState {
 /// the client went away) and its duration.
 struct Admitted {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The token's name and in-flight slot, when the gateway checks tokens.
+    caller: Option<crate::auth::Caller>,
     since: Instant,
     method: &'static str,
     outcome: &'static str,
 }
 
 impl Admitted {
+    fn caller_name(&self) -> &str {
+        self.caller.as_ref().map_or("-", |c| c.name.as_str())
+    }
+
     fn finish<T>(&mut self, r: &Result<T, Status>) {
         self.outcome = outcome(r.as_ref().err());
     }
@@ -475,7 +509,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             Err(e) => Err(e),
         };
         admitted.finish(&out);
-        tracing::info!(id = %job.req.id, seconds = admitted.since.elapsed().as_secs_f64(), ok = out.is_ok(), "generated");
+        tracing::info!(id = %job.req.id, caller = admitted.caller_name(), seconds = admitted.since.elapsed().as_secs_f64(), ok = out.is_ok(), "generated");
         out.map(Response::new)
     }
 
@@ -521,8 +555,9 @@ impl pb::gateway_server::Gateway for GatewayService {
 
     async fn list_models(
         &self,
-        _req: Request<pb::ListModelsRequest>,
+        req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.caller(req.metadata(), false)?;
         let default = Method::parse("mulo").map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListModelsResponse {
             family: self.family.name.clone(),
@@ -538,8 +573,9 @@ impl pb::gateway_server::Gateway for GatewayService {
 
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.caller(req.metadata(), false)?;
         let in_flight = self.max_in_flight - self.admission.available_permits();
         Ok(Response::new(pb::StatusResponse {
             live_sessions: in_flight as u32,

@@ -3,12 +3,14 @@
 //! `Capabilities/Info` handshake, `grpc.health.v1`, server reflection and a graceful drain on
 //! SIGTERM / Ctrl-C.
 
+pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod drafter;
 pub mod failover;
 pub mod gateway;
 pub mod metrics;
+pub mod reload;
 pub mod runtime;
 pub mod telemetry;
 pub mod verifier;
