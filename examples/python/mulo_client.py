@@ -28,28 +28,42 @@ def main() -> int:
     ap.add_argument("--out", default="out.png", help="PNG file to write")
     ap.add_argument("--stream", action="store_true", help="report each committed block")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    ap.add_argument("--ca-cert", help="PEM CA of the gateway's TLS certificate (TLS; default: plaintext)")
+    ap.add_argument(
+        "--token",
+        default=os.environ.get("MULO_TOKEN"),
+        help="bearer token for a gateway with --auth-tokens (default: $MULO_TOKEN)",
+    )
     args = ap.parse_args()
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
 
     request = gateway_pb2.GenerateRequest(
         condition=common_pb2.Condition(prompt=args.prompt),
         method=args.method,
         seed=args.seed,
     )
-    with grpc.insecure_channel(args.gateway) as channel:
+    if args.ca_cert:
+        with open(args.ca_cert, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(args.gateway, creds)
+    else:
+        channel = grpc.insecure_channel(args.gateway)
+    with channel:
         gateway = gateway_pb2_grpc.GatewayStub(channel)
         try:
             if args.stream:
                 response = None
-                for event in gateway.GenerateStream(request, timeout=args.timeout):
+                for event in gateway.GenerateStream(request, timeout=args.timeout, metadata=metadata):
                     if event.HasField("block"):
                         b = event.block
                         print(f"{b.committed}/{b.total} tokens", file=sys.stderr)
                     else:
                         response = event.done
             else:
-                response = gateway.Generate(request, timeout=args.timeout)
+                response = gateway.Generate(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
-            # INVALID_ARGUMENT names the bad field; RESOURCE_EXHAUSTED means retry later.
+            # INVALID_ARGUMENT names the bad field; RESOURCE_EXHAUSTED means retry later;
+            # UNAUTHENTICATED: no or a wrong --token.
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     if response is None:

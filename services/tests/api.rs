@@ -13,37 +13,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A virtual environment with the client's requirements (made once per requirements file).
-fn venv() -> PathBuf {
-    let req = repo().join("examples/python/requirements.txt");
-    let text = std::fs::read_to_string(&req).unwrap();
-    // FNV-1a of the requirements: a changed pin gets a fresh environment.
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let home = std::env::var("HOME").unwrap();
-    let dir = PathBuf::from(home).join(format!(".cache/mulo/api-client-{hash:016x}"));
-    let python = dir.join("bin/python");
-    if !dir.join("ready").exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "python3 -m venv {}", dir.display());
-        let ok = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "-r"])
-            .arg(&req)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install -r {}", req.display());
-        std::fs::write(dir.join("ready"), "").unwrap();
-    }
-    dir
-}
-
 /// Width and height of a PNG file.
 fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -62,7 +31,7 @@ async fn the_api_page_commands_run_against_a_gateway() {
     let blocks =
         common::tested_blocks(&std::fs::read_to_string(repo().join("docs/api.md")).unwrap());
     assert_eq!(blocks.len(), 2, "grpcurl and Python blocks");
-    let env = venv();
+    let env = common::python_client_venv();
     let (_d, _v, gateway, _ch) = common::cluster().await;
 
     // The scratch directory the blocks run in: the proto files and the example client.

@@ -93,7 +93,8 @@ impl TokenSet {
         if self.tokens.iter().any(|(n, _)| n == name) {
             bail!("token name '{name}' appears twice");
         }
-        self.tokens.push((name.to_string(), digest(token.as_bytes())));
+        self.tokens
+            .push((name.to_string(), digest(token.as_bytes())));
         Ok(())
     }
 
@@ -131,7 +132,10 @@ pub struct Bucket {
 impl Bucket {
     /// A full bucket at `now`.
     pub fn full(burst: f64, now: Instant) -> Self {
-        Self { level: burst, at: now }
+        Self {
+            level: burst,
+            at: now,
+        }
     }
 
     /// Takes one request at `now`, or says how long until one may be taken.
@@ -285,12 +289,18 @@ mod tests {
 
     #[test]
     fn token_files_and_secret_directories() {
-        let set = TokenSet::parse("# team tokens\nalpha: aaaaaaaaaaaaaaaa1\n\nbeta:bbbbbbbbbbbbbbbb2\n")
-            .unwrap();
+        let set =
+            TokenSet::parse("# team tokens\nalpha: aaaaaaaaaaaaaaaa1\n\nbeta:bbbbbbbbbbbbbbbb2\n")
+                .unwrap();
         assert_eq!(set.name_of("aaaaaaaaaaaaaaaa1"), Some("alpha"));
         assert_eq!(set.name_of("bbbbbbbbbbbbbbbb2"), Some("beta"));
         assert_eq!(set.name_of("aaaaaaaaaaaaaaaa"), None);
-        for bad in ["x", "a:short", "a b:cccccccccccccccccc", "a:cccccccccccccccccc\na:dddddddddddddddddd"] {
+        for bad in [
+            "x",
+            "a:short",
+            "a b:cccccccccccccccccc",
+            "a:cccccccccccccccccc\na:dddddddddddddddddd",
+        ] {
             assert!(TokenSet::parse(bad).is_err(), "{bad}");
         }
         let dir = tempfile::tempdir().unwrap();
@@ -339,7 +349,9 @@ mod tests {
         let auth = Auth::new(f, limits).unwrap();
         let e = auth.admit(&MetadataMap::new(), true).unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated);
-        let e = auth.admit(&meta("Bearer wrong-token-123456"), true).unwrap_err();
+        let e = auth
+            .admit(&meta("Bearer wrong-token-123456"), true)
+            .unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated);
         let ok = meta("Bearer aaaaaaaaaaaaaaaa1");
         let first = auth.admit(&ok, true).unwrap();
@@ -354,6 +366,9 @@ mod tests {
         assert_eq!(e.code(), Code::ResourceExhausted);
         use tonic_types::StatusExt;
         let hint = e.get_details_retry_info().unwrap().retry_delay.unwrap();
-        assert!(hint > Duration::from_millis(900) && hint <= Duration::from_secs(1), "{hint:?}");
+        assert!(
+            hint > Duration::from_millis(900) && hint <= Duration::from_secs(1),
+            "{hint:?}"
+        );
     }
 }

@@ -19,7 +19,7 @@ use mulo_proto::v1::{InfoRequest, InfoResponse};
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 
-use crate::flags::{GatewayArgs, RoleArgs};
+use crate::flags::{CommonArgs, GatewayArgs, RoleArgs};
 use crate::resolution::{expand, is_name, re_resolve};
 use crate::runtime::RuntimeArgs;
 use crate::{client, drafter, gateway, metrics, telemetry, verifier, DRAINING};
@@ -71,10 +71,12 @@ type Routes =
 /// or Ctrl-C; then stops accepting and lets in-flight calls finish.
 async fn serve(
     role: &'static str,
-    listen: SocketAddr,
+    net: &CommonArgs,
     worker: &Arc<TorchWorker<Engine>>,
     add: impl FnOnce(Routes) -> Routes,
 ) -> Result<()> {
+    let listen = net.listen;
+    let tls = net.server_tls()?.map(Arc::new);
     // Health says SERVING only once this answers: nothing listens before the warm-up is done.
     let t = std::time::Instant::now();
     worker
@@ -120,12 +122,21 @@ async fn serve(
         .timeout(cap)
         .trace_fn(telemetry::server_span)
         .layer(metrics::RpcMetricsLayer)
-        .add_service(health)
+        .add_service(health.clone())
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(CapabilitiesServer::new(InfoService { role, models }));
     let router = add(router);
-    tracing::info!(role, %listen, "serving");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let bound = listener.local_addr()?;
+    if let Some(addr) = net.health_listen {
+        serve_health(addr, health).await?;
+    }
+    tracing::info!(role, %bound, tls = tls.is_some(), mtls = net.tls_client_ca.is_some(), "serving");
+    // The address a test or a supervisor started with port 0 connects to.
+    println!("mulo-{role} listening on {bound}");
     // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
     // the calls in flight (streams included) finish, then return. When the torch thread dies
     // (panic): the same, but the calls it held have failed already (the gateway moves them), and
@@ -149,15 +160,61 @@ async fn serve(
         torch_failed(failed).await;
         tokio::time::sleep(FATAL_GRACE).await;
     };
+    let served = async move {
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls.incoming(listener), drain)
+                    .await
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, drain).await
+            }
+        }
+    };
     tokio::select! {
-        r = router.serve_with_shutdown(listen, drain) => {
-            r.with_context(|| format!("serving on {listen}"))?;
+        r = served => {
+            r.with_context(|| format!("serving on {bound}"))?;
         }
         () = grace => {}
     }
     if *worker.failed().borrow() {
         bail!("the torch thread died (a panic or a fatal libtorch error); exiting so that the replica is restarted");
     }
+    Ok(())
+}
+
+/// Serves `grpc.health.v1` alone, in plaintext, on `addr` (for probes that cannot speak TLS,
+/// such as Kubernetes' gRPC probes); it reports what the main port's health reports.
+async fn serve_health<S>(addr: SocketAddr, health: S) -> Result<()>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (--health-listen)"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving health in plaintext");
+    tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let r = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = r {
+            tracing::error!(%e, "the health port stopped");
+        }
+    });
     Ok(())
 }
 
@@ -306,7 +363,7 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
         let svc = drafter::DrafterService::new(local, args.max_sessions)
             .await?
             .panic_after(args.test_panic_after_calls);
-        serve(role, args.common.listen, &worker, |r| {
+        serve(role, &args.common, &worker, |r| {
             r.add_service(
                 mulo_proto::v1::drafter_server::DrafterServer::new(svc)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -318,7 +375,7 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
         let svc = verifier::VerifierService::new(local, args.max_sessions)
             .await?
             .panic_after(args.test_panic_after_calls);
-        serve(role, args.common.listen, &worker, |r| {
+        serve(role, &args.common, &worker, |r| {
             r.add_service(
                 mulo_proto::v1::verifier_server::VerifierServer::new(svc)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -364,6 +421,9 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
             mulo_model::config::ConditionConfig::Caption { .. } => "caption".into(),
         },
     };
+    if let Some(tls) = args.roles_tls.client_tls()? {
+        client::use_role_tls(tls)?;
+    }
     let drafters = expand(&args.drafters)
         .await
         .iter()
@@ -408,7 +468,7 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
             Duration::from_secs_f64(args.resolve_interval.max(0.1)),
         );
     }
-    serve("gateway", args.common.listen, &own, |r| {
+    serve("gateway", &args.common, &own, |r| {
         r.add_service(
             mulo_proto::v1::gateway_server::GatewayServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

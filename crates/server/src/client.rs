@@ -1,6 +1,8 @@
 //! The role traits over gRPC: what the gateway hands the coordinator, so the cycle code is the
 //! engine's own whether the roles live in this process or behind the network.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use mulo_core::limits::MAX_MESSAGE_BYTES;
 use mulo_core::GridSize;
@@ -49,8 +51,12 @@ fn spec_pb(spec: &SessionSpec) -> Result<pb::SessionSpec, EngineError> {
     spec_out(spec).map_err(|s| EngineError::Unsupported(s.message().to_string()))
 }
 
-/// A lazily connected channel to `addr` (`host:port` or `http://host:port`).
+/// A lazily connected plaintext channel to `addr` (`host:port` or `http://host:port`).
 pub fn channel(addr: &str) -> Result<Channel, EngineError> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, EngineError> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -63,8 +69,35 @@ pub fn channel(addr: &str) -> Result<Channel, EngineError> {
     })?;
     Ok(ep
         .connect_timeout(std::time::Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true))
+}
+
+/// TLS of this process's channels to the roles (the gateway's `--roles-ca` ...), set once at
+/// start-up; unset: plaintext.
+static ROLE_TLS: std::sync::OnceLock<Arc<crate::tls::ClientTls>> = std::sync::OnceLock::new();
+
+/// Makes every channel to a role made from now on use `tls` (its files re-read on change).
+pub fn use_role_tls(tls: crate::tls::ClientTls) -> Result<(), EngineError> {
+    ROLE_TLS
+        .set(Arc::new(tls))
+        .map_err(|_| EngineError::Precondition("role TLS is set once".into()))
+}
+
+/// A lazily connected channel to the role at `addr`: over TLS when [`use_role_tls`] was called
+/// (every new connection with the TLS files as they are then).
+pub fn role_channel(addr: &str) -> Result<Channel, EngineError> {
+    let Some(tls) = ROLE_TLS.get().cloned() else {
+        return channel(addr);
+    };
+    let connect = move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            tls.connect(&host, port).await
+        }
+    };
+    Ok(endpoint(addr)?.connect_with_connector_lazy(tower::service_fn(connect)))
 }
 
 /// A client of a gateway at `addr`, with the message size limits of every mulo server.
@@ -184,7 +217,7 @@ impl RemoteDrafter {
     pub fn new(addr: &str) -> Result<Self, EngineError> {
         Ok(Self {
             addr: addr.to_string(),
-            client: DrafterClient::new(channel(addr)?)
+            client: DrafterClient::new(role_channel(addr)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })
@@ -306,7 +339,7 @@ impl RemoteVerifier {
     pub fn new(addr: &str) -> Result<Self, EngineError> {
         Ok(Self {
             addr: addr.to_string(),
-            client: VerifierClient::new(channel(addr)?)
+            client: VerifierClient::new(role_channel(addr)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })

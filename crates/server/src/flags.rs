@@ -33,9 +33,41 @@ pub struct CommonArgs {
     /// Unset: no metrics endpoint.
     #[arg(long, env = "MULO_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain to serve TLS with (with --tls-key). Unset: plaintext. Re-read when
+    /// it changes on disk.
+    #[arg(long, env = "MULO_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MULO_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM CA bundle that must sign every client's certificate (the roles: the
+    /// gateway's); clients without one are refused during the handshake. Needs --tls-cert.
+    #[arg(
+        long,
+        env = "MULO_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Address to serve grpc.health.v1 alone on, in plaintext (for probes that cannot speak
+    /// TLS, e.g. Kubernetes' gRPC probes). Unset: health on the main port only.
+    #[arg(long, env = "MULO_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl CommonArgs {
+    /// The server's TLS, when --tls-cert is set.
+    pub(crate) fn server_tls(&self) -> Result<Option<crate::tls::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::tls::ServerTls::new(crate::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })?))
+    }
+
     /// Starts the metrics endpoint when one is asked for.
     pub(crate) fn metrics(&self, service: &str) -> Result<()> {
         match self.metrics_listen {
@@ -164,6 +196,50 @@ impl AuthArgs {
     }
 }
 
+/// TLS of the gateway's connections to the drafters and verifiers.
+#[derive(Debug, Clone, Args)]
+pub struct RolesTlsArgs {
+    /// PEM CA bundle the roles' certificates must chain to; set: the gateway speaks TLS to the
+    /// roles. Re-read when it changes (each new connection uses the files as they are).
+    #[arg(long, env = "MULO_ROLES_CA", value_name = "FILE")]
+    pub roles_ca: Option<PathBuf>,
+    /// Mutual TLS: PEM client certificate the gateway presents to the roles (with --roles-key).
+    #[arg(long, env = "MULO_ROLES_CERT", value_name = "FILE", requires_all = ["roles_key", "roles_ca"])]
+    pub roles_cert: Option<PathBuf>,
+    /// PEM key of --roles-cert.
+    #[arg(
+        long,
+        env = "MULO_ROLES_KEY",
+        value_name = "FILE",
+        requires = "roles_cert"
+    )]
+    pub roles_key: Option<PathBuf>,
+    /// Name the roles' certificates are checked against (default: the host of each endpoint;
+    /// set it when endpoints resolve to pod IPs and the certificates name the Service).
+    #[arg(
+        long,
+        env = "MULO_ROLES_SERVER_NAME",
+        value_name = "NAME",
+        requires = "roles_ca"
+    )]
+    pub roles_server_name: Option<String>,
+}
+
+impl RolesTlsArgs {
+    /// The client TLS of the channels to the roles, when --roles-ca is set.
+    pub fn client_tls(&self) -> Result<Option<crate::tls::ClientTls>> {
+        let Some(ca) = &self.roles_ca else {
+            return Ok(None);
+        };
+        Ok(Some(crate::tls::ClientTls::new(crate::tls::ClientFiles {
+            ca: ca.clone(),
+            cert: self.roles_cert.clone(),
+            key: self.roles_key.clone(),
+            server_name: self.roles_server_name.clone(),
+        })?))
+    }
+}
+
 /// Flags of `mulo-gateway`.
 #[derive(Debug, Clone, Parser)]
 pub struct GatewayArgs {
@@ -173,6 +249,8 @@ pub struct GatewayArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub roles_tls: RolesTlsArgs,
     /// Drafter endpoints (`host:port`, comma-separated or repeated; a name resolving to several
     /// addresses, like a headless Service, gives one endpoint per address); none = every request
     /// runs as AR on a verifier.

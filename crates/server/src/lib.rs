@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod reload;
 pub mod runtime;
 pub mod telemetry;
+pub mod tls;
 pub mod verifier;
 
 mod bootstrap;

@@ -138,7 +138,9 @@ mod tests {
         let r = Reloading::new(
             "value",
             vec![f.clone()],
-            Box::new(move || -> Result<u32> { Ok(std::fs::read_to_string(&path)?.trim().parse()?) }),
+            Box::new(move || -> Result<u32> {
+                Ok(std::fs::read_to_string(&path)?.trim().parse()?)
+            }),
         )
         .unwrap();
         assert_eq!(*r.get(), 1);

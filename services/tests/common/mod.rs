@@ -335,3 +335,84 @@ pub fn mulo_cli() -> PathBuf {
     assert!(exe.exists(), "{} missing", exe.display());
     exe
 }
+
+/// A test PKI: a CA that issues certificates for 127.0.0.1 / localhost, written as PEM files.
+pub struct Pki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub ca: PathBuf,
+}
+
+impl Pki {
+    /// A new CA named `name`, its certificate written to `dir/name-ca.pem`.
+    pub fn new(dir: &std::path::Path, name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            ca,
+        }
+    }
+
+    /// A certificate for 127.0.0.1 and localhost (server and client use) signed by the CA:
+    /// `(cert.pem, key.pem)` under `dir` named `name`.
+    pub fn issue(&self, dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// A virtual environment with the Python client's requirements (examples/python), made once per
+/// requirements file under ~/.cache/mulo.
+pub fn python_client_venv() -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let req = repo.join("examples/python/requirements.txt");
+    let text = std::fs::read_to_string(&req).unwrap();
+    // FNV-1a of the requirements: a changed pin gets a fresh environment.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let home = std::env::var("HOME").unwrap();
+    let dir = PathBuf::from(home).join(format!(".cache/mulo/api-client-{hash:016x}"));
+    let python = dir.join("bin/python");
+    if !dir.join("ready").exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "python3 -m venv {}", dir.display());
+        let ok = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "-r"])
+            .arg(&req)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install -r {}", req.display());
+        std::fs::write(dir.join("ready"), "").unwrap();
+    }
+    dir
+}
