@@ -361,6 +361,13 @@ impl GatewayState {
         })
     }
 
+    /// Checks a request as `Generate` does before admitting it (the fuzz target): the engine's
+    /// request, or the status it is refused with.
+    pub fn validate(&self, req: Request<pb::GenerateRequest>) -> Result<GenerateRequest, Status> {
+        self.caller(req.metadata(), false)?;
+        self.job(req).map(|j| j.req)
+    }
+
     /// Authenticates, validates and admits a request; a refusal is counted with its code.
     fn accept(&self, req: Request<pb::GenerateRequest>) -> Result<(Job, Admitted), Status> {
         let method = method_label(&req.get_ref().method);
