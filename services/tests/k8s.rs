@@ -3,7 +3,8 @@
 //! Service, probe, `--listen` and NetworkPolicy ports agree with the container ports, the peer
 //! lists name real Services and ports, and every flag and ConfigMap variable is one the binaries
 //! accept (read from their `--help`); metrics ports, annotations and the observability kit
-//! (collector, scrape job, alert rules) agree with the services. Schema validation is
+//! (collector, scrape job, alert rules) agree with the services; with TLS, the certificate files
+//! are mounted Secrets of cert-manager Certificates whose names and usages fit their use. Schema validation is
 //! `scripts/validate-deploy.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -106,6 +107,123 @@ fn selects(selector: &BTreeMap<String, String>, pod: &BTreeMap<String, String>) 
     !selector.is_empty() && selector.iter().all(|(k, v)| pod.get(k) == Some(v))
 }
 
+/// The Secret mounted at the directory of `path` in the pod's only container.
+fn secret_of(pod: &Value, path: &str) -> Option<String> {
+    let dir = path.rsplit_once('/')?.0;
+    let volume = pod["containers"][0]["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mountPath"] == dir)?["name"]
+        .as_str()?;
+    pod["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == volume)?["secret"]["secretName"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A container's environment variable set on the container itself.
+fn env_var<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+}
+
+/// TLS of a container: every file its TLS variables name lies in a mounted Secret volume under
+/// the key cert-manager writes (tls.crt, tls.key, ca.crt).
+fn check_tls_files(overlay: &str, n: &str, pod: &Value, env: &BTreeMap<String, String>) {
+    for (var, key) in [
+        ("MULO_TLS_CERT", "tls.crt"),
+        ("MULO_TLS_KEY", "tls.key"),
+        ("MULO_TLS_CLIENT_CA", "ca.crt"),
+        ("MULO_ROLES_CA", "ca.crt"),
+        ("MULO_ROLES_CERT", "tls.crt"),
+        ("MULO_ROLES_KEY", "tls.key"),
+    ] {
+        let Some(path) = env.get(var) else { continue };
+        assert!(path.ends_with(&format!("/{key}")), "{overlay}: {n} {var}");
+        assert!(
+            secret_of(pod, path).is_some(),
+            "{overlay}: {n} {var} {path}: no Secret mounted there"
+        );
+    }
+    if env.contains_key("MULO_TLS_CERT") != env.contains_key("MULO_TLS_KEY") {
+        panic!("{overlay}: {n} sets one of MULO_TLS_CERT and MULO_TLS_KEY");
+    }
+}
+
+/// cert-manager's objects: each Certificate's issuer is rendered; each Secret a pod mounts is a
+/// Certificate's (or the tokens Secret the operator creates); the roles' certificate names what
+/// the gateway checks and serves servers, the gateway's client certificate authenticates clients.
+fn check_certificates(overlay: &str, objects: &[Value]) {
+    let of = |k: &str| -> Vec<&Value> { objects.iter().filter(|o| o["kind"] == k).collect() };
+    let certs = of("Certificate");
+    if certs.is_empty() {
+        return;
+    }
+    let issuers: BTreeSet<&str> = of("Issuer")
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    let by_secret: BTreeMap<&str, &Value> = certs
+        .iter()
+        .map(|c| (c["spec"]["secretName"].as_str().unwrap(), *c))
+        .collect();
+    for c in &certs {
+        let issuer = c["spec"]["issuerRef"]["name"].as_str().unwrap();
+        assert!(
+            issuers.contains(issuer),
+            "{overlay}: issuer {issuer} not rendered"
+        );
+    }
+    let usages = |secret: &str| -> Vec<String> {
+        by_secret[secret]["spec"]["usages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect()
+    };
+    let deploys = of("Deployment");
+    let pods: Vec<&Value> = deploys
+        .iter()
+        .map(|d| &d["spec"]["template"]["spec"])
+        .collect();
+    for pod in &pods {
+        let c = &pod["containers"][0];
+        for v in pod["volumes"].as_array().into_iter().flatten() {
+            if let Some(s) = v["secret"]["secretName"].as_str() {
+                assert!(
+                    by_secret.contains_key(s) || s == "mulo-gateway-tokens",
+                    "{overlay}: Secret {s} is no Certificate's"
+                );
+            }
+        }
+        if let Some(cert) = env_var(c, "MULO_TLS_CERT") {
+            let s = secret_of(pod, cert).unwrap();
+            assert!(usages(&s).contains(&"server auth".into()), "{overlay}: {s}");
+        }
+        let Some(cert) = env_var(c, "MULO_ROLES_CERT") else {
+            continue;
+        };
+        let s = secret_of(pod, cert).unwrap();
+        assert!(usages(&s).contains(&"client auth".into()), "{overlay}: {s}");
+        let name = env_var(c, "MULO_ROLES_SERVER_NAME").unwrap();
+        // Every role serves a certificate with the name the gateway checks.
+        for role in &pods {
+            let rc = &role["containers"][0];
+            if rc["command"][0].as_str().unwrap().ends_with("mulo-gateway") {
+                continue;
+            }
+            let rs = secret_of(role, env_var(rc, "MULO_TLS_CERT").unwrap()).unwrap();
+            let names = &by_secret[rs.as_str()]["spec"]["dnsNames"];
+            assert!(
+                names.as_array().unwrap().iter().any(|x| x == name),
+                "{overlay}: the roles' certificate does not name {name}"
+            );
+        }
+    }
+}
+
 struct Deploy {
     name: String,
     pod_labels: BTreeMap<String, String>,
@@ -201,13 +319,40 @@ fn check(overlay: &str, objects: &[Value]) {
             listen.ends_with(&format!(":{port}")),
             "{overlay}: {n} listens on {listen}"
         );
+        // Variables set on the container itself: read by its binary.
+        let env: BTreeMap<String, String> = c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let name = e["name"].as_str().unwrap().to_string();
+                assert!(
+                    accepted(&binary).1.contains(&name),
+                    "{overlay}: {n} sets {name}, which {binary} does not read"
+                );
+                (name, e["value"].as_str().unwrap_or_default().to_string())
+            })
+            .collect();
+        // Probes: on the gRPC port, or on the plaintext health port the binary serves health on
+        // (with TLS on the gRPC port).
+        let probe_port = match env.get("MULO_HEALTH_LISTEN") {
+            Some(h) => {
+                let health = *ports
+                    .get("health")
+                    .unwrap_or_else(|| panic!("{overlay}: {n} has no port named health"));
+                assert!(h.ends_with(&format!(":{health}")), "{overlay}: {n} {h}");
+                health
+            }
+            None => port,
+        };
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             assert_eq!(
                 c[probe]["grpc"]["port"].as_u64(),
-                Some(port),
+                Some(probe_port),
                 "{overlay}: {n} {probe} port"
             );
         }
+        check_tls_files(overlay, &n, &d["spec"]["template"]["spec"], &env);
         // Every variable the pod gets from the ConfigMap: known to some binary (a typo would be
         // ignored silently by all of them).
         for from in c["envFrom"].as_array().into_iter().flatten() {
@@ -337,9 +482,16 @@ fn check(overlay: &str, objects: &[Value]) {
                         "{overlay}: {}",
                         name(np)
                     );
+                    // Other namespaces: Prometheus on metrics, and the client namespaces on the
+                    // gateway's gRPC port (labelled ones only).
                     for t in &targets {
+                        let client_port = t.binary == "mulo-gateway"
+                            && ports == [t.port]
+                            && from["namespaceSelector"]["matchLabels"]["mulo.dev/client"]
+                                == "true";
                         assert!(
-                            ports.iter().all(|p| Some(p) == t.ports.get("metrics")),
+                            client_port
+                                || ports.iter().all(|p| Some(p) == t.ports.get("metrics")),
                             "{overlay}: {} opens more than the metrics port of {} to another namespace",
                             name(np),
                             t.name
@@ -347,17 +499,12 @@ fn check(overlay: &str, objects: &[Value]) {
                     }
                 }
             }
-            // A rule without sources admits everyone: only the gateway's gRPC port may be open so.
-            if rule.get("from").is_none() {
-                for t in &targets {
-                    assert_eq!(
-                        (t.binary.as_str(), ports.as_slice()),
-                        ("mulo-gateway", [t.port].as_slice()),
-                        "{overlay}: {} is open to everyone",
-                        name(np)
-                    );
-                }
-            }
+            // A rule without sources admits everyone: none may.
+            assert!(
+                rule.get("from").is_some(),
+                "{overlay}: {} is open to everyone",
+                name(np)
+            );
         }
     }
     // Only the gateway may reach the roles: each role has a policy admitting the gateway.
@@ -398,7 +545,21 @@ fn every_overlay_renders_and_its_objects_agree() {
     for o in list {
         let objects = render(&o);
         check(&o, &objects);
+        check_certificates(&o, &objects);
     }
+}
+
+#[test]
+fn the_check_catches_a_roles_certificate_without_the_checked_name() {
+    let mut objects = render("secure");
+    check_certificates("secure", &objects);
+    let cert = objects
+        .iter_mut()
+        .find(|o| o["kind"] == "Certificate" && o["metadata"]["name"] == "mulo-roles")
+        .unwrap();
+    cert["spec"]["dnsNames"] = serde_json::json!(["mulo-verifier"]);
+    let caught = std::panic::catch_unwind(|| check_certificates("secure (altered)", &objects));
+    assert!(caught.is_err());
 }
 
 #[test]
