@@ -290,6 +290,33 @@ async fn a_tls_gateway_with_tokens_serves_python_and_rotates_without_a_restart()
         .unwrap()
         .starts_with(b"\x89PNG"));
 
+    // `mulo generate --gateway` over TLS with the token; without the token it fails, naming why.
+    let cli = |extra: &[&str]| {
+        Command::new(common::mulo_cli())
+            .args([
+                "generate",
+                "red apple",
+                "--no-progress",
+                "--gateway",
+                &gateway.addr,
+            ])
+            .args(["--gateway-ca", s(&pki.ca), "--out", s(&d.join("cli.png"))])
+            .args(extra)
+            .env_remove("MULO_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["--token", &token]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing credentials"), "{err}");
+
     // No token, a wrong token: UNAUTHENTICATED, exit status 1.
     let base = [
         "--gateway",

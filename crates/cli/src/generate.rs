@@ -70,6 +70,17 @@ pub struct GenerateArgs {
     /// models here; the same seed and parameters give the same tokens either way.
     #[arg(long, env = "MULO_GATEWAY", value_name = "ADDR", conflicts_with_all = ["model", "family", "vq"])]
     pub gateway: Option<String>,
+    /// With --gateway: PEM CA of the gateway's TLS certificate (speaks TLS; default plaintext).
+    #[arg(
+        long,
+        env = "MULO_GATEWAY_CA",
+        value_name = "FILE",
+        requires = "gateway"
+    )]
+    pub gateway_ca: Option<PathBuf>,
+    /// With --gateway: bearer token for a gateway with --auth-tokens.
+    #[arg(long, env = "MULO_TOKEN", requires = "gateway", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -369,7 +380,8 @@ fn run_gateway(
         .enable_all()
         .build()?;
     let done = rt.block_on(async {
-        let mut client = mulo_server::client::gateway_client(addr)?;
+        let mut client = mulo_server::client::gateway_client_tls(addr, args.gateway_ca.as_deref())?;
+        let req = mulo_server::client::with_token(req, args.token.as_deref())?;
         let mut stream = client
             .generate_stream(req)
             .await

@@ -104,9 +104,44 @@ pub fn role_channel(addr: &str) -> Result<Channel, EngineError> {
 pub fn gateway_client(
     addr: &str,
 ) -> Result<pb::gateway_client::GatewayClient<Channel>, EngineError> {
-    Ok(pb::gateway_client::GatewayClient::new(channel(addr)?)
+    gateway_client_tls(addr, None)
+}
+
+/// [`gateway_client`] over TLS when `ca` (PEM, the CA of the gateway's certificate) is given.
+pub fn gateway_client_tls(
+    addr: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<pb::gateway_client::GatewayClient<Channel>, EngineError> {
+    let channel = match ca {
+        None => channel(addr)?,
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| {
+                EngineError::Precondition(format!("reading CA {}: {e}", ca.display()))
+            })?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            let host = addr.rsplit_once("://").map_or(addr, |(_, h)| h);
+            endpoint(&format!("https://{host}"))?
+                .tls_config(tls)
+                .map_err(|e| EngineError::Precondition(format!("TLS to {addr}: {e}")))?
+                .connect_lazy()
+        }
+    };
+    Ok(pb::gateway_client::GatewayClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A request to the gateway carrying `token` as `authorization: Bearer` metadata.
+pub fn with_token<T>(msg: T, token: Option<&str>) -> Result<tonic::Request<T>, EngineError> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| EngineError::Precondition("the token must be printable ASCII".into()))?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(req)
 }
 
 /// Attempts of an idempotent call (open, release, info, status, image decoding) when the peer is
