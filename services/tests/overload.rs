@@ -12,18 +12,6 @@ use mulo_proto::v1 as pb;
 use mulo_proto::v1::gateway_client::GatewayClient;
 use tonic::Code;
 
-/// Resident memory of a process in MiB (Linux `/proc`).
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 fn request(seed: u64) -> pb::GenerateRequest {
     common::request("red apple", "mulo", seed)
 }
@@ -65,7 +53,7 @@ async fn bursts_past_the_admission_limit_are_refused_and_memory_stays_flat() {
     // Warm: the first burst allocates what the steady state needs.
     let (ok, refused, _) = burst(&gw, 200).await;
     assert!(ok >= 2 && ok + refused == 200, "{ok} + {refused}");
-    let after_first: Vec<f64> = pids.iter().map(|&p| rss_mib(p)).collect();
+    let after_first: Vec<f64> = pids.iter().map(|&p| common::rss_mib(p)).collect();
     let mut slowest = Duration::ZERO;
     for _ in 0..3 {
         let (ok, refused, s) = burst(&gw, 200).await;
@@ -73,7 +61,7 @@ async fn bursts_past_the_admission_limit_are_refused_and_memory_stays_flat() {
         assert!(refused >= 150, "most of the burst is refused: {refused}");
         slowest = slowest.max(s);
     }
-    let after: Vec<f64> = pids.iter().map(|&p| rss_mib(p)).collect();
+    let after: Vec<f64> = pids.iter().map(|&p| common::rss_mib(p)).collect();
     eprintln!(
         "RSS MiB gateway/drafter/verifier after the first burst {after_first:?}, after three more {after:?}; slowest refusal {slowest:?}"
     );

@@ -93,8 +93,8 @@ pub fn run(
         ))?;
         let _in_rt = rt.enter();
         let client = mulo_server::client::gateway_client(&c.gateway)?;
-        let drafter = DrafterClient::new(mulo_server::client::channel(&c.drafter)?);
-        let verifier = VerifierClient::new(mulo_server::client::channel(&c.verifier)?);
+        let drafter = mulo_server::client::RemoteDrafter::new(&c.drafter)?.client();
+        let verifier = mulo_server::client::RemoteVerifier::new(&c.verifier)?.client();
         places.push((
             Arc::new(ThroughGateway {
                 client,

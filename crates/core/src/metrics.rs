@@ -96,8 +96,10 @@ pub const KV_CACHE_BYTES: &str = "mulo_kv_cache_bytes";
 pub const TEXT_ENCODINGS: &str = "mulo_text_encodings_total";
 /// Calls to the gateway by bearer token name and outcome (with `--auth-tokens`).
 pub const TOKEN_REQUESTS: &str = "mulo_token_requests_total";
-/// Nearest-code tables the verifier keeps (MuLo-SD pools, LANTERN proximity sets).
+/// Nearest-code tables the verifier holds (MuLo-SD pools, LANTERN proximity sets): 0 or 1.
 pub const POOL_TABLES: &str = "mulo_nearest_code_tables";
+/// Bytes of the verifier's nearest-code table (host and device).
+pub const POOL_TABLE_BYTES: &str = "mulo_nearest_code_table_bytes";
 /// Sessions (request groups) in each batched forward, by model.
 pub const BATCH_SESSIONS: &str = "mulo_batch_sessions";
 /// Role calls running or waiting on the torch thread, by role.
@@ -331,7 +333,14 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Gauge,
         labels: &[],
         services: VERIFIER,
-        help: "Nearest-code tables ([V, k], one per pool size k) the verifier keeps: those of the defaults, built at warm-up, plus at most two others, least recently used out first.",
+        help: "Nearest-code tables the verifier holds: 1 once built at warm-up; it is [V, 1024] (capped at V) and every pool size k is a view of its first k columns, so no request builds one.",
+    },
+    Metric {
+        name: POOL_TABLE_BYTES,
+        kind: Kind::Gauge,
+        labels: &[],
+        services: VERIFIER,
+        help: "Bytes of the verifier's nearest-code table (int64 on the model's device plus u32 on the host).",
     },
 ];
 
@@ -420,6 +429,7 @@ mod tests {
             KV_CACHE_BYTES,
             TEXT_ENCODINGS,
             POOL_TABLES,
+            POOL_TABLE_BYTES,
             TOKEN_REQUESTS,
         ] {
             assert!(seen.contains(n), "{n} is not in ALL");

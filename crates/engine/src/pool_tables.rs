@@ -1,7 +1,8 @@
-//! The verifier's nearest-code tables (`[V, k]`, one per pool size `k`), bounded in number: the
-//! tables built at warm-up (the configured defaults) stay, and at most [`MAX_EXTRA_TABLES`] others
-//! are kept, least recently used out first. A request with an unusual `k` then costs the replica
-//! one table build, never memory that grows with every new `k`.
+//! The verifier's nearest-code table: one `[V, W]` table of each code's `W` nearest codes (itself
+//! first), `W` the largest pool size a request may ask for (capped at V). Rows are sorted by
+//! (distance, id), a total order, so the table of any `k <= W` is the first `k` columns of this
+//! one: every `pool_k` and LANTERN `k` is a view of it. It is built once (at warm-up), so no
+//! request — whatever `k` it asks for — builds a table on the torch thread or adds memory.
 
 use std::rc::Rc;
 
@@ -9,112 +10,106 @@ use mulo_core::limits::{MAX_LANTERN_K, MAX_POOL_K};
 use mulo_core::ParamError;
 use tch::Tensor;
 
-/// Tables kept beside the pinned ones (warm-up's).
-pub const MAX_EXTRA_TABLES: usize = 2;
+/// Columns of the table: the largest pool size a request may ask for.
+pub const WIDTH: usize = if MAX_POOL_K > MAX_LANTERN_K {
+    MAX_POOL_K
+} else {
+    MAX_LANTERN_K
+};
 
-/// One `[V, k]` table: on the host (LANTERN's proximity sets) and on the device (MuLo-SD's pooled
-/// mass). Cheap to clone.
+/// The `[V, W]` table, on the host (LANTERN's proximity sets) and on the device (MuLo-SD's
+/// pooled mass). Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct PoolTable {
-    /// Row-major `[V, k]` code ids.
-    pub host: Rc<Vec<u32>>,
+pub struct NearestCodes {
+    /// Row-major `[V, width]` code ids.
+    host: Rc<Vec<u32>>,
     /// The same as int64 on the model's device.
-    pub device: Rc<Tensor>,
+    device: Rc<Tensor>,
+    width: usize,
 }
 
-/// The tables by `k`: pinned ones first, then the others in order of use (most recent last).
-#[derive(Debug, Default)]
-pub struct PoolTables {
-    pinned: Vec<(usize, PoolTable)>,
-    recent: Vec<(usize, PoolTable)>,
-}
-
-impl PoolTables {
-    /// The table of `k`, built by `build` when it is not kept; `pin` keeps it for good.
-    /// `k` must be between 1 and the larger of the pool bounds (the caller clamps it to V).
-    pub fn get<E: From<ParamError>>(
-        &mut self,
-        k: usize,
-        pin: bool,
-        build: impl FnOnce(usize) -> Result<PoolTable, E>,
-    ) -> Result<PoolTable, E> {
-        let max = MAX_POOL_K.max(MAX_LANTERN_K);
-        mulo_core::limits::in_range("pool_k", k, max)?;
-        if let Some((_, t)) = self.pinned.iter().find(|(x, _)| *x == k) {
-            return Ok(t.clone());
+impl NearestCodes {
+    /// The table from its row-major `[V, width]` ids, copied to `device`.
+    pub fn new(host: Vec<u32>, width: usize, device: tch::Device) -> Self {
+        let t: Vec<i64> = host.iter().map(|&x| i64::from(x)).collect();
+        let v = host.len() / width.max(1);
+        let dev = Tensor::from_slice(&t)
+            .view([v as i64, width as i64])
+            .to_device(device);
+        Self {
+            host: Rc::new(host),
+            device: Rc::new(dev),
+            width,
         }
-        let table = match self.recent.iter().position(|(x, _)| *x == k) {
-            Some(i) => self.recent.remove(i).1,
-            None => build(k)?,
-        };
-        if pin {
-            self.pinned.push((k, table.clone()));
-        } else {
-            self.recent.push((k, table.clone()));
-            if self.recent.len() > MAX_EXTRA_TABLES {
-                self.recent.remove(0);
-            }
-        }
-        Ok(table)
     }
 
-    /// Tables kept now.
-    pub fn len(&self) -> usize {
-        self.pinned.len() + self.recent.len()
+    /// `k` within its bound (1 to [`WIDTH`]), clamped to the table's width (a pool larger than
+    /// the codebook is the whole codebook).
+    pub fn columns(&self, field: &'static str, k: usize) -> Result<usize, ParamError> {
+        mulo_core::limits::in_range(field, k, WIDTH)?;
+        Ok(k.min(self.width))
     }
 
-    /// True when no table is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// The `[V, k]` table on the device (a view).
+    pub fn device(&self, k: usize) -> Tensor {
+        self.device.narrow(1, 0, k.min(self.width) as i64)
+    }
+
+    /// The `k` nearest codes of `code`, itself first.
+    pub fn row(&self, code: usize, k: usize) -> &[u32] {
+        let start = code * self.width;
+        &self.host[start..start + k.min(self.width)]
+    }
+
+    /// Bytes the table holds (host and device).
+    pub fn bytes(&self) -> usize {
+        self.host.len() * (4 + 8)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mulo_core::spec::nearest_codes;
 
-    fn table(k: usize) -> Result<PoolTable, ParamError> {
-        Ok(PoolTable {
-            host: Rc::new(vec![k as u32]),
-            device: Rc::new(Tensor::from_slice(&[k as i64])),
-        })
-    }
-
-    #[test]
-    fn pinned_tables_stay_and_the_others_are_bounded() {
-        let mut t = PoolTables::default();
-        t.get(256, true, table).unwrap();
-        t.get(1000, true, table).unwrap();
-        let mut builds = 0;
-        for k in [3, 4, 5, 6, 7, 3, 256, 1000] {
-            t.get(k, false, |k| {
-                builds += 1;
-                table(k)
+    /// Random code vectors (seeded) with a duplicate, so that ties occur.
+    fn codes(v: usize, dim: usize) -> Vec<f32> {
+        let mut x: u64 = 7;
+        let mut out: Vec<f32> = (0..v * dim)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
-            .unwrap();
-            assert!(t.len() <= 2 + MAX_EXTRA_TABLES, "{}", t.len());
-        }
-        // 3..7 built once each, 3 again (evicted by then); the pinned ones never rebuilt.
-        assert_eq!(builds, 6);
-        assert_eq!(t.len(), 2 + MAX_EXTRA_TABLES);
-        // The most recently used extra table is kept: no build.
-        t.get(3, false, |_| -> Result<PoolTable, ParamError> {
-            panic!("3 is kept")
-        })
-        .unwrap();
+            .collect();
+        out.copy_within(0..dim, dim);
+        out
     }
 
     #[test]
-    fn out_of_bound_k_is_refused_before_any_build() {
-        let mut t = PoolTables::default();
-        for k in [0, MAX_POOL_K.max(MAX_LANTERN_K) + 1] {
-            let e = t
-                .get(k, false, |_| -> Result<PoolTable, ParamError> {
-                    panic!("no build for {k}")
-                })
-                .unwrap_err();
-            assert_eq!(e.field, "pool_k");
+    fn every_smaller_table_is_a_prefix_of_the_wide_one() {
+        let (v, dim) = (40, 3);
+        let c = codes(v, dim);
+        let wide = NearestCodes::new(nearest_codes(&c, dim, v), v, tch::Device::Cpu);
+        for k in [1, 2, 5, 17, v] {
+            let own = nearest_codes(&c, dim, k);
+            for code in 0..v {
+                assert_eq!(wide.row(code, k), &own[code * k..(code + 1) * k], "k {k}");
+            }
+            let dev = Vec::<i64>::try_from(wide.device(k).contiguous().reshape([-1])).unwrap();
+            let own: Vec<i64> = own.iter().map(|&x| i64::from(x)).collect();
+            assert_eq!(dev, own, "k {k} on the device");
         }
-        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn k_is_bounded_then_clamped_to_the_codebook() {
+        let t = NearestCodes::new(vec![0, 1, 1, 0], 2, tch::Device::Cpu);
+        assert_eq!(t.columns("pool_k", 1).unwrap(), 1);
+        assert_eq!(t.columns("pool_k", WIDTH).unwrap(), 2);
+        for k in [0, WIDTH + 1] {
+            assert_eq!(t.columns("pool_k", k).unwrap_err().field, "pool_k");
+        }
     }
 }

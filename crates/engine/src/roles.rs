@@ -443,11 +443,8 @@ impl Engine {
             d.reserve_sessions(batch.min(d.session_limit()))?;
         }
         if let Some(v) = &mut self.verifier {
-            // The nearest-code tables of the default MuLo-SD pool and LANTERN neighbourhood.
-            v.warm_up_pools(&[
-                mulo_core::MuloParams::default().pool_k,
-                mulo_core::method::LanternParams::default().k,
-            ])?;
+            // The nearest-code table every MuLo-SD pool and LANTERN neighbourhood is a view of.
+            v.warm_up_nearest_codes()?;
             v.target().warm_up()?;
             if let Some(d) = v.draft_model() {
                 d.warm_up()?;

@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
 
-use mulo_core::limits::{MAX_LANTERN_K, MAX_POOL_K};
+use mulo_core::limits::MAX_LANTERN_K;
 use mulo_core::spec::{lantern_accept, nearest_codes, proximity_set, sd_accept, sd_residual};
 use mulo_core::{ParamError, SamplingParams};
 use mulo_model::sampling::{sample_from_probs, TokenRng};
@@ -24,7 +24,7 @@ use crate::batching::{
     block_on, hold, run_round, BatchLimits, BatchStats, Forwards, Held, Home, LocalOp, RowPool,
 };
 use crate::error::EngineError;
-use crate::pool_tables::{PoolTable, PoolTables};
+use crate::pool_tables::NearestCodes;
 use crate::prompt::encode_prompt;
 use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
@@ -137,8 +137,8 @@ pub struct VerifierCore {
     /// L2-normalised codebook `[V, d]` on the host (pooling tables and LANTERN distances).
     codes: Vec<f32>,
     code_dim: usize,
-    /// `[V, k]` nearest-code tables by `k` (bounded in number).
-    pools: PoolTables,
+    /// The `[V, W]` nearest-code table every pool size is a view of (built once, at warm-up).
+    nearest: Option<NearestCodes>,
     sessions: Rc<RefCell<SessionTable<Session>>>,
     target_tokenizer: Option<CaptionTokenizer>,
     draft_tokenizer: Option<CaptionTokenizer>,
@@ -224,7 +224,7 @@ impl VerifierCore {
             kv,
             limits: BatchLimits::default(),
             stats: BatchStats::default(),
-            pools: PoolTables::default(),
+            nearest: None,
             sessions: Rc::new(RefCell::new(SessionTable::new("verifier", max_sessions))),
             target_tokenizer: None,
             draft_tokenizer: None,
@@ -349,44 +349,37 @@ impl VerifierCore {
         self.sessions.borrow().len()
     }
 
-    /// Builds the nearest-code tables of each `k` now and keeps them for good, so that the first
-    /// request using it does not pay for it (warm-up: the configured defaults).
-    pub fn warm_up_pools(&mut self, ks: &[usize]) -> Result<(), EngineError> {
-        for &k in ks {
-            self.pool(k, true)?;
-        }
-        Ok(())
+    /// Builds the nearest-code table now, so that no request pays for it (warm-up).
+    pub fn warm_up_nearest_codes(&mut self) -> Result<(), EngineError> {
+        self.nearest_codes().map(|_| ())
     }
 
-    /// Nearest-code tables kept now (each `k`, capped at the vocabulary, counts once): the
-    /// warm-up's plus at most [`crate::pool_tables::MAX_EXTRA_TABLES`].
+    /// Nearest-code tables held: 1 once built (every pool size is a view of it), else 0.
     pub fn pool_tables(&self) -> usize {
-        self.pools.len()
+        usize::from(self.nearest.is_some())
     }
 
-    /// The `[V, k]` nearest-code table (`k` within its bound); `k` larger than the codebook means
-    /// the whole codebook (every code is within the pool: the pooled mass is 1), so it is clamped
-    /// to `V`.
-    fn pool(&mut self, k: usize, pin: bool) -> Result<PoolTable, EngineError> {
-        let max = MAX_POOL_K.max(MAX_LANTERN_K);
-        mulo_core::limits::in_range("pool_k", k, max)?;
+    /// The nearest-code table, built on first use.
+    fn nearest_codes(&mut self) -> Result<NearestCodes, EngineError> {
+        if let Some(t) = &self.nearest {
+            return Ok(t.clone());
+        }
         let v = self.target.config().vocab_size as usize;
-        let (codes, dim, device) = (&self.codes, self.code_dim, self.target.device());
-        let table = self
-            .pools
-            .get(k.min(v), pin, |k| -> Result<_, EngineError> {
-                let table = nearest_codes(codes, dim, k);
-                let t: Vec<i64> = table.iter().map(|&x| i64::from(x)).collect();
-                let dev = Tensor::from_slice(&t)
-                    .view([v as i64, k as i64])
-                    .to_device(device);
-                Ok(PoolTable {
-                    host: Rc::new(table),
-                    device: Rc::new(dev),
-                })
-            })?;
-        metrics::gauge!(mulo_core::metrics::POOL_TABLES).set(self.pools.len() as f64);
-        Ok(table)
+        let width = crate::pool_tables::WIDTH.min(v);
+        let host = nearest_codes(&self.codes, self.code_dim, width);
+        let t = NearestCodes::new(host, width, self.target.device());
+        metrics::gauge!(mulo_core::metrics::POOL_TABLES).set(1.0);
+        metrics::gauge!(mulo_core::metrics::POOL_TABLE_BYTES).set(t.bytes() as f64);
+        self.nearest = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The `[V, k]` nearest-code table of pool size `k` (checked against its bound as `field`;
+    /// `k` larger than the codebook means the whole codebook: the pooled mass is 1).
+    fn pool(&mut self, field: &'static str, k: usize) -> Result<Tensor, EngineError> {
+        let t = self.nearest_codes()?;
+        let k = t.columns(field, k)?;
+        Ok(t.device(k))
     }
 
     /// The target's [`TargetNll`] of a finished grid (a text prompt goes through the target's
@@ -398,7 +391,7 @@ impl VerifierCore {
         params: &SamplingParams,
         pool_k: usize,
     ) -> Result<crate::score::TargetNll, EngineError> {
-        let pools = self.pool(pool_k, false)?.device;
+        let pools = self.pool("pool_k", pool_k)?;
         let cfg = self.target.config();
         let grid = mulo_core::TokenGrid::new(cfg.grid, tokens.to_vec(), cfg.vocab_size as usize)?;
         let cond = encode_prompt(cond, self.text.as_mut())?.0;
@@ -547,7 +540,7 @@ impl VerifierCore {
     ) -> Result<Op<VerifyReply>, EngineError> {
         let v = self.target.config().vocab_size;
         let n = self.target.config().grid.len();
-        let pool = self.pool(pool_k, false)?.device;
+        let pool = self.pool("pool_k", pool_k)?;
         let entry = self.session(&r.id)?;
         let work = async move {
             let start = Instant::now();
@@ -773,11 +766,11 @@ impl VerifierCore {
         }
         // LANTERN's k counts candidates; a codebook smaller than k offers all of its codes.
         let v = self.target.config().vocab_size as usize;
-        let relax = relax.map(|x| Relaxation { k: x.k.min(v), ..x });
         let table = match relax {
-            Some(x) => Some(self.pool(x.k, false)?.host),
+            Some(_) => Some(self.nearest_codes()?),
             None => None,
         };
+        let relax = relax.map(|x| Relaxation { k: x.k.min(v), ..x });
         let n = self.target.config().grid.len();
         let wrong_residual = self.wrong_residual;
         let entry = self.session(&r.id)?;
@@ -818,7 +811,7 @@ impl VerifierCore {
                 p: &p_host,
                 v,
                 qs: &qs,
-                relax: relax.zip(table.as_ref().map(|t| t.as_slice())),
+                relax: relax.zip(table.as_ref()),
                 wrong_residual,
             };
             let (out, accepted) = accept.run(&drafts, bonus, rng);
@@ -884,8 +877,8 @@ struct Acceptance<'a> {
     p: &'a [f32],
     v: usize,
     qs: &'a [Vec<f32>],
-    /// LANTERN's relaxation with its `[V, k]` nearest-code table.
-    relax: Option<(Relaxation, &'a [u32])>,
+    /// LANTERN's relaxation with the nearest-code table.
+    relax: Option<(Relaxation, &'a NearestCodes)>,
     wrong_residual: bool,
 }
 
@@ -904,8 +897,7 @@ impl Acceptance<'_> {
             let u = rng.next_uniform().min(1.0 - f64::EPSILON);
             let (ok, set) = match &self.relax {
                 Some((rx, table)) => {
-                    let k = rx.k;
-                    let near = &table[x * k..(x + 1) * k];
+                    let near = table.row(x, rx.k);
                     let set = proximity_set(near, self.row(i), rx.delta);
                     (lantern_accept(self.row(i), &self.qs[i], x, &set, u), set)
                 }

@@ -38,60 +38,93 @@ fn check_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !ok {
-        bail!("token name '{name}' must be 1 to 64 characters of [A-Za-z0-9._-]");
+        // The value is not echoed: a line written token:name would print the token.
+        bail!("a token name must be 1 to 64 characters of [A-Za-z0-9._-]");
     }
     Ok(())
 }
 
 impl TokenSet {
-    /// Parses `name:token` lines (blank lines and `#` comments skipped).
+    /// Parses `name:token` lines (blank lines and `#` comments skipped); every bad line is an
+    /// error naming its number (never its content).
     pub fn parse(text: &str) -> Result<Self> {
+        let (set, errors) = Self::parse_lenient(text);
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(set),
+        }
+    }
+
+    /// [`TokenSet::parse`] keeping the good lines: the set and the errors of the bad ones.
+    fn parse_lenient(text: &str) -> (Self, Vec<anyhow::Error>) {
         let mut set = Self::default();
+        let mut errors = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (name, token) = line
-                .split_once(':')
-                .with_context(|| format!("line {}: expected name:token", i + 1))?;
-            set.add(name.trim(), token.trim())
-                .with_context(|| format!("line {}", i + 1))?;
+            let r = match line.split_once(':') {
+                Some((name, token)) => set.add(name.trim(), token.trim()),
+                None => Err(anyhow::anyhow!("expected name:token")),
+            };
+            if let Err(e) = r {
+                errors.push(e.context(format!("line {}", i + 1)));
+            }
         }
-        Ok(set)
+        (set, errors)
     }
 
     /// Reads a `name:token` file, or a directory with one file per token (its name the token's
-    /// name, its content the token: a Kubernetes Secret mounted as a volume).
-    pub fn load(path: &Path) -> Result<Self> {
-        let set = if path.is_dir() {
-            let mut set = Self::default();
-            for f in crate::reload::files(path)? {
-                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                let token = std::fs::read_to_string(&f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                set.add(name, token.trim())
-                    .with_context(|| format!("{}", f.display()))?;
-            }
-            set
-        } else {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Self::parse(&text).with_context(|| format!("{}", path.display()))?
+    /// name, its content the token: a Kubernetes Secret mounted as a volume). `strict` (start-up):
+    /// any bad entry, or none at all, is an error. Otherwise (a reload) it fails closed: bad
+    /// entries are logged and left out, and an unreadable path gives an empty set (every caller
+    /// refused) — a revoked token never stays valid because the new file has a mistake.
+    pub fn load(path: &Path, strict: bool) -> Result<Self> {
+        let (set, errors) = match Self::read(path) {
+            Ok(x) => x,
+            Err(e) if !strict => (Self::default(), vec![e]),
+            Err(e) => return Err(e),
         };
-        if set.tokens.is_empty() {
+        for e in &errors {
+            if strict {
+                bail!("{}: {e:#}", path.display());
+            }
+            tracing::error!(path = %path.display(), error = %format!("{e:#}"), "bearer token left out");
+        }
+        if strict && set.tokens.is_empty() {
             bail!("{} holds no token", path.display());
         }
         Ok(set)
     }
 
+    fn read(path: &Path) -> Result<(Self, Vec<anyhow::Error>)> {
+        if !path.is_dir() {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            return Ok(Self::parse_lenient(&text));
+        }
+        let mut set = Self::default();
+        let mut errors = Vec::new();
+        for f in crate::reload::files(path)? {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let r = std::fs::read_to_string(&f)
+                .with_context(|| format!("reading {}", f.display()))
+                .and_then(|token| set.add(name, token.trim()));
+            if let Err(e) = r {
+                errors.push(e.context(format!("{}", f.display())));
+            }
+        }
+        Ok((set, errors))
+    }
+
     fn add(&mut self, name: &str, token: &str) -> Result<()> {
         check_name(name)?;
         if token.len() < MIN_TOKEN_LEN {
-            bail!("token '{name}' is shorter than {MIN_TOKEN_LEN} characters");
+            bail!("a token is shorter than {MIN_TOKEN_LEN} characters");
         }
         if self.tokens.iter().any(|(n, _)| n == name) {
-            bail!("token name '{name}' appears twice");
+            bail!("a token name appears twice");
         }
         self.tokens
             .push((name.to_string(), digest(token.as_bytes())));
@@ -150,7 +183,8 @@ impl Bucket {
             self.level -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.level) / limits.rate))
+            let wait = (1.0 - self.level) / limits.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
 }
@@ -196,7 +230,7 @@ impl Auth {
         let tokens = Reloading::new(
             &format!("bearer tokens {}", path.display()),
             vec![path],
-            Box::new(move || TokenSet::load(&p)),
+            Box::new(move |first| TokenSet::load(&p, first)),
         )?;
         Ok(Self {
             tokens,
@@ -252,8 +286,9 @@ impl Auth {
                 let wait = Duration::from_millis(100);
                 return Err(retry_later(
                     format!(
-                        "token '{name}' has {} requests in flight, its limit",
-                        self.limits.max_in_flight
+                        "token '{name}' has {} requests in flight, its limit: retry in {:.3} s",
+                        self.limits.max_in_flight,
+                        wait.as_secs_f64()
                     ),
                     wait,
                 ));
@@ -306,10 +341,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ci"), "cccccccccccccccccc\n").unwrap();
         std::fs::write(dir.path().join("..data"), "ignored").unwrap();
-        let set = TokenSet::load(dir.path()).unwrap();
+        let set = TokenSet::load(dir.path(), true).unwrap();
         assert_eq!(set.name_of("cccccccccccccccccc"), Some("ci"));
         let empty = tempfile::tempdir().unwrap();
-        assert!(TokenSet::load(empty.path()).is_err());
+        assert!(TokenSet::load(empty.path(), true).is_err());
+        // A line written token:name does not print the token in the error.
+        let e = TokenSet::parse("secret-secret-secret-1:team-a").unwrap_err();
+        assert!(!format!("{e:#}").contains("secret-secret"), "{e:#}");
+    }
+
+    /// A reload fails closed: a new file with a bad line still revokes the tokens it dropped,
+    /// and a removed file refuses everyone.
+    #[test]
+    fn reloads_revoke_tokens_even_when_the_new_file_has_mistakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(&f, "old:oooooooooooooooo1\n").unwrap();
+        let limits = TokenLimits {
+            rate: 0.0,
+            burst: 1.0,
+            max_in_flight: 4,
+        };
+        let auth = Auth::new(f.clone(), limits).unwrap();
+        let old = meta("Bearer oooooooooooooooo1");
+        auth.admit(&old, false).unwrap();
+        std::fs::write(&f, "new:nnnnnnnnnnnnnnnn1\nbroken line\n").unwrap();
+        std::thread::sleep(crate::reload::CHECK_EVERY);
+        assert_eq!(
+            auth.admit(&old, false).unwrap_err().code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            auth.admit(&meta("Bearer nnnnnnnnnnnnnnnn1"), false)
+                .unwrap()
+                .name,
+            "new"
+        );
+        std::fs::remove_file(&f).unwrap();
+        std::thread::sleep(crate::reload::CHECK_EVERY);
+        let e = auth
+            .admit(&meta("Bearer nnnnnnnnnnnnnnnn1"), false)
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
     }
 
     #[test]

@@ -287,6 +287,13 @@ pub fn load_engine_with_text(
     )?))
 }
 
+/// A role call's deadline within its bound (INVALID_ARGUMENT past 3600 s, as at the gateway).
+fn bounded_deadline(req: Request<()>) -> Result<Request<()>, Status> {
+    let cap = Duration::from_secs_f64(mulo_core::limits::MAX_DEADLINE_SECONDS);
+    crate::convert::deadline_in(req.metadata(), cap)?;
+    Ok(req)
+}
+
 /// Frees idle sessions every quarter of the TTL.
 fn expire_idle(worker: Arc<TorchWorker<Engine>>, ttl: f64) {
     let ttl = Duration::from_secs_f64(ttl.max(0.01));
@@ -364,11 +371,12 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
             .await?
             .panic_after(args.test_panic_after_calls);
         serve(role, &args.common, &worker, |r| {
-            r.add_service(
+            r.add_service(tonic::service::interceptor::InterceptedService::new(
                 mulo_proto::v1::drafter_server::DrafterServer::new(svc)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+                bounded_deadline,
+            ))
         })
         .await
     } else {
@@ -376,11 +384,12 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
             .await?
             .panic_after(args.test_panic_after_calls);
         serve(role, &args.common, &worker, |r| {
-            r.add_service(
+            r.add_service(tonic::service::interceptor::InterceptedService::new(
                 mulo_proto::v1::verifier_server::VerifierServer::new(svc)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+                bounded_deadline,
+            ))
         })
         .await
     }

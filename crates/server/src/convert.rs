@@ -205,9 +205,7 @@ pub fn sampling_out(p: &SamplingParams) -> pb::Sampling {
 /// A session spec from the wire (its sampling must be fully resolved by the caller).
 pub fn spec_in(s: Option<pb::SessionSpec>) -> Result<SessionSpec, Status> {
     let s = required("spec", s)?;
-    if s.session_id.is_empty() || s.session_id.len() > 256 {
-        return Err(invalid("spec.session_id", "1 to 256 characters"));
-    }
+    session_id_in("spec.session_id", &s.session_id)?;
     let sampling = s.sampling.unwrap_or_default();
     let (Some(cfg_scale), Some(temperature), Some(top_k), Some(top_p)) = (
         sampling.cfg_scale,
@@ -238,6 +236,14 @@ pub fn spec_in(s: Option<pb::SessionSpec>) -> Result<SessionSpec, Status> {
     })
 }
 
+/// A session id from the wire: 1 to 256 bytes.
+pub fn session_id_in(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(invalid(field, "1 to 256 characters"));
+    }
+    Ok(())
+}
+
 /// A session spec to the wire.
 pub fn spec_out(s: &SessionSpec) -> Result<pb::SessionSpec, Status> {
     Ok(pb::SessionSpec {
@@ -252,9 +258,7 @@ pub fn spec_out(s: &SessionSpec) -> Result<pb::SessionSpec, Status> {
 /// A session reference from the wire.
 pub fn ref_in(r: Option<pb::SessionRef>) -> Result<SessionRef, Status> {
     let r = required("session", r)?;
-    if r.session_id.is_empty() {
-        return Err(invalid("session.session_id", "empty"));
-    }
+    session_id_in("session.session_id", &r.session_id)?;
     Ok(SessionRef {
         id: r.session_id,
         epoch: r.epoch,

@@ -163,7 +163,8 @@ pub struct AuthArgs {
     /// as a volume). Re-read when it changes. Unset: every caller is admitted.
     #[arg(long, env = "MULO_AUTH_TOKENS", value_name = "PATH")]
     pub auth_tokens: Option<std::path::PathBuf>,
-    /// Requests per second one token may start on average (token bucket); 0 = no rate limit.
+    /// Requests per second one token may start on average (token bucket); 0 = no rate limit,
+    /// else at least 0.001.
     #[arg(long, env = "MULO_TOKEN_RATE", default_value_t = 10.0)]
     pub token_rate: f64,
     /// Requests one token may start at once after being idle (the bucket's size).
@@ -181,8 +182,8 @@ impl AuthArgs {
         let Some(path) = &self.auth_tokens else {
             return Ok(None);
         };
-        if !(self.token_rate.is_finite() && self.token_rate >= 0.0) {
-            anyhow::bail!("invalid --token-rate: must be a number >= 0");
+        if !(self.token_rate == 0.0 || (self.token_rate.is_finite() && self.token_rate >= 0.001)) {
+            anyhow::bail!("invalid --token-rate: must be 0 (no limit) or at least 0.001");
         }
         if !(self.token_burst.is_finite() && self.token_burst >= 1.0) {
             anyhow::bail!("invalid --token-burst: must be a number >= 1");

@@ -104,6 +104,10 @@ struct Run {
 
 /// A validated request and what the caller wants back.
 struct Job {
+    /// The client's request id (or the gateway's `gw-N`), echoed in the response.
+    request_id: String,
+    /// The engine's request; its id (the roles' session id) is the request id plus a random
+    /// suffix, so that no caller can name, replace or release another request's sessions.
     req: GenerateRequest,
     /// Time it may take (the client's deadline, at most the gateway's request timeout).
     deadline: std::time::Duration,
@@ -233,12 +237,13 @@ impl GatewayState {
         let condition = condition_in("condition", r.condition)?;
         Ok(Job {
             req: GenerateRequest {
-                id,
+                id: format!("{id}.{:016x}", rand::random::<u64>()),
                 condition,
                 sampling,
                 seed: r.seed,
                 method,
             },
+            request_id: id,
             deadline,
             return_tokens: r.return_tokens,
             skip_png: r.skip_png,
@@ -250,7 +255,6 @@ impl GatewayState {
     async fn run(
         &self,
         req: &GenerateRequest,
-        deadline: std::time::Duration,
         on_event: &mut (dyn FnMut(&BlockEvent) + Send),
     ) -> Result<Run, Status> {
         if self.verifiers.replicas().is_empty() {
@@ -272,18 +276,9 @@ impl GatewayState {
         let out = WIRE_BYTES
             .scope(
                 wire.clone(),
-                tokio::time::timeout(
-                    deadline,
-                    generate(d, self.verifiers.as_ref(), req, on_event),
-                ),
+                generate(d, self.verifiers.as_ref(), req, on_event),
             )
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "the request ran past its deadline of {:.3} s",
-                    deadline.as_secs_f64()
-                ))
-            })?;
+            .await;
         guard.armed = false;
         let migrations = self.verifiers.take_migrations(&req.id);
         out.map(|outcome| Run {
@@ -292,6 +287,26 @@ impl GatewayState {
             wire,
         })
         .map_err(|e| status(&e))
+    }
+
+    /// Generates a job and its response (the PNG included) within the job's deadline.
+    async fn serve_job(
+        &self,
+        job: &Job,
+        on_event: &mut (dyn FnMut(&BlockEvent) + Send),
+    ) -> Result<pb::GenerateResponse, Status> {
+        let work = async {
+            let out = self.run(&job.req, on_event).await?;
+            self.response(job, out).await
+        };
+        tokio::time::timeout(job.deadline, work)
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the request ran past its deadline of {:.3} s",
+                    job.deadline.as_secs_f64()
+                ))
+            })?
     }
 
     /// PNG bytes of a finished grid: a drafter decodes it, else the gateway's own VQ.
@@ -346,7 +361,7 @@ impl GatewayState {
         };
         let s = out.stats;
         Ok(pb::GenerateResponse {
-            request_id: job.req.id.clone(),
+            request_id: job.request_id.clone(),
             png,
             tokens: if job.return_tokens {
                 tokens_out(&out.tokens)?
@@ -432,8 +447,16 @@ impl Admitted {
         self.caller.as_ref().map_or("-", |c| c.name.as_str())
     }
 
-    fn finish<T>(&mut self, r: &Result<T, Status>) {
+    /// Sets the outcome of a finished job and logs it with its caller.
+    fn finish<T>(&mut self, job: &Job, r: &Result<T, Status>) {
         self.outcome = outcome(r.as_ref().err());
+        tracing::info!(
+            id = %job.request_id,
+            caller = self.caller_name(),
+            seconds = self.since.elapsed().as_secs_f64(),
+            outcome = self.outcome,
+            "generated"
+        );
     }
 }
 
@@ -479,6 +502,7 @@ impl Drop for ReleaseOnDrop {
             return;
         }
         let (id, drafter, verifier) = (self.id.clone(), self.drafter.take(), self.verifier.clone());
+        verifier.take_migrations(&id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             tracing::info!(%id, "request ended early: releasing its sessions");
             rt.spawn(async move {
@@ -511,12 +535,8 @@ impl pb::gateway_server::Gateway for GatewayService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let (job, mut admitted) = self.accept(req)?;
-        let out = match self.run(&job.req, job.deadline, &mut |_| {}).await {
-            Ok(out) => self.response(&job, out).await,
-            Err(e) => Err(e),
-        };
-        admitted.finish(&out);
-        tracing::info!(id = %job.req.id, caller = admitted.caller_name(), seconds = admitted.since.elapsed().as_secs_f64(), ok = out.is_ok(), "generated");
+        let out = self.serve_job(&job, &mut |_| {}).await;
+        admitted.finish(&job, &out);
         out.map(Response::new)
     }
 
@@ -541,17 +561,14 @@ impl pb::gateway_server::Gateway for GatewayService {
                 };
                 let gone = tx.clone();
                 let result = tokio::select! {
-                    r = me.run(&job.req, job.deadline, &mut on_event) => r,
+                    r = me.serve_job(&job, &mut on_event) => r,
                     // The client cancelled: dropping the generation releases its sessions.
                     () = gone.closed() => return,
                 };
-                let result = match result {
-                    Ok(out) => me.response(&job, out).await.map(|r| pb::GenerateEvent {
-                        kind: Some(pb::generate_event::Kind::Done(r)),
-                    }),
-                    Err(e) => Err(e),
-                };
-                admitted.finish(&result);
+                admitted.finish(&job, &result);
+                let result = result.map(|r| pb::GenerateEvent {
+                    kind: Some(pb::generate_event::Kind::Done(r)),
+                });
                 let _ = tx.send(result).await;
                 drop(admitted);
             }

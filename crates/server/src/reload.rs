@@ -47,8 +47,9 @@ fn signature(paths: &[PathBuf]) -> Signature {
     sig
 }
 
-/// The loader of a [`Reloading`] value: reads it from the watched paths.
-pub type Loader<T> = Box<dyn Fn() -> Result<T> + Send + Sync>;
+/// The loader of a [`Reloading`] value: reads it from the watched paths; its argument is true
+/// for the first load (at start-up) and false for a reload.
+pub type Loader<T> = Box<dyn Fn(bool) -> Result<T> + Send + Sync>;
 
 struct State<T> {
     value: Arc<T>,
@@ -78,7 +79,7 @@ impl<T> Reloading<T> {
     /// Loads `what` now (an error is returned: a service does not start with a bad file).
     pub fn new(what: &str, paths: Vec<PathBuf>, load: Loader<T>) -> Result<Self> {
         let signature = signature(&paths);
-        let value = Arc::new(load().with_context(|| what.to_string())?);
+        let value = Arc::new(load(true).with_context(|| what.to_string())?);
         Ok(Self {
             what: what.to_string(),
             paths,
@@ -102,7 +103,7 @@ impl<T> Reloading<T> {
             s.checked = Instant::now();
             let now = signature(&self.paths);
             if now != s.signature {
-                match (self.load)() {
+                match (self.load)(false) {
                     Ok(v) => {
                         tracing::info!(what = %self.what, "reloaded after a change on disk");
                         s.value = Arc::new(v);
@@ -138,7 +139,7 @@ mod tests {
         let r = Reloading::new(
             "value",
             vec![f.clone()],
-            Box::new(move || -> Result<u32> {
+            Box::new(move |_| -> Result<u32> {
                 Ok(std::fs::read_to_string(&path)?.trim().parse()?)
             }),
         )

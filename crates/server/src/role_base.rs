@@ -69,6 +69,7 @@ pub(crate) async fn release_session(
     id: String,
     drafter: bool,
 ) -> Result<tonic::Response<proto::ReleaseResponse>, Status> {
+    convert::session_id_in("session_id", &id)?;
     let released = local
         .worker()
         .call(move |e: &mut Engine| {

@@ -20,6 +20,8 @@ use crate::reload::Reloading;
 
 /// Time a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at most; the accept loop waits for one to end past that.
+const MAX_HANDSHAKES: usize = 256;
 
 /// rustls on *ring*: classical key exchange (X25519, P-256/384) and no C++ toolchain to build.
 /// rustls marks it deprecated for lacking post-quantum key exchange, which its aws-lc-rs provider
@@ -105,7 +107,7 @@ impl ServerTls {
         Ok(Self(Reloading::new(
             "server TLS files",
             paths,
-            Box::new(move || f.config().map(Arc::new)),
+            Box::new(move |_| f.config().map(Arc::new)),
         )?))
     }
 
@@ -116,8 +118,12 @@ impl ServerTls {
         listener: TcpListener,
     ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 let (tcp, peer) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(x) => x,
@@ -133,6 +139,7 @@ impl ServerTls {
                 let acceptor = TlsAcceptor::from(self.0.get().as_ref().clone());
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => {
                             let _ = tx.send(Ok(s)).await;
@@ -202,7 +209,7 @@ impl ClientTls {
             config: Reloading::new(
                 "client TLS files",
                 paths,
-                Box::new(move || f.config().map(Arc::new)),
+                Box::new(move |_| f.config().map(Arc::new)),
             )?,
             server_name: files.server_name,
         })

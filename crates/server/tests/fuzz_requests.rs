@@ -1,11 +1,12 @@
 //! Fuzzing of the public request decoding and validation (docs/security.md): structure-aware
 //! generation of `GenerateRequest`s (method strings from the parameter grammar and garbage,
 //! sampling with NaN/∞/huge values, every kind of condition with inconsistent sizes, deadlines
-//! and bearer tokens as metadata), raw bytes through protobuf decoding, and the session specs and
-//! role-call fields the roles decode. Every input must come back as a request or a status of a
-//! defined code (INVALID_ARGUMENT, UNAUTHENTICATED), never a panic. More than 100 000 inputs run
-//! in the test command; the corpus under `tests/fuzz-corpus/` (encoded requests that once hurt a
-//! replica or were found by this fuzzer) is replayed first, and proptest records any new failure
+//! and bearer tokens as metadata, against a gateway with and one without tokens), raw bytes through
+//! protobuf decoding, and the session specs and role-call fields the roles decode. Every input must
+//! come back as a request within every bound or a status of a defined code (INVALID_ARGUMENT,
+//! UNAUTHENTICATED), never a panic. More than 100 000 inputs run in the test command; the corpus
+//! under `tests/fuzz-corpus/` (encoded requests that could hurt a replica before the bounds; any
+//! crasher this fuzzer finds joins them) is replayed first, and proptest records any new failure
 //! in `tests/fuzz-regressions.txt`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,7 +27,7 @@ const STRUCTURED: u32 = 60_000;
 const RAW: u32 = 25_000;
 const ROLE: u32 = 25_000;
 
-fn gateway() -> GatewayService {
+fn gateway(auth: Option<std::sync::Arc<mulo_server::auth::Auth>>) -> GatewayService {
     GatewayService::new(
         FamilyInfo {
             name: "fuzz".into(),
@@ -37,9 +38,81 @@ fn gateway() -> GatewayService {
         },
         Vec::new(),
         Vec::new(),
-        GatewayLimits::default(),
+        GatewayLimits {
+            auth,
+            ..GatewayLimits::default()
+        },
         None,
     )
+}
+
+/// The token the guarded gateway accepts.
+const TOKEN: &str = "fuzz-token-0123456789";
+
+/// A gateway checking bearer tokens (no rate limit: every answer depends on the input alone).
+fn guarded_gateway(dir: &std::path::Path) -> GatewayService {
+    let f = dir.join("tokens");
+    std::fs::write(&f, format!("fuzz:{TOKEN}\n")).unwrap();
+    let limits = mulo_server::auth::TokenLimits {
+        rate: 0.0,
+        burst: 1.0,
+        max_in_flight: 1,
+    };
+    let auth = mulo_server::auth::Auth::new(f, limits).unwrap();
+    gateway(Some(std::sync::Arc::new(auth)))
+}
+
+/// `authorization` values: absent, the token, near misses, other schemes, garbage.
+fn authorization() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of(prop_oneof![
+        Just(format!("Bearer {TOKEN}")),
+        Just(format!("bearer   {TOKEN} ")),
+        Just(format!("Bearer {}", &TOKEN[1..])),
+        Just(format!("Basic {TOKEN}")),
+        "Bearer [ -~]{0,40}",
+        "[ -~]{0,40}",
+    ])
+}
+
+/// Whether an accepted request is within every bound of `mulo_core::limits`.
+fn within_bounds(g: &mulo_engine::GenerateRequest) -> bool {
+    use mulo_core::limits as l;
+    use mulo_core::Method;
+    let s = &g.sampling;
+    let sampling = (0.0..=l::MAX_CFG_SCALE).contains(&s.cfg_scale)
+        && (0.0..=l::MAX_TEMPERATURE).contains(&s.temperature)
+        && s.top_k <= l::MAX_TOP_K
+        && s.top_p > 0.0
+        && s.top_p <= 1.0;
+    let method = match g.method {
+        Method::Ar => true,
+        Method::Sd(p) => (1..=l::MAX_GAMMA).contains(&p.gamma),
+        Method::Lantern(p) => {
+            (1..=l::MAX_GAMMA).contains(&p.gamma)
+                && (1..=l::MAX_LANTERN_K).contains(&p.k)
+                && (0.0..=1.0).contains(&p.delta)
+        }
+        Method::Mulo(p) => {
+            (1..=l::MAX_POOL_K).contains(&p.pool_k)
+                && (1..=l::MAX_BLOCK_ROWS).contains(&p.block_rows)
+                && p.radius <= l::MAX_RADIUS
+                && p.zipar_window <= l::MAX_ZIPAR_WINDOW
+                && (0.0..=1.0).contains(&p.tau)
+        }
+    };
+    let condition = match &g.condition {
+        mulo_core::Condition::Prompt(p) => !p.trim().is_empty() && p.len() <= l::MAX_PROMPT_BYTES,
+        mulo_core::Condition::CaptionFeatures {
+            features, len, dim, ..
+        } => {
+            *len <= l::MAX_CAPTION_ROWS
+                && *dim <= l::MAX_CAPTION_DIM
+                && features.len() == len * dim
+                && features.iter().all(|v| v.is_finite())
+        }
+        _ => true,
+    };
+    sampling && method && condition && !g.id.is_empty() && g.id.len() <= 256
 }
 
 /// Numbers a parser or a bound can trip on.
@@ -184,24 +257,58 @@ fn request() -> impl Strategy<Value = (pb::GenerateRequest, Option<String>)> {
         })
 }
 
-/// Validates one request as the gateway does; an error must have a defined code.
+fn with_metadata(
+    r: pb::GenerateRequest,
+    timeout: Option<&str>,
+    auth: Option<&str>,
+) -> tonic::Request<pb::GenerateRequest> {
+    let mut req = tonic::Request::new(r);
+    if let Some(t) = timeout.and_then(|t| t.parse().ok()) {
+        req.metadata_mut().insert("grpc-timeout", t);
+    }
+    if let Some(a) = auth.and_then(|a| a.parse().ok()) {
+        req.metadata_mut().insert("authorization", a);
+    }
+    req
+}
+
+/// Validates one request as the gateway does; an error must have a defined code, and what is
+/// accepted must be within every bound.
 fn check(
     gw: &GatewayService,
     r: pb::GenerateRequest,
     timeout: Option<&str>,
 ) -> Result<(), TestCaseError> {
-    let mut req = tonic::Request::new(r);
-    if let Some(t) = timeout.and_then(|t| t.parse().ok()) {
-        req.metadata_mut().insert("grpc-timeout", t);
-    }
-    match gw.validate(req) {
-        Ok(g) => {
-            // What passes is within the bounds.
-            prop_assert!(g.method.validate().is_ok());
-            prop_assert!(g.sampling.validate().is_ok());
-            prop_assert!(g.condition.validate().is_ok());
-        }
+    match gw.validate(with_metadata(r, timeout, None)) {
+        Ok(g) => prop_assert!(within_bounds(&g), "{:?}", g),
         Err(s) => prop_assert_eq!(s.code(), Code::InvalidArgument, "{:?}", s),
+    }
+    Ok(())
+}
+
+/// The guarded gateway answers as the open one for the right token, UNAUTHENTICATED otherwise.
+fn check_guarded(
+    open: &GatewayService,
+    guarded: &GatewayService,
+    r: pb::GenerateRequest,
+    timeout: Option<&str>,
+    auth: Option<&str>,
+) -> Result<(), TestCaseError> {
+    let want = open.validate(with_metadata(r.clone(), timeout, None));
+    let got = guarded.validate(with_metadata(r, timeout, auth));
+    let sent = auth.filter(|a| a.parse::<tonic::metadata::MetadataValue<_>>().is_ok());
+    let valid = sent.is_some_and(|a| {
+        a.trim()
+            .split_once(' ')
+            .is_some_and(|(s, t)| s.eq_ignore_ascii_case("bearer") && t.trim() == TOKEN)
+    });
+    if valid {
+        let code = |r: &Result<mulo_engine::GenerateRequest, tonic::Status>| {
+            r.as_ref().err().map(|s| s.code())
+        };
+        prop_assert_eq!(code(&got), code(&want));
+    } else {
+        prop_assert_eq!(got.err().map(|s| s.code()), Some(Code::Unauthenticated));
     }
     Ok(())
 }
@@ -229,7 +336,9 @@ fn corpus() -> Vec<PathBuf> {
 
 #[test]
 fn public_requests_decode_and_validate_to_defined_answers() {
-    let gw = gateway();
+    let gw = gateway(None);
+    let dir = tempfile::tempdir().unwrap();
+    let guarded = guarded_gateway(dir.path());
     // The corpus first: each file one encoded request, refused with INVALID_ARGUMENT.
     let files = corpus();
     assert!(files.len() >= 5, "{} corpus files", files.len());
@@ -240,9 +349,10 @@ fn public_requests_decode_and_validate_to_defined_answers() {
     }
     let ran = AtomicUsize::new(0);
     runner(STRUCTURED)
-        .run(&request(), |(r, t)| {
+        .run(&(request(), authorization()), |((r, t), a)| {
             ran.fetch_add(1, Ordering::Relaxed);
-            check(&gw, r, t.as_deref())
+            check(&gw, r.clone(), t.as_deref())?;
+            check_guarded(&gw, &guarded, r, t.as_deref(), a.as_deref())
         })
         .unwrap();
     // Raw bytes through protobuf decoding: a decode error, or a request checked as above.
@@ -288,10 +398,10 @@ fn role_call_fields_decode_to_defined_answers() {
         spec(),
         proptest::option::of((".{0,8}", any::<u64>(), any::<u32>())),
         any::<u32>(),
-        proptest::collection::vec(any::<u32>(), 0..64),
+        prop_oneof![0usize..64, 65_500usize..65_600],
     );
     runner(ROLE)
-        .run(&fields, |(spec, r, count, list)| {
+        .run(&fields, |(spec, r, count, n)| {
             ran.fetch_add(1, Ordering::Relaxed);
             let defined = |s: &tonic::Status| s.code() == Code::InvalidArgument;
             if let Err(s) = spec_in(spec) {
@@ -309,7 +419,11 @@ fn role_call_fields_decode_to_defined_answers() {
                 Ok(k) => prop_assert!((1..=mulo_core::limits::MAX_POOL_K).contains(&k)),
                 Err(s) => prop_assert!(defined(&s) && s.message().contains("pool_k")),
             }
-            prop_assert_eq!(list_in("proposals", &list).unwrap().len(), list.len());
+            let list = vec![7u32; n];
+            match list_in("proposals", &list) {
+                Ok(v) => prop_assert!(v.len() == n && n <= mulo_core::limits::MAX_TOKENS),
+                Err(s) => prop_assert!(defined(&s) && n > mulo_core::limits::MAX_TOKENS),
+            }
             Ok(())
         })
         .unwrap();

@@ -336,6 +336,18 @@ pub fn mulo_cli() -> PathBuf {
     exe
 }
 
+/// Resident memory of a process in MiB (Linux `/proc`).
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
 /// A test PKI: a CA that issues certificates for 127.0.0.1 / localhost, written as PEM files.
 pub struct Pki {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
