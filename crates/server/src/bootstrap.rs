@@ -75,9 +75,47 @@ async fn serve(
     worker: &Arc<TorchWorker<Engine>>,
     add: impl FnOnce(Routes) -> Routes,
 ) -> Result<()> {
-    let listen = net.listen;
     let tls = net.server_tls()?.map(Arc::new);
     // Health says SERVING only once this answers: nothing listens before the warm-up is done.
+    let models = warm_up(role, worker).await?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reflection, reflection_alpha) = reflection()?;
+    // Every call is bounded in time (streams until their first message).
+    let cap = Duration::from_secs_f64(mulo_core::limits::MAX_DEADLINE_SECONDS);
+    let router = tonic::transport::Server::builder()
+        .timeout(cap)
+        .trace_fn(telemetry::server_span)
+        .layer(metrics::RpcMetricsLayer)
+        .add_service(health.clone())
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(CapabilitiesServer::new(InfoService { role, models }));
+    let router = add(router);
+    let listen = net.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let bound = listener.local_addr()?;
+    if let Some(addr) = net.health_listen {
+        serve_health(addr, health).await?;
+    }
+    tracing::info!(role, %bound, tls = tls.is_some(), mtls = net.tls_client_ca.is_some(), "serving");
+    // The address a test or a supervisor started with port 0 connects to.
+    println!("mulo-{role} listening on {bound}");
+    let incoming = match tls {
+        Some(tls) => Incoming::Tls(tls.incoming(listener)),
+        None => Incoming::Plain(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        ),
+    };
+    run_until_stopped(role, router, incoming, reporter, worker).await
+}
+
+/// Runs every model once and returns what `Capabilities/Info` reports of them.
+async fn warm_up(
+    role: &'static str,
+    worker: &Arc<TorchWorker<Engine>>,
+) -> Result<Vec<mulo_proto::v1::ModelInfo>> {
     let t = std::time::Instant::now();
     worker
         .call(|e: &mut Engine| e.warm_up())
@@ -88,7 +126,7 @@ async fn serve(
         seconds = t.elapsed().as_secs_f64(),
         "models warmed up"
     );
-    let models = worker
+    Ok(worker
         .call(|e: &mut Engine| e.models())
         .await?
         .into_iter()
@@ -101,46 +139,55 @@ async fn serve(
             dtype: m.dtype,
             device: m.device,
         })
-        .collect();
-    let (reporter, health) = tonic_health::server::health_reporter();
-    // Reflection in both versions: grpcurl and current tools ask v1, older tools and Python's
-    // grpcio-reflection ask v1alpha.
-    let reflection_builder = || {
+        .collect())
+}
+
+type Reflection<T> = tonic_reflection::server::v1::ServerReflectionServer<T>;
+type ReflectionAlpha<T> = tonic_reflection::server::v1alpha::ServerReflectionServer<T>;
+
+/// Server reflection in both versions: grpcurl and current tools ask v1, older tools and
+/// Python's grpcio-reflection ask v1alpha.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<(
+    Reflection<impl tonic_reflection::server::v1::ServerReflection>,
+    ReflectionAlpha<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(mulo_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection = reflection_builder()
+    let v1 = builder()
         .build_v1()
         .context("building the reflection service")?;
-    let reflection_alpha = reflection_builder()
+    let alpha = builder()
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
-    // Every call is bounded in time (streams until their first message).
-    let cap = Duration::from_secs_f64(mulo_core::limits::MAX_DEADLINE_SECONDS);
-    let router = tonic::transport::Server::builder()
-        .timeout(cap)
-        .trace_fn(telemetry::server_span)
-        .layer(metrics::RpcMetricsLayer)
-        .add_service(health.clone())
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(CapabilitiesServer::new(InfoService { role, models }));
-    let router = add(router);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    let bound = listener.local_addr()?;
-    if let Some(addr) = net.health_listen {
-        serve_health(addr, health).await?;
-    }
-    tracing::info!(role, %bound, tls = tls.is_some(), mtls = net.tls_client_ca.is_some(), "serving");
-    // The address a test or a supervisor started with port 0 connects to.
-    println!("mulo-{role} listening on {bound}");
-    // On SIGTERM: report NOT_SERVING (probes and balancers stop sending), stop accepting, let
-    // the calls in flight (streams included) finish, then return. When the torch thread dies
-    // (panic): the same, but the calls it held have failed already (the gateway moves them), and
-    // the process exits non-zero after FATAL_GRACE so that Kubernetes restarts it.
+    Ok((v1, alpha))
+}
+
+/// The connections a service accepts: TLS or plaintext.
+enum Incoming {
+    Tls(
+        tokio_stream::wrappers::ReceiverStream<
+            std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        >,
+    ),
+    Plain(tonic::transport::server::TcpIncoming),
+}
+
+/// Serves until SIGTERM / Ctrl-C: then reports NOT_SERVING (probes and balancers stop sending),
+/// stops accepting, lets the calls in flight (streams included) finish and returns. When the
+/// torch thread dies (panic): the same, but the calls it held have failed already (the gateway
+/// moves them), and it returns an error after FATAL_GRACE so that the process exits non-zero and
+/// Kubernetes restarts it.
+async fn run_until_stopped(
+    role: &'static str,
+    router: Routes,
+    incoming: Incoming,
+    reporter: tonic_health::server::HealthReporter,
+    worker: &Arc<TorchWorker<Engine>>,
+) -> Result<()> {
     let failed = worker.failed();
     let drain = async move {
         tokio::select! {
@@ -161,23 +208,13 @@ async fn serve(
         tokio::time::sleep(FATAL_GRACE).await;
     };
     let served = async move {
-        match tls {
-            Some(tls) => {
-                router
-                    .serve_with_incoming_shutdown(tls.incoming(listener), drain)
-                    .await
-            }
-            None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                router.serve_with_incoming_shutdown(incoming, drain).await
-            }
+        match incoming {
+            Incoming::Tls(s) => router.serve_with_incoming_shutdown(s, drain).await,
+            Incoming::Plain(s) => router.serve_with_incoming_shutdown(s, drain).await,
         }
     };
     tokio::select! {
-        r = served => {
-            r.with_context(|| format!("serving on {bound}"))?;
-        }
+        r = served => r.context("serving")?,
         () = grace => {}
     }
     if *worker.failed().borrow() {

@@ -110,6 +110,9 @@ impl<T> Reloading<T> {
                         s.signature = now;
                     }
                     Err(e) => {
+                        // Not retried until the files change again (a half-written rotation
+                        // changes them once more when it completes).
+                        s.signature = now;
                         tracing::error!(what = %self.what, error = %format!("{e:#}"), "reload failed: keeping the previous one");
                     }
                 }
