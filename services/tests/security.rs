@@ -30,7 +30,7 @@ async fn wait_serving(p: &mut common::Proc, health: &str) {
     let start = std::time::Instant::now();
     loop {
         if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("{} exited early: {status}", p.addr);
+            panic!("the service of {health} exited early: {status}");
         }
         if let Ok(c) = Endpoint::from_shared(format!("http://{health}"))
             .unwrap()
@@ -58,6 +58,7 @@ async fn start_tls(name: &str, args: &[&str]) -> common::Proc {
     all.extend(["--health-listen", &health]);
     let mut p = common::start(name, &all);
     wait_serving(&mut p, &health).await;
+    p.listening().await;
     p
 }
 

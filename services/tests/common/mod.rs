@@ -7,10 +7,45 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
-/// A running service, killed when dropped.
+/// A running service, killed when dropped. `addr` is known once it listens
+/// ([`Proc::listening`], [`connect`]).
 pub struct Proc {
     pub child: Child,
     pub addr: String,
+    /// The address the service reports on stdout once it listens (it binds port 0).
+    reported: Option<std::sync::mpsc::Receiver<String>>,
+}
+
+impl Proc {
+    /// Waits until the service listens (its models are loaded and warm) and returns the address
+    /// it bound: it prints `mulo-<role> listening on ADDR` then.
+    pub async fn listening(&mut self) -> String {
+        let Some(rx) = self.reported.take() else {
+            return self.addr.clone();
+        };
+        let start = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(addr) => {
+                    self.addr = addr;
+                    return self.addr.clone();
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!(
+                        "the service exited before listening: {:?}",
+                        self.child.try_wait()
+                    )
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(120),
+                        "not up in 120 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -41,29 +76,44 @@ fn exe(name: &str) -> &'static str {
     }
 }
 
-/// Starts `name` on a free loopback port with `args` (plus `--listen`).
+/// Starts `name` on a loopback port of the system's choice with `args` (plus `--listen
+/// 127.0.0.1:0`); [`Proc::listening`] or [`connect`] learn the port.
 pub fn start(name: &str, args: &[&str]) -> Proc {
     start_env(name, args, &[])
 }
 
 /// [`start`] with extra environment variables.
 pub fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(exe(name))
-        .arg("--listen")
-        .arg(&addr)
+    use std::io::BufRead;
+    let mut child = Command::new(exe(name))
+        .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .env("MULO_LOG", "warn")
         .envs(env.iter().copied())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    Proc { child, addr }
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads stdout to its end (the pipe never fills), passing on the reported address.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some((_, addr)) = line.split_once(" listening on ") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    Proc {
+        child,
+        addr: String::new(),
+        reported: Some(rx),
+    }
 }
 
 /// A channel to `p` once it accepts connections (models load before it listens).
 pub async fn connect(p: &mut Proc) -> Channel {
+    p.listening().await;
     let url = format!("http://{}", p.addr);
     let start = Instant::now();
     loop {
