@@ -248,13 +248,41 @@ async fn malformed_requests_get_the_right_status_and_the_services_keep_serving()
         "resample outside the block",
         v.resample(pb::ResampleRequest {
             session: at("v1", 0, 0),
-            passes: vec![pb::ResamplePass {
+            islands: vec![pb::ResampleIsland {
                 positions: vec![200],
             }],
+            resampler: pb::Resampler::Jacobi as i32,
+            window: 0,
         })
         .await,
         bad,
         "plan",
+        n,
+    );
+    refused(
+        "resample plan without islands (an older gateway's per-pass plan)",
+        v.resample(pb::ResampleRequest {
+            session: at("v1", 0, 0),
+            islands: Vec::new(),
+            resampler: 0,
+            window: 0,
+        })
+        .await,
+        bad,
+        "islands",
+        n,
+    );
+    refused(
+        "unknown resampler",
+        v.resample(pb::ResampleRequest {
+            session: at("v1", 0, 0),
+            islands: vec![pb::ResampleIsland { positions: vec![1] }],
+            resampler: 7,
+            window: 0,
+        })
+        .await,
+        bad,
+        "resampler",
         n,
     );
     refused(

@@ -407,6 +407,11 @@ pub struct TrainGptArgs {
     /// Transformer blocks (default: 6 for the target, 3 for the drafter, 1 for draft-small).
     #[arg(long)]
     pub n_layer: Option<i64>,
+    /// Image side in pixels (16, 32 or 64; default: 32 for the drafter, 64 for the target and
+    /// draft-small). `mulo train drafter --image-size 16` makes an r = 4 drafter (4×4 tokens
+    /// with the 4× VQ) for a 64 px target, with `mulo train upsampler --scale 4`.
+    #[arg(long, value_parser = parse_image_size)]
+    pub image_size: Option<usize>,
     /// Attention heads.
     #[arg(long, default_value_t = 8)]
     pub n_head: i64,
@@ -633,6 +638,15 @@ fn run_stage(cmd: TrainCommand, command: &str) -> Result<()> {
     }
 }
 
+fn parse_image_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v @ (16 | 32 | 64)) => Ok(v),
+        _ => Err(format!(
+            "the image size must be 16, 32 or 64 pixels (the sizes `mulo data emoji` writes), got '{s}'"
+        )),
+    }
+}
+
 fn parse_scale(s: &str) -> Result<i64, String> {
     match s {
         "2" => Ok(2),
@@ -855,7 +869,7 @@ fn run_gpt(
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("models/emoji/{role}"))),
         work: a.common.work_dir(role),
-        image_size,
+        image_size: a.image_size.unwrap_or(image_size),
         dim: a.dim,
         n_layer: a.n_layer.unwrap_or(layers),
         n_head: a.n_head,

@@ -30,6 +30,31 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// How the target resamples the islands of a plan (DESIGN §2.2 step 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resampler {
+    /// One position per island per target pass, in raster order, each drawn from processed `p`
+    /// (the paper's schedule: passes = the largest island).
+    Sequential,
+    /// Parallel (speculative Jacobi) resampling: every pass feeds all unsettled positions of
+    /// every island with a guess (first the drafter's proposal, later a draw from the previous
+    /// pass's `p`) and keeps, per island, the longest raster prefix that passes the lossless
+    /// test `u < min(1, p(x) / q(x))`, plus a draw from `norm(max(0, p − q))` at the first
+    /// rejection. Each kept token has the distribution the sequential schedule gives it; passes
+    /// are at most the sequential count.
+    Jacobi,
+}
+
+impl fmt::Display for Resampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sequential => "sequential",
+            Self::Jacobi => "jacobi",
+        })
+    }
+}
+
 /// Parameters of MuLo-SD (DESIGN §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MuloParams {
@@ -52,6 +77,21 @@ pub struct MuloParams {
     /// proposals (not the verification), so both settings are deterministic for a seed.
     #[serde(default = "pipeline_default")]
     pub pipeline: bool,
+    /// How islands are resampled: sequentially or in parallel Jacobi passes.
+    #[serde(default = "resample_default")]
+    pub resample: Resampler,
+    /// Jacobi resampling: the unsettled positions of each island one pass queries, from the
+    /// first on (0 = the whole island).
+    #[serde(default = "jacobi_window_default")]
+    pub jacobi_window: usize,
+}
+
+fn jacobi_window_default() -> usize {
+    MuloParams::default().jacobi_window
+}
+
+fn resample_default() -> Resampler {
+    MuloParams::default().resample
 }
 
 fn pipeline_default() -> bool {
@@ -70,6 +110,8 @@ impl Default for MuloParams {
             zipar_window: 2,
             rejection: Rejection::Local,
             pipeline: true,
+            resample: Resampler::Jacobi,
+            jacobi_window: 8,
         }
     }
 }
@@ -173,6 +215,8 @@ impl Method {
                 "zipar_window",
                 "rejection",
                 "pipeline",
+                "resample",
+                "jacobi_window",
             ],
         }
     }
@@ -212,6 +256,7 @@ impl Method {
                 "radius" => p.radius = parse_value("radius", value)?,
                 "block_rows" => p.block_rows = parse_value("block_rows", value)?,
                 "zipar_window" => p.zipar_window = parse_value("zipar_window", value)?,
+                "jacobi_window" => p.jacobi_window = parse_value("jacobi_window", value)?,
                 "pipeline" => {
                     p.pipeline = match value.trim() {
                         "1" | "true" | "on" => true,
@@ -232,6 +277,18 @@ impl Method {
                             return Err(ParamError::new(
                                 "rejection",
                                 format!("expected local or raster, got '{other}'"),
+                            ))
+                        }
+                    }
+                }
+                "resample" => {
+                    p.resample = match value.trim() {
+                        "jacobi" => Resampler::Jacobi,
+                        "sequential" => Resampler::Sequential,
+                        other => {
+                            return Err(ParamError::new(
+                                "resample",
+                                format!("expected jacobi or sequential, got '{other}'"),
                             ))
                         }
                     }
@@ -280,6 +337,8 @@ impl Method {
                 out.insert("zipar_window", p.zipar_window.to_string());
                 out.insert("rejection", p.rejection.to_string());
                 out.insert("pipeline", u8::from(p.pipeline).to_string());
+                out.insert("resample", p.resample.to_string());
+                out.insert("jacobi_window", p.jacobi_window.to_string());
             }
         }
         out
@@ -315,7 +374,8 @@ impl Method {
                 l::in_range("pool_k", p.pool_k, l::MAX_POOL_K)?;
                 l::in_range("block_rows", p.block_rows, l::MAX_BLOCK_ROWS)?;
                 l::at_most("radius", p.radius, l::MAX_RADIUS)?;
-                l::at_most("zipar_window", p.zipar_window, l::MAX_ZIPAR_WINDOW)
+                l::at_most("zipar_window", p.zipar_window, l::MAX_ZIPAR_WINDOW)?;
+                l::at_most("jacobi_window", p.jacobi_window, l::MAX_TOKENS)
             }
         }
     }

@@ -15,6 +15,7 @@ use tracing::{info_span, Instrument};
 
 use crate::drafter::DraftReply;
 use crate::error::EngineError;
+use crate::resample::IslandPlan;
 use crate::roles::{DrafterRole, VerifierRole};
 use crate::session::{SessionRef, SessionSpec};
 use crate::verifier::Relaxation;
@@ -557,10 +558,15 @@ async fn check_block(
         resample_rtt: std::time::Duration::ZERO,
     };
     if !plan.is_empty() {
-        let passes = grid_passes(block, &plan.passes);
+        let islands = grid_positions(block, &plan.islands);
+        let order = IslandPlan {
+            islands,
+            resampler: p.resample,
+            window: p.jacobi_window,
+        };
         let (r, rtt) = timed(
             verifier
-                .resample(SessionRef { committed, ..at }, passes)
+                .resample(SessionRef { committed, ..at }, order)
                 .instrument(info_span!("resample", positions = plan.len())),
         )
         .await;
@@ -574,9 +580,9 @@ async fn check_block(
     Ok(out)
 }
 
-/// Block-local pass schedule → grid positions.
-fn grid_passes(block: &Block, passes: &[Vec<usize>]) -> Vec<Vec<usize>> {
-    passes
+/// Block-local islands → grid positions.
+fn grid_positions(block: &Block, islands: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    islands
         .iter()
         .map(|p| p.iter().map(|&i| block.grid_index(i)).collect())
         .collect()

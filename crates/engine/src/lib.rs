@@ -10,6 +10,7 @@ pub mod family;
 pub mod family_check;
 pub mod pool_tables;
 pub mod prompt;
+pub mod resample;
 pub mod roles;
 pub mod score;
 pub mod session;

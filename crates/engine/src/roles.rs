@@ -14,6 +14,7 @@ use crate::drafter::{DraftReply, DrafterCore, DrafterInfo};
 use crate::error::EngineError;
 use crate::family::{Family, Member};
 use crate::prompt::{load_tokenizer, PromptEncoder, TEXT_CACHE_DEFAULT};
+use crate::resample::IslandPlan;
 use crate::session::{SessionRef, SessionSpec};
 use crate::verifier::{
     DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierCore, VerifierInfo, VerifyReply,
@@ -61,11 +62,11 @@ pub trait VerifierRole: Send + Sync {
         proposals: Vec<i64>,
         pool_k: usize,
     ) -> Result<VerifyReply, EngineError>;
-    /// Runs a resample plan (grid positions per pass) on the pending block.
+    /// Runs a resample plan (islands of grid positions, and how) on the pending block.
     async fn resample(
         &self,
         session: SessionRef,
-        passes: Vec<Vec<usize>>,
+        plan: IslandPlan,
     ) -> Result<ResampleReply, EngineError>;
     /// Commits the pending block and refreshes the cache without scoring anything.
     async fn commit(&self, session: SessionRef, values: Vec<i64>) -> Result<usize, EngineError>;
@@ -602,9 +603,9 @@ impl VerifierRole for Local {
     async fn resample(
         &self,
         session: SessionRef,
-        passes: Vec<Vec<usize>>,
+        plan: IslandPlan,
     ) -> Result<ResampleReply, EngineError> {
-        self.op(move |e| e.verifier()?.resample_op(session, passes))
+        self.op(move |e| e.verifier()?.resample_op(session, plan))
             .await
     }
 

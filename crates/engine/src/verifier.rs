@@ -26,6 +26,7 @@ use crate::batching::{
 use crate::error::EngineError;
 use crate::pool_tables::NearestCodes;
 use crate::prompt::encode_prompt;
+use crate::resample::{draw, IslandPlan, JacobiFault};
 use crate::session::{check_ref, condition_for, Fw, SessionRef, SessionSpec, SessionTable, Stream};
 use mulo_core::caption::CaptionTokenizer;
 
@@ -144,6 +145,7 @@ pub struct VerifierCore {
     draft_tokenizer: Option<CaptionTokenizer>,
     text: Option<crate::prompt::PromptEncoder>,
     wrong_residual: bool,
+    jacobi_fault: JacobiFault,
     forwards: Rc<Forwards>,
     /// KV pools of the target and the draft model.
     kv: Vec<RowPool>,
@@ -163,24 +165,6 @@ fn probs_row(p: &Tensor, i: i64) -> Result<Vec<f32>, EngineError> {
     Ok(Vec::<f32>::try_from(
         p.get(i).to_kind(Kind::Float).to_device(Device::Cpu),
     )?)
-}
-
-/// Draws from a host probability vector by inverting its CDF at `u` in (0, 1].
-fn draw(probs: &[f32], u: f64) -> i64 {
-    let total: f64 = probs.iter().map(|&x| f64::from(x)).sum();
-    let target = u * total;
-    let mut acc = 0.0;
-    let mut last = 0;
-    for (i, &x) in probs.iter().enumerate() {
-        if x > 0.0 {
-            last = i;
-            acc += f64::from(x);
-            if acc >= target {
-                return i as i64;
-            }
-        }
-    }
-    last as i64
 }
 
 impl VerifierCore {
@@ -230,6 +214,7 @@ impl VerifierCore {
             draft_tokenizer: None,
             text: None,
             wrong_residual: false,
+            jacobi_fault: JacobiFault::None,
         })
     }
 
@@ -249,6 +234,13 @@ impl VerifierCore {
     #[doc(hidden)]
     pub fn set_wrong_residual_for_tests(&mut self, on: bool) {
         self.wrong_residual = on;
+    }
+
+    /// Test hook: a fault in the Jacobi resampler's acceptance rule (its statistical test must
+    /// catch it).
+    #[doc(hidden)]
+    pub fn set_jacobi_fault_for_tests(&mut self, fault: JacobiFault) {
+        self.jacobi_fault = fault;
     }
 
     /// Capabilities.
@@ -585,16 +577,15 @@ impl VerifierCore {
         Ok(Box::pin(work.instrument(tracing::info_span!("verify"))))
     }
 
-    /// Executes a resample plan on the pending block: `passes[t]` lists the grid positions pass
-    /// `t` samples (one per unfinished island). Each pass feeds every query's predecessor and the
-    /// positions sampled in the pass before, so every query sees the current values of the
-    /// positions before it; tokens come from processed `p`.
+    /// Executes a resample plan on the pending block: its islands, resampled sequentially (one
+    /// position per island per pass, drawn from processed `p`) or in parallel Jacobi passes (see
+    /// [`crate::resample`]).
     pub fn resample(
         &mut self,
         r: &SessionRef,
-        passes: &[Vec<usize>],
+        plan: &IslandPlan,
     ) -> Result<ResampleReply, EngineError> {
-        let op = self.resample_op(r.clone(), passes.to_vec())?;
+        let op = self.resample_op(r.clone(), plan.clone())?;
         self.block(op)
     }
 
@@ -602,41 +593,19 @@ impl VerifierCore {
     pub fn resample_op(
         &mut self,
         r: SessionRef,
-        passes: Vec<Vec<usize>>,
+        plan: IslandPlan,
     ) -> Result<Op<ResampleReply>, EngineError> {
         let entry = self.session(&r.id)?;
+        let vocab = self.target.config().vocab_size as usize;
+        let fault = self.jacobi_fault;
         let work = async move {
             let start = Instant::now();
             let mut held = checked(entry, &r).await?;
             let s = &mut *held;
             let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
-            let mut seen = std::collections::HashSet::new();
-            for p in passes.iter().flatten() {
-                if *p < lo || *p >= hi || !seen.insert(*p) {
-                    return Err(ParamError::new(
-                        "plan",
-                        format!("positions must be distinct and pending (in {lo}..{hi}), got {p}"),
-                    )
-                    .into());
-                }
-            }
-            let mut previous: Vec<usize> = Vec::new();
+            let plan = plan.checked(lo, hi)?;
             let before = s.target.passes;
-            for pass in &passes {
-                let mut queries = pass.clone();
-                queries.sort_unstable();
-                if queries.is_empty() {
-                    continue;
-                }
-                let (p, _) = s.target.query(&s.params, &previous, &queries, None).await?;
-                let uniforms: Vec<f64> = queries.iter().map(|_| s.rng.next_uniform()).collect();
-                let drawn =
-                    Vec::<i64>::try_from(sample_from_probs(&p, &uniforms).to_device(Device::Cpu))?;
-                for (&q, &t) in queries.iter().zip(&drawn) {
-                    s.target.book.set(q, t);
-                }
-                previous = queries;
-            }
+            crate::resample::run(&mut s.target, &s.params, &mut s.rng, &plan, vocab, fault).await?;
             Ok(ResampleReply {
                 tokens: s.target.book.tokens[lo..].to_vec(),
                 // Resampling grid position 0 reads the prefill's logits: no pass of its own.

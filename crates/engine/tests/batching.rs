@@ -11,7 +11,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use common::{at, engine, engine_with, spec, V};
+use mulo_core::method::Resampler;
 use mulo_core::{Condition, GridSize, Method, SamplingParams};
+use mulo_engine::resample::IslandPlan;
 use mulo_engine::worker::Rounds;
 use mulo_engine::{
     generate, BatchLimits, Batching, Engine, EngineError, GenerateRequest, Local, TorchWorker,
@@ -191,15 +193,23 @@ fn drafts_of_several_sessions_share_drafter_and_up_sampler_passes() {
 }
 
 #[test]
-fn a_resample_pass_that_reads_nothing_is_answered() {
-    let mut e = engine();
-    let v = e.verifier.as_mut().unwrap();
-    v.open(&spec("s", 3, 2.0), false, &[]).unwrap();
-    v.verify(&at("s", 0), &[], &[3, 1, 4, 1], 2).unwrap();
-    // Pass 2 samples grid position 0 from the prefill's logits after feeding position 1: a
-    // forward whose logits nobody reads (it used to panic the torch thread).
-    let r = v.resample(&at("s", 0), &[vec![1], vec![0]]).unwrap();
-    assert_eq!(r.tokens.len(), 4);
+fn resampling_position_0_alone_reads_the_prefill() {
+    for resampler in [Resampler::Sequential, Resampler::Jacobi] {
+        let mut e = engine();
+        let v = e.verifier.as_mut().unwrap();
+        v.open(&spec("s", 3, 2.0), false, &[]).unwrap();
+        v.verify(&at("s", 0), &[], &[3, 1, 4, 1], 2).unwrap();
+        // Grid position 0 is drawn from the prefill's logits: no forward (an earlier plan
+        // format could ask for one whose logits nobody read, which panicked the torch thread).
+        let plan = IslandPlan {
+            islands: vec![vec![0]],
+            resampler,
+            window: 0,
+        };
+        let r = v.resample(&at("s", 0), &plan).unwrap();
+        assert_eq!((r.tokens.len(), r.passes), (4, 0), "{resampler}");
+        assert_eq!(&r.tokens[1..], &[1, 4, 1], "{resampler}");
+    }
 }
 
 #[test]

@@ -6,8 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use mulo_core::method::Resampler;
 use mulo_core::{Condition, GridSize, Method};
 use mulo_engine::drafter::DrafterCore;
+use mulo_engine::resample::{IslandPlan, JacobiFault};
 use mulo_engine::verifier::VerifierCore;
 use mulo_engine::{generate, Engine, GenerateRequest, Local, TorchWorker};
 use mulo_model::Gpt;
@@ -38,6 +40,20 @@ fn fresh_cache(target: &Gpt, cfg: f64, tokens: &[i64]) -> mulo_model::KvCache {
 
 #[test]
 fn kv_cache_after_resampling_equals_a_fresh_prefill() {
+    for resampler in [Resampler::Sequential, Resampler::Jacobi] {
+        cache_after_resampling(resampler);
+    }
+}
+
+fn plan(resampler: Resampler, islands: &[&[usize]]) -> IslandPlan {
+    IslandPlan {
+        islands: islands.iter().map(|i| i.to_vec()).collect(),
+        resampler,
+        window: 0,
+    }
+}
+
+fn cache_after_resampling(resampler: Resampler) {
     let mut e = engine();
     let v = e.verifier.as_mut().unwrap();
     v.open(&spec("s", 7, 3.0), false, &[]).unwrap();
@@ -50,9 +66,14 @@ fn kv_cache_after_resampling_equals_a_fresh_prefill() {
         "{r:?}"
     );
     let rs = v
-        .resample(&at("s", 0), &[vec![1, 7], vec![2], vec![5]])
+        .resample(&at("s", 0), &plan(resampler, &[&[1, 2, 5], &[7]]))
         .unwrap();
-    assert_eq!(rs.passes, 3);
+    // Sequential: one pass per position of the largest island; Jacobi settles at least one
+    // position per island per pass.
+    match resampler {
+        Resampler::Sequential => assert_eq!(rs.passes, 3),
+        Resampler::Jacobi => assert!((1..=3).contains(&rs.passes), "{}", rs.passes),
+    }
     assert_eq!(rs.tokens.len(), 8);
     // Untouched positions keep their proposals.
     for i in [0, 3, 4, 6] {
@@ -63,7 +84,9 @@ fn kv_cache_after_resampling_equals_a_fresh_prefill() {
     let p1: Vec<i64> = vec![5, 3, 5, 8, 9, 7, 9, 3];
     let r1 = v.verify(&at("s", 0), &block0, &p1, 2).unwrap();
     assert!(r1.refreshed >= 1, "the stale tail of block 0 is re-fed");
-    let rs1 = v.resample(&at("s", 8), &[vec![8, 13], vec![9]]).unwrap();
+    let rs1 = v
+        .resample(&at("s", 8), &plan(resampler, &[&[8, 9], &[13]]))
+        .unwrap();
     let target_tokens: Vec<i64> = block0.iter().chain(&rs1.tokens).copied().collect();
     // Before the commit the cache still holds the proposals' K/V: it differs from a prefill.
     let fresh = fresh_cache(v.target(), 3.0, &target_tokens);
@@ -106,7 +129,10 @@ fn stale_and_unknown_calls_are_refused() {
         .to_string();
     assert!(bad.contains("proposals"), "{bad}");
     v.verify(&at("s", 0), &[], &[1, 2], 1).unwrap();
-    let bad = v.resample(&at("s", 0), &[vec![5]]).unwrap_err().to_string();
+    let bad = v
+        .resample(&at("s", 0), &plan(Resampler::Jacobi, &[&[5]]))
+        .unwrap_err()
+        .to_string();
     assert!(bad.contains("pending"), "{bad}");
     let bad = v.speculate(&at("s", 0), 2, None).unwrap_err().to_string();
     assert!(bad.contains("draft model"), "{bad}");
@@ -263,6 +289,65 @@ fn sd_reproduces_ar_and_a_wrong_residual_is_caught() {
     assert!(pw < 0.001, "a wrong residual went unnoticed: p = {pw}");
 }
 
+/// Counts of the two tokens of the 1×2 grid resampled as one island over `n` seeds, from
+/// proposals that vary with the seed (drawn independently of the verifier's randomness).
+fn island_counts(
+    v: &mut VerifierCore,
+    n: u64,
+    plan: &IslandPlan,
+    offset: u64,
+) -> HashMap<(i64, i64), u64> {
+    let mut counts = HashMap::new();
+    for seed in 0..n {
+        v.open(&spec("j", seed + offset, 1.0), false, &[]).unwrap();
+        let proposals = [(seed % 6) as i64, (seed / 6 % 6) as i64];
+        v.verify(&at("j", 0), &[], &proposals, 1).unwrap();
+        let r = v.resample(&at("j", 0), plan).unwrap();
+        *counts.entry((r.tokens[0], r.tokens[1])).or_insert(0) += 1;
+        v.release("j");
+    }
+    counts
+}
+
+#[test]
+fn island_resampling_keeps_the_targets_distribution_and_a_wrong_rule_is_caught() {
+    const N: u64 = 10_000;
+    tch::set_num_threads(1);
+    let mut v = pair_verifier();
+    // An island covering the whole grid is resampled exactly when its joint equals AR's.
+    let ar = pair_counts(&mut v, N, false, 0);
+    // Jacobi with the whole island in each pass, and with a window of 1 (the second position
+    // keeps the proposal as its guess until the first is settled).
+    let whole = plan(Resampler::Jacobi, &[&[0, 1]]);
+    let cases = [
+        (plan(Resampler::Sequential, &[&[0, 1]]), 1_000_000),
+        (whole.clone(), 2_000_000),
+        (
+            IslandPlan {
+                window: 1,
+                ..whole.clone()
+            },
+            3_000_000,
+        ),
+    ];
+    for (plan, offset) in &cases {
+        let got = island_counts(&mut v, N, plan, *offset);
+        let p = homogeneity_p(&ar, &got);
+        eprintln!("{plan:?} vs AR over {N} draws each: chi-square p = {p}");
+        assert!(p > 0.001, "{plan:?} differs from AR: p = {p}");
+    }
+    // Keeping a guess drawn from the previous pass's p with probability p(x) instead of
+    // min(1, p(x)/q(x)) skews the second token: the same test must reject it.
+    v.set_jacobi_fault_for_tests(JacobiFault::IgnoreDraft);
+    let wrong = island_counts(&mut v, N / 4, &whole, 4_000_000);
+    let pw = homogeneity_p(&ar, &wrong);
+    eprintln!("Jacobi with a wrong acceptance rule vs AR: p = {pw}");
+    assert!(
+        pw < 0.001,
+        "a wrong Jacobi acceptance went unnoticed: p = {pw}"
+    );
+}
+
 fn local() -> Local {
     Local::new(Arc::new(
         TorchWorker::spawn_rounds("torch", || Ok::<_, mulo_engine::EngineError>(engine())).unwrap(),
@@ -313,6 +398,9 @@ async fn every_method_runs_through_the_roles() {
         "mulo:tau=0.3,zipar_window=1,block_rows=1",
         "mulo:tau=0.3,zipar_window=1,block_rows=1,pipeline=0",
         "mulo:tau=0.3,radius=0,block_rows=1,pipeline=0",
+        "mulo:tau=0.6,radius=2,block_rows=1,resample=sequential",
+        "mulo:tau=0.6,radius=2,block_rows=1,resample=jacobi",
+        "mulo:tau=0.6,rejection=raster,block_rows=2,resample=jacobi",
         "sd:gamma=3",
         "lantern:gamma=3,k=4,delta=0.5",
     ] {

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use mulo_core::limits::MAX_MESSAGE_BYTES;
+use mulo_core::method::Resampler;
 use mulo_core::GridSize;
 use mulo_engine::drafter::{DraftReply, DrafterInfo};
+use mulo_engine::resample::IslandPlan;
 use mulo_engine::verifier::{
     DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierInfo, VerifyReply,
 };
@@ -456,16 +458,22 @@ impl VerifierRole for RemoteVerifier {
     async fn resample(
         &self,
         session: SessionRef,
-        passes: Vec<Vec<usize>>,
+        plan: IslandPlan,
     ) -> Result<ResampleReply, EngineError> {
         let req = pb::ResampleRequest {
             session: Some(ref_out(&session)),
-            passes: passes
+            islands: plan
+                .islands
                 .into_iter()
-                .map(|p| pb::ResamplePass {
+                .map(|p| pb::ResampleIsland {
                     positions: p.into_iter().map(|x| x as u32).collect(),
                 })
                 .collect(),
+            resampler: match plan.resampler {
+                Resampler::Sequential => pb::Resampler::Sequential,
+                Resampler::Jacobi => pb::Resampler::Jacobi,
+            } as i32,
+            window: plan.window as u32,
         };
         let r = unary(
             &self.addr,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
+use mulo_engine::resample::IslandPlan;
 use mulo_engine::verifier::{
     DecodeReply, Relaxation, ResampleReply, SpeculateReply, VerifierInfo, VerifyReply,
 };
@@ -294,10 +295,10 @@ impl VerifierRole for Failover {
     async fn resample(
         &self,
         session: SessionRef,
-        passes: Vec<Vec<usize>>,
+        plan: IslandPlan,
     ) -> Result<ResampleReply, EngineError> {
         let (v, r) = self.at(&session)?;
-        match v.resample(r, passes.clone()).await {
+        match v.resample(r, plan.clone()).await {
             Err(e) if lost(&e) => {
                 // Rebuild the pending block on the new replica, then run the plan there.
                 let t = self.track(&session.id)?;
@@ -305,7 +306,7 @@ impl VerifierRole for Failover {
                 let pool = 1;
                 v.verify(r.clone(), Vec::new(), t.pending.clone(), pool)
                     .await?;
-                v.resample(r, passes).await
+                v.resample(r, plan).await
             }
             other => other,
         }

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use mulo_core::method::Resampler;
+use mulo_engine::resample::IslandPlan;
 use mulo_engine::verifier::{Relaxation, VerifierInfo};
 use mulo_engine::{Engine, EngineError, Local, VerifierRole};
 use mulo_proto::v1 as pb;
@@ -122,18 +124,38 @@ impl pb::verifier_server::Verifier for VerifierService {
     ) -> Result<Response<pb::ResampleResponse>, Status> {
         let r = req.into_inner();
         let session = ref_in(r.session)?;
-        let positions: usize = r.passes.iter().map(|p| p.positions.len()).sum();
-        at_most("passes", r.passes.len(), MAX_TOKENS).map_err(param)?;
+        let positions: usize = r.islands.iter().map(|p| p.positions.len()).sum();
+        at_most("islands", r.islands.len(), MAX_TOKENS).map_err(param)?;
         at_most("positions", positions, MAX_TOKENS).map_err(param)?;
-        let passes: Vec<Vec<usize>> = r
-            .passes
+        if positions == 0 {
+            return Err(Status::invalid_argument(
+                "islands: the plan resamples no position (a gateway older than the verifier?)",
+            ));
+        }
+        let resampler = match pb::Resampler::try_from(r.resampler) {
+            Ok(pb::Resampler::Sequential) => Resampler::Sequential,
+            Ok(pb::Resampler::Jacobi) => Resampler::Jacobi,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "resampler: unknown value {}",
+                    r.resampler
+                )))
+            }
+        };
+        let islands: Vec<Vec<usize>> = r
+            .islands
             .into_iter()
             .map(|p| p.positions.into_iter().map(|x| x as usize).collect())
             .collect();
+        let plan = IslandPlan {
+            islands,
+            resampler,
+            window: r.window as usize,
+        };
         let reply = self
             .base
             .local
-            .resample(session, passes)
+            .resample(session, plan)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ResampleResponse {
