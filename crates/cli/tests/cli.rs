@@ -316,6 +316,17 @@ fn bad_input_gets_one_clear_line() {
         fails(&["generate", "--model", s(&d.join("nope")), "--class", "1"]).contains("config.json")
     );
     assert!(fails(&["generate", "--bogus"]).contains("--bogus"));
+    assert!(fails(&["train", "drafter", "--image-size", "24"]).contains("16, 32 or 64"));
+    assert!(fails(&[
+        "generate",
+        "--model",
+        &g,
+        "--class",
+        "1",
+        "--method",
+        "mulo:resample=fast"
+    ])
+    .contains("jacobi or sequential"));
     assert!(fails(&[
         "generate",
         "--model",

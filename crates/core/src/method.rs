@@ -375,7 +375,7 @@ impl Method {
                 l::in_range("block_rows", p.block_rows, l::MAX_BLOCK_ROWS)?;
                 l::at_most("radius", p.radius, l::MAX_RADIUS)?;
                 l::at_most("zipar_window", p.zipar_window, l::MAX_ZIPAR_WINDOW)?;
-                l::at_most("jacobi_window", p.jacobi_window, l::MAX_TOKENS)
+                l::at_most("jacobi_window", p.jacobi_window, l::MAX_JACOBI_WINDOW)
             }
         }
     }
@@ -475,6 +475,8 @@ mod tests {
         let old = r#"{"tau":0.1,"pool_k":4,"radius":1,"block_rows":2,"zipar_window":0,"rejection":"local"}"#;
         let p: MuloParams = serde_json::from_str(old).unwrap();
         assert_eq!(p.pipeline, MuloParams::default().pipeline);
+        assert_eq!(p.resample, MuloParams::default().resample);
+        assert_eq!(p.jacobi_window, MuloParams::default().jacobi_window);
     }
 
     #[test]
@@ -513,6 +515,9 @@ mod tests {
             ("mulo:radius=9", "radius"),
             ("mulo:block_rows=65", "block_rows"),
             ("mulo:zipar_window=257", "zipar_window"),
+            ("mulo:resample=parallel", "resample"),
+            ("mulo:jacobi_window=4097", "jacobi_window"),
+            ("mulo:jacobi_window=-1", "jacobi_window"),
             ("sd:gamma=17", "gamma"),
             ("ar:tau=0.1", "parameter"),
             ("greedy", "method"),
@@ -523,6 +528,7 @@ mod tests {
         }
         // The bounds themselves are accepted, and an error past one names it.
         Method::parse("mulo:pool_k=1024,radius=8,block_rows=64,zipar_window=256").unwrap();
+        Method::parse("mulo:resample=sequential,jacobi_window=4096").unwrap();
         Method::parse("lantern:k=1024,gamma=16").unwrap();
         let e = Method::parse("mulo:pool_k=100000").unwrap_err().to_string();
         assert!(e.contains("at most 1024"), "{e}");

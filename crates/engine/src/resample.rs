@@ -37,6 +37,7 @@ impl IslandPlan {
     /// Checks that the islands are non-empty, distinct pending positions in `lo..hi`, and puts
     /// each island in raster order.
     pub fn checked(mut self, lo: usize, hi: usize) -> Result<Self, EngineError> {
+        mulo_core::limits::at_most("window", self.window, mulo_core::limits::MAX_JACOBI_WINDOW)?;
         let mut seen = std::collections::HashSet::new();
         for p in self.islands.iter().flatten() {
             if *p < lo || *p >= hi || !seen.insert(*p) {

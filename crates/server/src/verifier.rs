@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::convert::{
     condition_out, count_in, invalid, list_in, param, ref_in, spec_in, status, tokens_out,
 };
-use mulo_core::limits::{at_most, MAX_GAMMA, MAX_LANTERN_K, MAX_POOL_K, MAX_TOKENS};
+use mulo_core::limits::{
+    at_most, MAX_GAMMA, MAX_JACOBI_WINDOW, MAX_LANTERN_K, MAX_POOL_K, MAX_TOKENS,
+};
 
 /// `mulo.v1.Verifier` served from this process's torch thread.
 #[derive(Debug, Clone)]
@@ -127,6 +129,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         let positions: usize = r.islands.iter().map(|p| p.positions.len()).sum();
         at_most("islands", r.islands.len(), MAX_TOKENS).map_err(param)?;
         at_most("positions", positions, MAX_TOKENS).map_err(param)?;
+        at_most("window", r.window as usize, MAX_JACOBI_WINDOW).map_err(param)?;
         if positions == 0 {
             return Err(Status::invalid_argument(
                 "islands: the plan resamples no position (a gateway older than the verifier?)",
