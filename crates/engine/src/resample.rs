@@ -150,6 +150,7 @@ pub(crate) async fn jacobi(
             p: &p,
             queries: &queries,
             vocab,
+            last,
         };
         for run in &mut runs {
             step(run, &rows, target, rng, &mut changed, fault);
@@ -162,6 +163,8 @@ struct Rows<'a> {
     p: &'a [f32],
     queries: &'a [usize],
     vocab: usize,
+    /// The last query: its value was not fed this pass.
+    last: usize,
 }
 
 impl Rows<'_> {
@@ -195,6 +198,10 @@ fn step(
         };
         run.next += 1;
         if keep {
+            if pos >= rows.last {
+                // Kept but not fed this pass: a later pass feeds it before reading past it.
+                changed.push(pos);
+            }
             continue;
         }
         target
