@@ -199,7 +199,8 @@ fn step(
         run.next += 1;
         if keep {
             if pos >= rows.last {
-                // Kept but not fed this pass: a later pass feeds it before reading past it.
+                // Kept but not fed this pass: its slot still holds K/V computed before earlier
+                // values changed, so a later pass re-feeds it before reading past it.
                 changed.push(pos);
             }
             continue;
