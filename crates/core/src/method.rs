@@ -173,6 +173,23 @@ fn parse_value<T: std::str::FromStr>(field: &'static str, v: &str) -> Result<T, 
         .map_err(|_| ParamError::new(field, format!("cannot parse '{v}'")))
 }
 
+/// One of the named `choices` (`expected a or b, got 'c'` otherwise).
+fn parse_choice<T: Copy>(
+    field: &'static str,
+    value: &str,
+    choices: &[(&str, T)],
+) -> Result<T, ParamError> {
+    let v = value.trim();
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|&(_, c)| c)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            ParamError::new(field, format!("expected {}, got '{v}'", names.join(" or ")))
+        })
+}
+
 impl Method {
     /// The method's name (`ar`, `sd`, `lantern`, `mulo`).
     pub fn name(&self) -> &'static str {
@@ -270,28 +287,21 @@ impl Method {
                     }
                 }
                 "rejection" => {
-                    p.rejection = match value.trim() {
-                        "local" => Rejection::Local,
-                        "raster" => Rejection::Raster,
-                        other => {
-                            return Err(ParamError::new(
-                                "rejection",
-                                format!("expected local or raster, got '{other}'"),
-                            ))
-                        }
-                    }
+                    p.rejection = parse_choice(
+                        "rejection",
+                        value,
+                        &[("local", Rejection::Local), ("raster", Rejection::Raster)],
+                    )?
                 }
                 "resample" => {
-                    p.resample = match value.trim() {
-                        "jacobi" => Resampler::Jacobi,
-                        "sequential" => Resampler::Sequential,
-                        other => {
-                            return Err(ParamError::new(
-                                "resample",
-                                format!("expected jacobi or sequential, got '{other}'"),
-                            ))
-                        }
-                    }
+                    p.resample = parse_choice(
+                        "resample",
+                        value,
+                        &[
+                            ("jacobi", Resampler::Jacobi),
+                            ("sequential", Resampler::Sequential),
+                        ],
+                    )?
                 }
                 _ => return Err(unknown(self)),
             },
