@@ -9,7 +9,9 @@
 //! `norm(max(0, p − q))` and the island's later positions get new guesses drawn from this pass's
 //! `p` (their `q` for the next pass). The first guesses are the drafter's proposals, a point mass
 //! (`q = δ_x`: kept with probability `p(x)`, else a draw from `p` without `x`). Every pass settles
-//! at least one position per island, so passes never exceed the sequential schedule's.
+//! at least one position per island, so passes never exceed the sequential schedule's. A pass
+//! queries at most `window` positions per island (their cost grows with the tokens fed); the
+//! positions after the window keep their guesses until they enter it.
 
 use mulo_core::method::Resampler;
 use mulo_core::spec::{pass_schedule, sd_accept, sd_residual};
