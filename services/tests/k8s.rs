@@ -319,6 +319,16 @@ fn check(overlay: &str, objects: &[Value]) {
             listen.ends_with(&format!(":{port}")),
             "{overlay}: {n} listens on {listen}"
         );
+        // HTTP (the gateway's images API and page) on the port named http, and only there.
+        let http = args
+            .iter()
+            .position(|a| *a == "--http-listen")
+            .map(|i| args[i + 1]);
+        match (http, ports.get("http")) {
+            (Some(h), Some(p)) => assert!(h.ends_with(&format!(":{p}")), "{overlay}: {n} {h}"),
+            (None, None) => {}
+            (h, p) => panic!("{overlay}: {n}: --http-listen {h:?} but http port {p:?}"),
+        }
         // Variables set on the container itself: read by its binary.
         let env: BTreeMap<String, String> = c["env"]
             .as_array()
@@ -483,10 +493,12 @@ fn check(overlay: &str, objects: &[Value]) {
                         name(np)
                     );
                     // Other namespaces: Prometheus on metrics, and the client namespaces on the
-                    // gateway's gRPC port (labelled ones only).
+                    // gateway's gRPC port and its HTTP port (labelled ones only).
                     for t in &targets {
+                        let open = [Some(t.port), t.ports.get("http").copied()];
                         let client_port = t.binary == "mulo-gateway"
-                            && ports == [t.port]
+                            && ports.contains(&t.port)
+                            && ports.iter().all(|p| open.contains(&Some(*p)))
                             && from["namespaceSelector"]["matchLabels"]["mulo.dev/client"]
                                 == "true";
                         assert!(

@@ -95,7 +95,8 @@ async fn one_request_is_one_trace_across_the_three_services() {
             condition: Some(pb::Condition {
                 kind: Some(pb::condition::Kind::Prompt("red apple".into())),
             }),
-            method: "mulo".into(),
+            // Two cycles, so that the second draft realigns the first block.
+            method: "mulo:block_rows=2".into(),
             sampling: None,
             seed: 4,
             return_tokens: false,

@@ -166,6 +166,7 @@ mod tests {
             tokens: vec![0; accepted.len().max(resampled.len())],
             accepted: accepted.to_vec(),
             resampled: resampled.to_vec(),
+            target_passes: 1,
         }
     }
 

@@ -40,6 +40,11 @@ pub const MAX_DEADLINE_SECONDS: f64 = 3600.0;
 /// Bytes of one gRPC message at most, on every server and client (caption features at their
 /// bound plus headroom).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Images one HTTP `POST /v1/images/generations` asks for (`n`).
+pub const MAX_HTTP_IMAGES: usize = 8;
+/// Bytes of an HTTP request body (a generation request is a few hundred bytes; a prompt is at
+/// most [`MAX_PROMPT_BYTES`]).
+pub const MAX_HTTP_BODY_BYTES: usize = 64 << 10;
 
 /// `field` must be at most `max` (the error names the bound).
 pub fn at_most(field: &'static str, value: usize, max: usize) -> Result<(), ParamError> {

@@ -151,6 +151,9 @@ pub struct BlockEvent {
     pub accepted: Vec<bool>,
     /// The block's resample map (true = resampled by the target).
     pub resampled: Vec<bool>,
+    /// Target forward passes so far (prefill included): `committed / target_passes` is the
+    /// running number of tokens per target pass.
+    pub target_passes: usize,
 }
 
 /// A finished generation.
@@ -302,6 +305,7 @@ impl Run<'_> {
                 tokens: reply.tokens,
                 accepted: Vec::new(),
                 resampled: Vec::new(),
+                target_passes: self.stats.target_passes,
             });
         }
         Ok(())
@@ -343,6 +347,7 @@ impl Run<'_> {
                 tokens: r.tokens,
                 resampled: accepted.iter().map(|a| !a).collect(),
                 accepted,
+                target_passes: self.stats.target_passes,
             });
         }
         Ok(())
@@ -493,6 +498,7 @@ impl Run<'_> {
                 tokens: pending.clone(),
                 accepted: checked.accepted,
                 resampled: checked.resampled,
+                target_passes: self.stats.target_passes,
             });
         }
         // The last block needs no commit pass: its values are final.

@@ -67,13 +67,15 @@ async fn shutdown_signal() {
 type Routes =
     Router<tower::layer::util::Stack<metrics::RpcMetricsLayer, tower::layer::util::Identity>>;
 
-/// Serves `role` with health, reflection and Info plus the routes `add` puts on, until SIGTERM
-/// or Ctrl-C; then stops accepting and lets in-flight calls finish.
+/// Serves `role` with health, reflection and Info plus the routes `add` puts on (and, for the
+/// gateway, its HTTP API on `http`'s address), until SIGTERM or Ctrl-C; then stops accepting and
+/// lets in-flight calls finish.
 async fn serve(
     role: &'static str,
     net: &CommonArgs,
     worker: &Arc<TorchWorker<Engine>>,
     add: impl FnOnce(Routes) -> Routes,
+    http: Option<(SocketAddr, gateway::GatewayService)>,
 ) -> Result<()> {
     let tls = net.server_tls()?.map(Arc::new);
     // Health says SERVING only once this answers: nothing listens before the warm-up is done.
@@ -99,6 +101,10 @@ async fn serve(
     if let Some(addr) = net.health_listen {
         serve_health(addr, health).await?;
     }
+    let http = match http {
+        Some((addr, gw)) => Some(serve_http(addr, gw, &reporter, tls.clone()).await?),
+        None => None,
+    };
     tracing::info!(role, %bound, tls = tls.is_some(), mtls = net.tls_client_ca.is_some(), "serving");
     // The address a test or a supervisor started with port 0 connects to.
     println!("mulo-{role} listening on {bound}");
@@ -108,7 +114,33 @@ async fn serve(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         ),
     };
-    run_until_stopped(role, router, incoming, reporter, worker).await
+    run_until_stopped(role, router, incoming, reporter, worker).await?;
+    if let Some(task) = http {
+        // The HTTP requests in flight finish as the gRPC calls did.
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Binds the gateway's HTTP API on `addr` (HTTPS with the gRPC port's certificate), ready when
+/// the gRPC port's health says so; prints `mulo-gateway serving HTTP on URL` for a supervisor or
+/// a test that asked for port 0.
+async fn serve_http(
+    addr: SocketAddr,
+    gw: gateway::GatewayService,
+    reporter: &tonic_health::server::HealthReporter,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (--http-listen)"))?;
+    let bound = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+    let router = crate::http::HttpApi::new(gw, health).router();
+    tracing::info!(%bound, scheme, "serving HTTP");
+    println!("mulo-gateway serving HTTP on {scheme}://{bound}");
+    Ok(crate::http::serve(listener, tls, router))
 }
 
 /// Runs every model once and returns what `Capabilities/Info` reports of them.
@@ -407,27 +439,39 @@ async fn serve_role_inner(role: &'static str, args: RoleArgs) -> Result<()> {
         let svc = drafter::DrafterService::new(local, args.max_sessions)
             .await?
             .panic_after(args.test_panic_after_calls);
-        serve(role, &args.common, &worker, |r| {
-            r.add_service(tonic::service::interceptor::InterceptedService::new(
-                mulo_proto::v1::drafter_server::DrafterServer::new(svc)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                bounded_deadline,
-            ))
-        })
+        serve(
+            role,
+            &args.common,
+            &worker,
+            |r| {
+                r.add_service(tonic::service::interceptor::InterceptedService::new(
+                    mulo_proto::v1::drafter_server::DrafterServer::new(svc)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    bounded_deadline,
+                ))
+            },
+            None,
+        )
         .await
     } else {
         let svc = verifier::VerifierService::new(local, args.max_sessions)
             .await?
             .panic_after(args.test_panic_after_calls);
-        serve(role, &args.common, &worker, |r| {
-            r.add_service(tonic::service::interceptor::InterceptedService::new(
-                mulo_proto::v1::verifier_server::VerifierServer::new(svc)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                bounded_deadline,
-            ))
-        })
+        serve(
+            role,
+            &args.common,
+            &worker,
+            |r| {
+                r.add_service(tonic::service::interceptor::InterceptedService::new(
+                    mulo_proto::v1::verifier_server::VerifierServer::new(svc)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    bounded_deadline,
+                ))
+            },
+            None,
+        )
         .await
     }
 }
@@ -466,6 +510,8 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
             mulo_model::config::ConditionConfig::Class { .. } => "class".into(),
             mulo_model::config::ConditionConfig::Caption { .. } => "caption".into(),
         },
+        pixels_per_token: mulo_model::ModelConfig::load_vq(&fam.path(Member::Vq)?)?
+            .downsample_factor() as usize,
     };
     if let Some(tls) = args.roles_tls.client_tls()? {
         client::use_role_tls(tls)?;
@@ -514,13 +560,20 @@ async fn serve_gateway_inner(args: GatewayArgs) -> Result<()> {
             Duration::from_secs_f64(args.resolve_interval.max(0.1)),
         );
     }
-    serve("gateway", &args.common, &own, |r| {
-        r.add_service(
-            mulo_proto::v1::gateway_server::GatewayServer::new(svc)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-    })
+    let http = args.http_listen.map(|a| (a, svc.clone()));
+    serve(
+        "gateway",
+        &args.common,
+        &own,
+        |r| {
+            r.add_service(
+                mulo_proto::v1::gateway_server::GatewayServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+        },
+        http,
+    )
     .await
 }
 

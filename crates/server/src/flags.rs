@@ -288,4 +288,10 @@ pub struct GatewayArgs {
     /// does not resolve keeps the previous addresses.
     #[arg(long, env = "MULO_RESOLVE_INTERVAL", default_value_t = 30.0)]
     pub resolve_interval: f64,
+    /// Also serve HTTP on this address (`host:port`; port 0 picks one): an OpenAI-style
+    /// `POST /v1/images/generations`, `GET /v1/models`, `/healthz`, `/readyz` and a live page at
+    /// `/` (docs/http.md). Same tokens and limits as gRPC; HTTPS with the --tls-cert files.
+    /// Off when unset.
+    #[arg(long, env = "MULO_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }

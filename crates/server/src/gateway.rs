@@ -34,6 +34,18 @@ pub struct FamilyInfo {
     pub sampling: SamplingParams,
     /// "caption" or "class".
     pub condition: String,
+    /// Image pixels per token along each side (the VQ's down-sampling factor).
+    pub pixels_per_token: usize,
+}
+
+impl FamilyInfo {
+    /// The image's size in pixels, `(width, height)`.
+    pub fn image_size(&self) -> (usize, usize) {
+        (
+            self.cols * self.pixels_per_token,
+            self.rows * self.pixels_per_token,
+        )
+    }
 }
 
 /// How the gateway admits and bounds requests.
@@ -309,8 +321,13 @@ impl GatewayState {
             })?
     }
 
-    /// PNG bytes of a finished grid: a drafter decodes it, else the gateway's own VQ.
-    async fn png(&self, tokens: &[i64]) -> Result<Vec<u8>, Status> {
+    /// The family the gateway serves.
+    pub fn family(&self) -> &FamilyInfo {
+        &self.family
+    }
+
+    /// PNG bytes of a grid: a drafter decodes it, else the gateway's own VQ.
+    pub(crate) async fn png(&self, tokens: &[i64]) -> Result<Vec<u8>, Status> {
         let ids = tokens_out(tokens)?;
         let mut last = None;
         for d in &self.drafters() {
@@ -523,6 +540,7 @@ fn block_out(e: &BlockEvent) -> Result<pb::BlockEvent, Status> {
         tokens: tokens_out(&e.tokens)?,
         accepted: pack_bits(&e.accepted),
         resampled: pack_bits(&e.resampled),
+        target_passes: e.target_passes as u32,
     })
 }
 
@@ -622,6 +640,7 @@ mod tests {
             cols: 2,
             sampling: SamplingParams::default(),
             condition: "class".into(),
+            pixels_per_token: 4,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod drafter;
 pub mod failover;
 pub mod gateway;
+pub mod http;
 pub mod metrics;
 pub mod reload;
 pub mod runtime;

@@ -35,6 +35,7 @@ fn gateway(auth: Option<std::sync::Arc<mulo_server::auth::Auth>>) -> GatewayServ
             cols: 16,
             sampling: SamplingParams::default(),
             condition: "caption".into(),
+            pixels_per_token: 4,
         },
         Vec::new(),
         Vec::new(),

@@ -23,6 +23,10 @@ use crate::eval::{
 use crate::trainers::EmojiTensors;
 use crate::TrainError;
 
+/// Pool size of `target_pooled_nll`: fixed (the defaults' `pool_k` until issue 19 moved it to
+/// 128), so that the metric means the same in every run whatever the defaults are.
+pub const QUALITY_POOL_K: usize = 256;
+
 /// One method's row of the report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -84,8 +88,8 @@ pub struct BenchRow {
     pub target_nll: Option<f64>,
     /// Standard error of `target_nll` over the images.
     pub target_nll_se: Option<f64>,
-    /// The target's mean pooled NLL per token: `-log` of its mass on the token's pool of MuLo's
-    /// default `pool_k` nearest codes (a near miss inside the pool costs little).
+    /// The target's mean pooled NLL per token: `-log` of its mass on the token's pool of its
+    /// [`QUALITY_POOL_K`] nearest codes (a near miss inside the pool costs little).
     pub target_pooled_nll: Option<f64>,
     /// Fréchet distance of the evaluator features of this method's images to AR's images.
     pub fd_to_ar: Option<f64>,
@@ -170,7 +174,7 @@ pub struct Quality {
     pub target_nll: f64,
     /// Standard error of `target_nll` over the images.
     pub target_nll_se: f64,
-    /// The same with each token's pool of nearest codes (MuLo's default `pool_k`).
+    /// The same with each token's pool of [`QUALITY_POOL_K`] nearest codes.
     pub target_pooled_nll: f64,
     /// Fréchet distance of the evaluator features to AR's samples.
     pub fd_to_ar: f64,
@@ -405,7 +409,7 @@ fn score_set(
             .verifier
             .as_mut()
             .ok_or_else(|| TrainError::Eval("the bench needs the verifier role".into()))?;
-        let pool_k = MuloParams::default().pool_k;
+        let pool_k = QUALITY_POOL_K;
         let mut nll = Vec::new();
         let mut pooled_nll = Vec::new();
         for (g, p) in grids.iter().zip(&prompts) {

@@ -280,7 +280,8 @@ pub struct MethodResult {
     /// methods that generate at the target's resolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_nll: Option<f64>,
-    /// The target's mean pooled NLL per token (pools of MuLo's default `pool_k` nearest codes).
+    /// The target's mean pooled NLL per token (pools of the
+    /// [`QUALITY_POOL_K`](crate::bench::QUALITY_POOL_K) nearest codes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_pooled_nll: Option<f64>,
     /// Wall-clock seconds of generation (decoding to pixels included).

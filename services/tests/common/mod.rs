@@ -14,9 +14,20 @@ pub struct Proc {
     pub addr: String,
     /// The address the service reports on stdout once it listens (it binds port 0).
     reported: Option<std::sync::mpsc::Receiver<String>>,
+    /// The gateway's HTTP URL (`--http-listen`), reported before the gRPC address.
+    http: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Proc {
+    /// The URL of the gateway's HTTP listener (`mulo-gateway serving HTTP on URL`), once the
+    /// gateway listens.
+    pub async fn http_url(&mut self) -> String {
+        self.listening().await;
+        let rx = self.http.as_ref().expect("stdout was read");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the gateway reported no HTTP URL (no --http-listen?)")
+    }
+
     /// Waits until the service listens (its models are loaded and warm) and returns the address
     /// it bound: it prints `mulo-<role> listening on ADDR` then.
     pub async fn listening(&mut self) -> String {
@@ -96,10 +107,13 @@ pub fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         .unwrap();
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    // Reads stdout to its end (the pipe never fills), passing on the reported address.
+    let (http_tx, http_rx) = std::sync::mpsc::channel();
+    // Reads stdout to its end (the pipe never fills), passing on the reported addresses.
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some((_, addr)) = line.split_once(" listening on ") {
+            if let Some((_, url)) = line.split_once(" serving HTTP on ") {
+                let _ = http_tx.send(url.trim().to_string());
+            } else if let Some((_, addr)) = line.split_once(" listening on ") {
                 let _ = tx.send(addr.trim().to_string());
             }
         }
@@ -108,6 +122,7 @@ pub fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         child,
         addr: String::new(),
         reported: Some(rx),
+        http: Some(http_rx),
     }
 }
 
