@@ -80,12 +80,14 @@ async fn the_gateway_gives_the_tokens_of_embedded_mode() {
         assert!(stats.method.starts_with(method.split(':').next().unwrap()));
     }
 
-    // Streaming: an event per committed block, then the same result.
-    let want = tokio::task::spawn_blocking(|| embedded("mulo", "snowman", 7))
+    // Streaming: an event per committed block, then the same result (blocks of two draft rows:
+    // the defaults draft the bundled family's image in one).
+    let method = "mulo:block_rows=2";
+    let want = tokio::task::spawn_blocking(move || embedded(method, "snowman", 7))
         .await
         .unwrap();
     let mut stream = gw
-        .generate_stream(request("mulo", "snowman", 7))
+        .generate_stream(request(method, "snowman", 7))
         .await
         .unwrap()
         .into_inner();

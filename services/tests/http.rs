@@ -336,3 +336,105 @@ async fn headless_chromium_draws_a_generation_on_the_page() {
         std::fs::copy(&shot, to).unwrap();
     }
 }
+
+#[tokio::test]
+async fn an_http_request_in_flight_finishes_when_the_gateway_drains() {
+    let (_d, _v, mut gw, ch) = common::cluster_with(&["--http-listen", "127.0.0.1:0"], &[]).await;
+    let url = gw.http_url().await;
+    let call = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            post(
+                &url,
+                r#"{"prompt": "snowman", "method": "ar", "seed": 2}"#,
+                &[],
+            )
+        })
+    };
+    // SIGTERM once the request is admitted.
+    let mut client = GatewayClient::new(ch);
+    let start = std::time::Instant::now();
+    loop {
+        let s = client
+            .status(mulo_proto::v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.in_flight == 1 {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "the request never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (code, v) = tokio::task::spawn_blocking(move || call.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["data"][0]["stats"]["tokens"], 256);
+    let exit = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn with_tls_flags_the_http_port_serves_https_with_the_same_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::new(dir.path(), "cluster");
+    let (cert, key) = pki.issue(dir.path(), "gateway");
+    let fam = common::family();
+    let fam = fam.to_str().unwrap();
+    let role = ["--family", fam, "--threads", "1"];
+    let mut drafter = common::start("mulo-drafter", &role);
+    let mut verifier = common::start("mulo-verifier", &role);
+    let (d, v) = (
+        common::connect(&mut drafter).await,
+        common::connect(&mut verifier).await,
+    );
+    drop((d, v));
+    let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut gw = common::start(
+        "mulo-gateway",
+        &[
+            "--family",
+            fam,
+            "--threads",
+            "1",
+            "--drafter",
+            &d,
+            "--verifier",
+            &v,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let url = gw.http_url().await;
+    assert!(url.starts_with("https://"), "{url}");
+    let ca = pki.ca.to_str().unwrap();
+    let (code, ready) = curl(&["--cacert", ca, &format!("{url}/readyz")]);
+    assert_eq!((code, ready.as_str()), (200, r#"{"status":"SERVING"}"#));
+    let (code, v) = post(
+        &url,
+        r#"{"prompt": "red apple", "method": "ar", "seed": 1}"#,
+        &["--cacert", ca],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["data"][0]["stats"]["tokens"], 256);
+    // Plaintext to the HTTPS port gets no answer.
+    let plain = url.replace("https://", "http://");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("{plain}/readyz")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+}
