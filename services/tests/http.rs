@@ -285,7 +285,7 @@ async fn the_http_page_blocks_run_and_tokens_are_checked_as_on_grpc() {
 
 #[tokio::test]
 async fn headless_chromium_draws_a_generation_on_the_page() {
-    let (Some(python), Some(_)) = (
+    let (Some(python), Some(driver)) = (
         option_env!("MULO_BROWSER_PYTHON"),
         option_env!("MULO_CHROMEDRIVER"),
     ) else {
@@ -298,7 +298,7 @@ async fn headless_chromium_draws_a_generation_on_the_page() {
         Command::new(python)
             .arg(repo().join("services/tests/support/browser.py"))
             .args([url.as_str(), shot.to_str().unwrap()])
-            .env("MULO_CHROMEDRIVER", env!("MULO_CHROMEDRIVER"))
+            .env("MULO_CHROMEDRIVER", driver)
             .output()
             .unwrap()
     })
@@ -387,37 +387,18 @@ async fn with_tls_flags_the_http_port_serves_https_with_the_same_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = common::Pki::new(dir.path(), "cluster");
     let (cert, key) = pki.issue(dir.path(), "gateway");
-    let fam = common::family();
-    let fam = fam.to_str().unwrap();
-    let role = ["--family", fam, "--threads", "1"];
-    let mut drafter = common::start("mulo-drafter", &role);
-    let mut verifier = common::start("mulo-verifier", &role);
-    let (d, v) = (
-        common::connect(&mut drafter).await,
-        common::connect(&mut verifier).await,
-    );
-    drop((d, v));
-    let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
+    let (_drafter, _verifier, args) = common::roles([&[], &[]], &[]).await;
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let mut gw = common::start(
-        "mulo-gateway",
-        &[
-            "--family",
-            fam,
-            "--threads",
-            "1",
-            "--drafter",
-            &d,
-            "--verifier",
-            &v,
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend([
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut gw = common::start("mulo-gateway", &args);
     let url = gw.http_url().await;
     assert!(url.starts_with("https://"), "{url}");
     let ca = pki.ca.to_str().unwrap();

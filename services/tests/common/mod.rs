@@ -183,16 +183,11 @@ pub async fn cluster_with_metrics() -> (Proc, Proc, Proc, Channel, [String; 3]) 
     (d, v, g, ch, m)
 }
 
-/// [`cluster`] with extra flags for the drafter and the verifier, for the gateway, and an
-/// environment for all three.
-pub async fn cluster_full(
-    role_args: [&[&str]; 2],
-    gateway_args: &[&str],
-    env: &[(&str, &str)],
-) -> (Proc, Proc, Proc, Channel) {
-    let fam = family();
-    let fam = fam.to_str().unwrap();
-    let role = ["--family", fam, "--threads", "1"];
+/// Drafter and verifier on the bundled family (one torch thread each, `role_args` added), up;
+/// and the flags of a gateway over them.
+pub async fn roles(role_args: [&[&str]; 2], env: &[(&str, &str)]) -> (Proc, Proc, Vec<String>) {
+    let fam = family().to_str().unwrap().to_string();
+    let role = ["--family", fam.as_str(), "--threads", "1"];
     let with = |extra: &[&str]| -> Vec<String> {
         role.iter().chain(extra).map(|s| s.to_string()).collect()
     };
@@ -201,17 +196,19 @@ pub async fn cluster_full(
     let mut verifier = start_env("mulo-verifier", &refs(&vargs), env);
     connect(&mut drafter).await;
     connect(&mut verifier).await;
-    let (d, v) = (drafter.addr.clone(), verifier.addr.clone());
-    let mut args = vec![
-        "--family",
-        fam,
-        "--threads",
-        "1",
-        "--drafter",
-        &d,
-        "--verifier",
-        &v,
-    ];
+    let gateway = with(&["--drafter", &drafter.addr, "--verifier", &verifier.addr]);
+    (drafter, verifier, gateway)
+}
+
+/// [`cluster`] with extra flags for the drafter and the verifier, for the gateway, and an
+/// environment for all three.
+pub async fn cluster_full(
+    role_args: [&[&str]; 2],
+    gateway_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, Proc, Proc, Channel) {
+    let (drafter, verifier, args) = roles(role_args, env).await;
+    let mut args = refs(&args);
     args.extend_from_slice(gateway_args);
     let mut gateway = start_env("mulo-gateway", &args, env);
     let ch = connect(&mut gateway).await;
