@@ -164,6 +164,14 @@ async fn the_images_api_answers_as_documented_and_draws_the_grpc_image() {
     refused(p(&huge), 413, "RESOURCE_EXHAUSTED", "length limit");
     let (code, v) = curl(&[&format!("{url}/v2/nothing")]);
     assert_eq!(code, 404, "{v}");
+    // A form POST (what a cross-site page can send without asking) is refused.
+    let (code, v) = curl(&[
+        &format!("{url}/v1/images/generations"),
+        "-d",
+        r#"{"prompt": "a"}"#,
+    ]);
+    let v: Value = serde_json::from_str(&v).unwrap();
+    refused((code, v), 415, "INVALID_ARGUMENT", "application/json");
 }
 
 #[tokio::test]
@@ -190,7 +198,14 @@ async fn a_stream_sends_blocks_partial_images_and_the_grpc_image() {
     let named = |n: &str| events.iter().filter(|(k, _)| k == n).count();
     // Four blocks of two draft rows; a partial image after some of them; the result last.
     assert_eq!(named("mulo.block"), 4, "{text}");
-    assert!(named("image_generation.partial_image") >= 1, "{text}");
+    // Partial images (as many as the decoding keeps up with) show uncommitted grids only.
+    for (_, p) in events
+        .iter()
+        .filter(|(k, _)| k == "image_generation.partial_image")
+    {
+        assert!(p["committed"].as_u64().unwrap() < 256, "{p}");
+        assert!(!p["b64_json"].as_str().unwrap().is_empty());
+    }
     let (last, done) = events.last().unwrap();
     assert_eq!(last, "image_generation.completed");
     let blocks: Vec<&Value> = events
@@ -404,10 +419,11 @@ async fn with_tls_flags_the_http_port_serves_https_with_the_same_certificate() {
     let ca = pki.ca.to_str().unwrap();
     let (code, ready) = curl(&["--cacert", ca, &format!("{url}/readyz")]);
     assert_eq!((code, ready.as_str()), (200, r#"{"status":"SERVING"}"#));
+    // HTTP/1.1-only clients (Python's requests) negotiate too.
     let (code, v) = post(
         &url,
         r#"{"prompt": "red apple", "method": "ar", "seed": 1}"#,
-        &["--cacert", ca],
+        &["--cacert", ca, "--http1.1"],
     );
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["data"][0]["stats"]["tokens"], 256);
@@ -418,4 +434,46 @@ async fn with_tls_flags_the_http_port_serves_https_with_the_same_certificate() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_stream_cancels_its_generation() {
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let (_d, _v, mut gw, _ch) = common::cluster_with(
+        &["--http-listen", "127.0.0.1:0", "--metrics-listen", &metrics],
+        &[],
+    )
+    .await;
+    let url = gw.http_url().await;
+    // AR streams a block per run of tokens; curl leaves after the first one.
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            r#"curl -sSN "$1/v1/images/generations" -H 'Content-Type: application/json' \
+            -d '{"prompt": "snowman", "method": "ar", "seed": 4, "stream": true}' \
+            | grep -m1 '^event: mulo.block'"#,
+            "_",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mulo.block"),
+        "{out:?}"
+    );
+    let cancelled =
+        r#"mulo_requests_total{service="mulo-gateway",method="ar",outcome="cancelled"} 1"#;
+    let start = std::time::Instant::now();
+    loop {
+        let (_, text) = curl(&[&format!("http://{metrics}/metrics")]);
+        if text.contains(cancelled) {
+            assert!(
+                !text.contains(r#"method="ar",outcome="ok"} 1"#),
+                "it ran to the end"
+            );
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "not cancelled:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -13,12 +13,18 @@ const $ = (id) => document.getElementById(id);
 
 async function loadModels() {
   const r = await fetch("/v1/models", { headers: auth() });
-  if (!r.ok) return;
+  if (!r.ok) {
+    $("family").textContent = r.status === 401
+      ? "This gateway checks tokens: enter one to see its family."
+      : `GET /v1/models answered ${r.status}.`;
+    return false;
+  }
   const m = (await r.json()).data[0];
   grid = m.grid;
   $("family").textContent =
     `Family ${m.id}: ${m.size} images, ${m.grid.rows}×${m.grid.cols} tokens, ` +
     `${m.condition}-conditioned; default ${m.default_method}.`;
+  return true;
 }
 
 function auth() {
@@ -135,16 +141,22 @@ class Run {
     }
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const raw = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        if (await this.event(raw)) return;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        // SSE lines may end in CRLF or CR; a CR at the end of a chunk waits for its LF.
+        buf = (buf + value).replace(/\r\n/g, "\n").replace(/\r(?!$)/g, "\n");
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const raw = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          if (await this.event(raw)) return;
+        }
       }
+    } finally {
+      // Leaving early (an error, the last event) closes the stream: the server stops generating.
+      reader.cancel().catch(() => {});
     }
     throw new Error("the stream ended before the image was done");
   }
@@ -181,6 +193,14 @@ async function generate(ev) {
   $("runs").replaceChildren();
   $("go").disabled = true;
   document.body.dataset.state = "running";
+  // The grid comes from /v1/models, which needs the token when the gateway checks them.
+  if (!(await loadModels())) {
+    $("error").textContent = $("family").textContent;
+    $("error").hidden = false;
+    $("go").disabled = false;
+    document.body.dataset.state = "failed";
+    return;
+  }
   const base = { prompt: $("prompt").value, seed: Number($("seed").value) || 0 };
   const method = $("method").value;
   const runs = [new Run(spec(method))];
@@ -210,4 +230,5 @@ $("tint").addEventListener("change", () => document.querySelectorAll(".run").for
   // Redraws the tint of every panel from its stored fates.
   if (n.run) n.run.drawMap();
 }));
+$("token").addEventListener("change", loadModels);
 loadModels();

@@ -112,10 +112,27 @@ impl ServerTls {
     }
 
     /// The TLS connections accepted on `listener`: each handshake runs on its own task (a slow or
-    /// plaintext client holds no other), failures are logged and dropped.
+    /// plaintext client holds no other), failures are logged and dropped. ALPN offers `h2` only.
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
+        self.incoming_alpn(listener, None)
+    }
+
+    /// [`Self::incoming`] for HTTP clients: ALPN offers `h2` and `http/1.1` (clients such as
+    /// Python's `requests` speak only the latter).
+    pub fn incoming_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
+        self.incoming_alpn(listener, Some(vec![b"h2".to_vec(), b"http/1.1".to_vec()]))
+    }
+
+    fn incoming_alpn(
+        self: Arc<Self>,
+        listener: TcpListener,
+        alpn: Option<Vec<Vec<u8>>>,
     ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -136,7 +153,15 @@ impl ServerTls {
                     () = tx.closed() => return,
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(self.0.get().as_ref().clone());
+                let config = self.0.get().as_ref().clone();
+                let acceptor = TlsAcceptor::from(match &alpn {
+                    Some(protocols) => {
+                        let mut c = config.as_ref().clone();
+                        c.alpn_protocols = protocols.clone();
+                        Arc::new(c)
+                    }
+                    None => config,
+                });
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _slot = slot;

@@ -115,7 +115,8 @@ fn plan(gw: &GatewayService, body: &[u8]) -> Result<Plan, ApiError> {
             top_k: r.top_k,
             top_p: r.top_p,
         }),
-        seed: r.seed.unwrap_or_else(rand::random),
+        // 53 bits: the seed reported back survives a JSON parser that reads numbers as doubles.
+        seed: r.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
         return_tokens: r.return_tokens,
         skip_png: false,
     };
@@ -141,6 +142,20 @@ fn grpc(headers: &HeaderMap, msg: pb::GenerateRequest) -> tonic::Request<pb::Gen
 
 /// Handles a generation request (JSON or, with `"stream": true`, Server-Sent Events).
 pub async fn generations(gw: GatewayService, headers: HeaderMap, body: &[u8]) -> Response {
+    // JSON only: a cross-site form or text/plain POST (no preflight) cannot start a generation.
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if !json {
+        return ApiError {
+            status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "INVALID_ARGUMENT",
+            message: "send the body as JSON (Content-Type: application/json)".into(),
+            param: Some("Content-Type"),
+        }
+        .into_response();
+    }
     let plan = match plan(&gw, body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -253,7 +268,14 @@ async fn relay(
     let total = gw.family().rows * gw.family().cols;
     let mut grid = vec![0i64; total];
     let (start, mut partials) = (Instant::now(), 0usize);
-    while let Some(first) = events.recv().await {
+    loop {
+        // The client leaving ends the relay at once (dropping `events` cancels the generation).
+        let first = tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            e = events.recv() => e,
+        };
+        let Some(first) = first else { return };
         // Every event that arrived meanwhile, then one decode of the grid so far.
         let mut batch = vec![first];
         while let Ok(e) = events.try_recv() {
@@ -270,7 +292,12 @@ async fn relay(
             }
         }
         if let Some(c) = committed.filter(|&c| c < total) {
-            if let Ok(png) = gw.png(&grid).await {
+            let png = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                p = gw.png(&grid) => p,
+            };
+            if let Ok(png) = png {
                 let ev = partial(&png, partials, c);
                 partials += 1;
                 if tx.send(Ok(ev)).await.is_err() {

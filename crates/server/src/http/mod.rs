@@ -160,7 +160,7 @@ pub fn serve(
             Some(tls) => {
                 let addr = listener.local_addr();
                 let l = TlsListener {
-                    incoming: tls.incoming(listener),
+                    incoming: tls.incoming_http(listener),
                     addr,
                 };
                 axum::serve(l, router)
