@@ -253,6 +253,7 @@ async fn malformed_requests_get_the_right_status_and_the_services_keep_serving()
             }],
             resampler: pb::Resampler::Jacobi as i32,
             window: 0,
+            wavefront: 0,
         })
         .await,
         bad,
@@ -266,6 +267,7 @@ async fn malformed_requests_get_the_right_status_and_the_services_keep_serving()
             islands: Vec::new(),
             resampler: 0,
             window: 0,
+            wavefront: 0,
         })
         .await,
         bad,
@@ -279,6 +281,7 @@ async fn malformed_requests_get_the_right_status_and_the_services_keep_serving()
             islands: vec![pb::ResampleIsland { positions: vec![1] }],
             resampler: 7,
             window: 0,
+            wavefront: 0,
         })
         .await,
         bad,

@@ -47,6 +47,7 @@ async fn out_of_bound_parameters_are_refused_and_tables_stay_bounded() {
         ("mulo:radius=50", "radius", "at most 8"),
         ("mulo:block_rows=1000", "block_rows", "at most 64"),
         ("mulo:zipar_window=100000", "zipar_window", "at most 256"),
+        ("mulo:wavefront=5000", "wavefront", "at most 4096"),
     ] {
         refused(gw.generate(req(method)).await, field, bound);
     }
@@ -100,6 +101,14 @@ async fn out_of_bound_parameters_are_refused_and_tables_stay_bounded() {
         relaxation: None,
     };
     refused(v.speculate(speculate).await, "gamma", "at most 16");
+    let resample = pb::ResampleRequest {
+        session: session("x"),
+        islands: vec![pb::ResampleIsland { positions: vec![0] }],
+        resampler: pb::Resampler::Jacobi as i32,
+        window: 0,
+        wavefront: 5000,
+    };
+    refused(v.resample(resample).await, "wavefront", "at most 4096");
     let mut d = DrafterClient::new(common::connect_to(&drafter.addr).await);
     let draft = pb::DraftRequest {
         session: session("x"),

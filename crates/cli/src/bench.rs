@@ -27,7 +27,9 @@ pub struct BenchArgs {
     pub family: Option<PathBuf>,
     /// A method to compare, `name:key=value,...` (repeat the flag; `ar` is always added):
     /// ar, sd:gamma=…, lantern:gamma=…,k=…,delta=…, mulo:tau=…,pool_k=…,radius=…,block_rows=…,
-    /// zipar_window=…,rejection=local|raster,pipeline=1|0. Default: ar, sd, lantern and mulo at their defaults.
+    /// zipar_window=…,rejection=local|raster,pipeline=1|0,resample=jacobi|sequential,
+    /// jacobi_window=…,wavefront=… (docs/methods.md). Default: ar, sd, lantern and mulo at their
+    /// defaults.
     #[arg(long = "method", value_name = "METHOD", value_parser = parse_method)]
     pub methods: Vec<Method>,
     /// Adds one `mulo` variant per value of a parameter, on top of the first `mulo` method (or

@@ -35,8 +35,9 @@ pub struct GenerateArgs {
     /// Decoding method with optional parameters, `name:key=value,...`: `ar` (one target pass per
     /// token, the exact reference), `sd:gamma=4` (lossless speculative sampling with the
     /// family's small draft model), `lantern:gamma=4,k=1000,delta=0.1` (relaxed SD), `mulo:tau=…,
-    /// pool_k=…,radius=…,block_rows=…,zipar_window=…,rejection=local|raster,pipeline=1|0` (MuLo-SD). Methods
-    /// other than `ar` need a family (not --model). See docs/methods.md.
+    /// pool_k=…,radius=…,block_rows=…,zipar_window=…,rejection=local|raster,pipeline=1|0,
+    /// resample=jacobi|sequential,jacobi_window=…,wavefront=…` (MuLo-SD). Methods other than `ar`
+    /// need a family (not --model). See docs/methods.md for each parameter and its default.
     #[arg(long, default_value = "ar", value_parser = parse_method)]
     pub method: mulo_core::Method,
     /// Random seed: the same seed, model and parameters give the same tokens.

@@ -19,6 +19,8 @@ pub const MAX_BLOCK_ROWS: usize = 64;
 pub const MAX_ZIPAR_WINDOW: usize = 256;
 /// Largest Jacobi window (positions per island per pass; 0 = the whole island).
 pub const MAX_JACOBI_WINDOW: usize = 4096;
+/// Largest wavefront lag (columns; 0 = no wavefront).
+pub const MAX_WAVEFRONT: usize = 4096;
 /// Classifier-free guidance scale at most.
 pub const MAX_CFG_SCALE: f64 = 100.0;
 /// Sampling temperature at most.

@@ -84,10 +84,19 @@ pub struct MuloParams {
     /// first on (0 = the whole island).
     #[serde(default = "jacobi_window_default")]
     pub jacobi_window: usize,
+    /// 0 resamples each island in raster order; `w >= 1` resamples its rows side by side as a
+    /// wavefront, a row's column `c` once the row above is settled through column `c + w`
+    /// (ZipAR's order within an island; Jacobi and sequential resampling alike).
+    #[serde(default = "wavefront_default")]
+    pub wavefront: usize,
 }
 
 fn jacobi_window_default() -> usize {
     MuloParams::default().jacobi_window
+}
+
+fn wavefront_default() -> usize {
+    MuloParams::default().wavefront
 }
 
 fn resample_default() -> Resampler {
@@ -99,13 +108,13 @@ fn pipeline_default() -> bool {
 }
 
 impl Default for MuloParams {
-    /// Picked from the issue-19 runs on the bundled emoji family (docs/methods.md): the fastest
-    /// setting whose adherence, `fd_to_ar` and `target_pooled_nll` stayed at the earlier
-    /// defaults' (`tau=0.03,pool_k=256,block_rows=2,resample=sequential`). On the bundled family
-    /// `block_rows=8` drafts the whole 8-row draft in one cycle.
+    /// Picked from the issue-19 runs on the bundled emoji family (docs/methods.md, "Wavefront
+    /// resampling"): the fastest setting whose adherence, `fd_to_ar` and `target_pooled_nll`
+    /// stayed at the earlier defaults' (`tau=0.03,pool_k=256,block_rows=2,resample=sequential`).
+    /// On the bundled family `block_rows=8` drafts the whole 8-row draft in one cycle.
     fn default() -> Self {
         Self {
-            tau: 0.02,
+            tau: 0.05,
             pool_k: 128,
             radius: 1,
             block_rows: 8,
@@ -113,7 +122,8 @@ impl Default for MuloParams {
             rejection: Rejection::Local,
             pipeline: true,
             resample: Resampler::Jacobi,
-            jacobi_window: 6,
+            jacobi_window: 2,
+            wavefront: 1,
         }
     }
 }
@@ -236,6 +246,7 @@ impl Method {
                 "pipeline",
                 "resample",
                 "jacobi_window",
+                "wavefront",
             ],
         }
     }
@@ -276,6 +287,7 @@ impl Method {
                 "block_rows" => p.block_rows = parse_value("block_rows", value)?,
                 "zipar_window" => p.zipar_window = parse_value("zipar_window", value)?,
                 "jacobi_window" => p.jacobi_window = parse_value("jacobi_window", value)?,
+                "wavefront" => p.wavefront = parse_value("wavefront", value)?,
                 "pipeline" => {
                     p.pipeline = match value.trim() {
                         "1" | "true" | "on" => true,
@@ -351,6 +363,7 @@ impl Method {
                 out.insert("pipeline", u8::from(p.pipeline).to_string());
                 out.insert("resample", p.resample.to_string());
                 out.insert("jacobi_window", p.jacobi_window.to_string());
+                out.insert("wavefront", p.wavefront.to_string());
             }
         }
         out
@@ -387,7 +400,8 @@ impl Method {
                 l::in_range("block_rows", p.block_rows, l::MAX_BLOCK_ROWS)?;
                 l::at_most("radius", p.radius, l::MAX_RADIUS)?;
                 l::at_most("zipar_window", p.zipar_window, l::MAX_ZIPAR_WINDOW)?;
-                l::at_most("jacobi_window", p.jacobi_window, l::MAX_JACOBI_WINDOW)
+                l::at_most("jacobi_window", p.jacobi_window, l::MAX_JACOBI_WINDOW)?;
+                l::at_most("wavefront", p.wavefront, l::MAX_WAVEFRONT)
             }
         }
     }
@@ -489,6 +503,7 @@ mod tests {
         assert_eq!(p.pipeline, MuloParams::default().pipeline);
         assert_eq!(p.resample, MuloParams::default().resample);
         assert_eq!(p.jacobi_window, MuloParams::default().jacobi_window);
+        assert_eq!(p.wavefront, MuloParams::default().wavefront);
     }
 
     #[test]
@@ -530,6 +545,8 @@ mod tests {
             ("mulo:resample=parallel", "resample"),
             ("mulo:jacobi_window=4097", "jacobi_window"),
             ("mulo:jacobi_window=-1", "jacobi_window"),
+            ("mulo:wavefront=4097", "wavefront"),
+            ("mulo:wavefront=x", "wavefront"),
             ("sd:gamma=17", "gamma"),
             ("ar:tau=0.1", "parameter"),
             ("greedy", "method"),
@@ -541,6 +558,7 @@ mod tests {
         // The bounds themselves are accepted, and an error past one names it.
         Method::parse("mulo:pool_k=1024,radius=8,block_rows=64,zipar_window=256").unwrap();
         Method::parse("mulo:resample=sequential,jacobi_window=4096").unwrap();
+        Method::parse("mulo:wavefront=4096").unwrap();
         Method::parse("lantern:k=1024,gamma=16").unwrap();
         let e = Method::parse("mulo:pool_k=100000").unwrap_err().to_string();
         assert!(e.contains("at most 1024"), "{e}");

@@ -569,6 +569,7 @@ async fn check_block(
             islands,
             resampler: p.resample,
             window: p.jacobi_window,
+            wavefront: p.wavefront,
         };
         let (r, rtt) = timed(
             verifier

@@ -114,6 +114,36 @@ struct Session {
     rng: TokenRng,
     target: Stream,
     draft: Option<Stream>,
+    /// What the last verify read: the pending block's values and the target's processed `p` at
+    /// each of its positions. A resample of that very block starts from it (its first pass).
+    verified: Option<Verified>,
+}
+
+/// A verify pass's reading of a pending block (see [`Session::verified`]).
+struct Verified {
+    committed: usize,
+    tokens: Vec<i64>,
+    p: Tensor,
+}
+
+impl Session {
+    /// The last verify's `p` rows (host, `[pending, V]` flat) if the pending block still holds
+    /// the values it read.
+    fn take_verified(&mut self) -> Result<Option<Vec<f32>>, EngineError> {
+        let book = &self.target.book;
+        match self.verified.take() {
+            Some(v)
+                if v.committed == book.committed && v.tokens == book.tokens[book.committed..] =>
+            {
+                let p =
+                    v.p.to_kind(Kind::Float)
+                        .to_device(Device::Cpu)
+                        .reshape([-1]);
+                Ok(Some(Vec::<f32>::try_from(p)?))
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// A verifier call's result, as an op.
@@ -476,6 +506,7 @@ impl VerifierCore {
                 rng: TokenRng::new(spec.seed),
                 target,
                 draft,
+                verified: None,
             };
             sessions.borrow_mut().insert(&spec.id, session, alive, kv)?;
             Ok(info)
@@ -568,6 +599,11 @@ impl VerifierCore {
             let mass = p
                 .gather(1, &idx, false)
                 .sum_dim_intlist(1, false, Kind::Float);
+            s.verified = Some(Verified {
+                committed: first,
+                tokens: proposals,
+                p,
+            });
             Ok(VerifyReply {
                 mass: Vec::<f32>::try_from(mass.to_device(Device::Cpu))?,
                 refreshed,
@@ -597,6 +633,7 @@ impl VerifierCore {
     ) -> Result<Op<ResampleReply>, EngineError> {
         let entry = self.session(&r.id)?;
         let vocab = self.target.config().vocab_size as usize;
+        let cols = self.target.config().grid.cols;
         let fault = self.jacobi_fault;
         let work = async move {
             let start = Instant::now();
@@ -604,8 +641,16 @@ impl VerifierCore {
             let s = &mut *held;
             let (lo, hi) = (s.target.book.committed, s.target.book.tokens.len());
             let plan = plan.checked(lo, hi)?;
+            let first_pass = s.take_verified()?;
             let before = s.target.passes;
-            crate::resample::run(&mut s.target, &s.params, &mut s.rng, &plan, vocab, fault).await?;
+            let pass = crate::resample::Pass {
+                params: &s.params,
+                vocab,
+                cols,
+                fault,
+                verified: first_pass.as_deref(),
+            };
+            crate::resample::run(&mut s.target, &mut s.rng, &plan, pass).await?;
             Ok(ResampleReply {
                 tokens: s.target.book.tokens[lo..].to_vec(),
                 // Resampling grid position 0 reads the prefill's logits: no pass of its own.

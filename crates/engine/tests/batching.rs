@@ -205,6 +205,7 @@ fn resampling_position_0_alone_reads_the_prefill() {
             islands: vec![vec![0]],
             resampler,
             window: 0,
+            wavefront: 0,
         };
         let r = v.resample(&at("s", 0), &plan).unwrap();
         assert_eq!((r.tokens.len(), r.passes), (4, 0), "{resampler}");

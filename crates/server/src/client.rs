@@ -474,6 +474,7 @@ impl VerifierRole for RemoteVerifier {
                 Resampler::Jacobi => pb::Resampler::Jacobi,
             } as i32,
             window: plan.window as u32,
+            wavefront: plan.wavefront as u32,
         };
         let r = unary(
             &self.addr,

@@ -13,7 +13,7 @@ use crate::convert::{
     condition_out, count_in, invalid, list_in, param, ref_in, spec_in, status, tokens_out,
 };
 use mulo_core::limits::{
-    at_most, MAX_GAMMA, MAX_JACOBI_WINDOW, MAX_LANTERN_K, MAX_POOL_K, MAX_TOKENS,
+    at_most, MAX_GAMMA, MAX_JACOBI_WINDOW, MAX_LANTERN_K, MAX_POOL_K, MAX_TOKENS, MAX_WAVEFRONT,
 };
 
 /// `mulo.v1.Verifier` served from this process's torch thread.
@@ -130,6 +130,7 @@ impl pb::verifier_server::Verifier for VerifierService {
         at_most("islands", r.islands.len(), MAX_TOKENS).map_err(param)?;
         at_most("positions", positions, MAX_TOKENS).map_err(param)?;
         at_most("window", r.window as usize, MAX_JACOBI_WINDOW).map_err(param)?;
+        at_most("wavefront", r.wavefront as usize, MAX_WAVEFRONT).map_err(param)?;
         if positions == 0 {
             return Err(Status::invalid_argument(
                 "islands: the plan resamples no position (a gateway older than the verifier?)",
@@ -154,6 +155,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             islands,
             resampler,
             window: r.window as usize,
+            wavefront: r.wavefront as usize,
         };
         let reply = self
             .base
