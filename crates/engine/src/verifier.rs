@@ -115,7 +115,9 @@ struct Session {
     target: Stream,
     draft: Option<Stream>,
     /// What the last verify read: the pending block's values and the target's processed `p` at
-    /// each of its positions. A resample of that very block starts from it (its first pass).
+    /// each of its positions (`[block, V]`: 2 MiB for 256 positions of 2048 codes, until the next
+    /// verify, the resample or the session's end). A resample of that very block starts from it
+    /// (its first pass).
     verified: Option<Verified>,
 }
 
