@@ -6,7 +6,10 @@
 //! `w` each row of an island, whose position in column `c` may be queried once the island's
 //! positions `d` rows above up to column `c + w·d` are settled (ZipAR's order inside an island:
 //! a position sees its settled neighbours above; guesses further right in the row above are
-//! visible as they are, as another island's are). Chains run side by side.
+//! visible as they are, as another island's are, and a settled position's K/V keeps what it saw
+//! of them until the block's refresh). Chains run side by side. An island that wraps a row
+//! (a `rejection=raster` suffix always does) starts its next row against the unsettled end of
+//! the row before: ZipAR's approximation, not raster order (`wavefront = 0` keeps raster order).
 //!
 //! A Jacobi pass feeds every unsettled position of every chain with a guess and reads the target's
 //! processed `p` at each of them, each conditioned on the guesses before it. Per chain, in raster

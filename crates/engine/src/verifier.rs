@@ -116,10 +116,14 @@ struct Session {
     draft: Option<Stream>,
     /// What the last verify read: the pending block's values and the target's processed `p` at
     /// each of its positions (`[block, V]`: 2 MiB for 256 positions of 2048 codes, until the next
-    /// verify, the resample or the session's end). A resample of that very block starts from it
-    /// (its first pass).
+    /// verify, the resample or the session's end; not kept past [`MAX_VERIFIED_BYTES`]). A
+    /// resample of that very block starts from it (its first pass).
     verified: Option<Verified>,
 }
+
+/// The largest verify reading a session keeps: 16 MiB, e.g. 256 positions of a 16384-code
+/// LlamaGen vocabulary; a block over it resamples with a first pass of its own.
+const MAX_VERIFIED_BYTES: usize = 16 << 20;
 
 /// A verify pass's reading of a pending block (see [`Session::verified`]).
 struct Verified {
@@ -178,6 +182,8 @@ pub struct VerifierCore {
     text: Option<crate::prompt::PromptEncoder>,
     wrong_residual: bool,
     jacobi_fault: JacobiFault,
+    /// Largest verify reading (bytes of `p`) a session keeps for its resample.
+    verified_limit: usize,
     forwards: Rc<Forwards>,
     /// KV pools of the target and the draft model.
     kv: Vec<RowPool>,
@@ -247,6 +253,7 @@ impl VerifierCore {
             text: None,
             wrong_residual: false,
             jacobi_fault: JacobiFault::None,
+            verified_limit: MAX_VERIFIED_BYTES,
         })
     }
 
@@ -266,6 +273,13 @@ impl VerifierCore {
     #[doc(hidden)]
     pub fn set_wrong_residual_for_tests(&mut self, on: bool) {
         self.wrong_residual = on;
+    }
+
+    /// Test hook: the largest verify reading a session keeps (bytes; default 16 MiB). A larger
+    /// one is dropped and the resample runs its first pass itself.
+    #[doc(hidden)]
+    pub fn set_verified_limit_for_tests(&mut self, bytes: usize) {
+        self.verified_limit = bytes;
     }
 
     /// Test hook: a fault in the Jacobi resampler's acceptance rule (its statistical test must
@@ -567,6 +581,7 @@ impl VerifierCore {
         let n = self.target.config().grid.len();
         let pool = self.pool("pool_k", pool_k)?;
         let entry = self.session(&r.id)?;
+        let limit = self.verified_limit;
         let work = async move {
             let start = Instant::now();
             let mut held = checked(entry, &r).await?;
@@ -601,7 +616,8 @@ impl VerifierCore {
             let mass = p
                 .gather(1, &idx, false)
                 .sum_dim_intlist(1, false, Kind::Float);
-            s.verified = Some(Verified {
+            let bytes = p.numel() * std::mem::size_of::<f32>();
+            s.verified = (bytes <= limit).then(|| Verified {
                 committed: first,
                 tokens: proposals,
                 p,
