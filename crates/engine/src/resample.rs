@@ -34,10 +34,10 @@ use mulo_core::spec::{sd_accept, sd_residual};
 use mulo_core::{ParamError, SamplingParams};
 use mulo_model::sampling::{sample_from_probs, TokenRng};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::error::EngineError;
-use crate::session::Stream;
+use crate::session::{host_rows, query_feed, Stream};
 
 /// A resample plan as the verifier runs it: the islands (grid positions) and how to resample them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,15 +283,9 @@ async fn jacobi(
             .filter(|&p| p < last)
             .collect();
         changed.retain(|&p| p >= last);
-        let mut fed: Vec<usize> = feed
-            .iter()
-            .copied()
-            .chain(queries.iter().filter_map(|q| q.checked_sub(1)))
-            .collect();
-        fed.sort_unstable();
-        fed.dedup();
+        let fed = query_feed(&feed, &queries);
         let (p, _) = target.query(pass.params, &feed, &queries, None).await?;
-        let p = Vec::<f32>::try_from(p.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]))?;
+        let p = host_rows(&p)?;
         let rows = Rows {
             p: &p,
             queries: &queries,

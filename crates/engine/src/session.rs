@@ -286,10 +286,9 @@ impl Stream {
         rows: Option<usize>,
     ) -> Result<(Tensor, usize), EngineError> {
         let start = self.book.refresh_start();
+        let refreshed = self.book.committed.saturating_sub(start);
         let mut feed: Vec<usize> = (start..self.book.committed).collect();
-        let refreshed = feed.len();
-        feed.extend(extra.iter().copied());
-        feed.extend(queries.iter().filter(|&&q| q > 0).map(|q| q - 1));
+        feed.extend(query_feed(extra, queries));
         feed.sort_unstable();
         feed.dedup();
         let read: Vec<usize> = queries.iter().filter(|&&q| q > 0).map(|q| q - 1).collect();
@@ -305,6 +304,28 @@ impl Stream {
         }
         Ok((Tensor::cat(&out, 0), refreshed))
     }
+}
+
+/// The pending positions a [`Stream::query`] feeds (ascending): `extra` and each query's
+/// predecessor (the stale committed slots it refreshes come on top).
+pub(crate) fn query_feed(extra: &[usize], queries: &[usize]) -> Vec<usize> {
+    let mut feed: Vec<usize> = extra
+        .iter()
+        .copied()
+        .chain(queries.iter().filter_map(|q| q.checked_sub(1)))
+        .collect();
+    feed.sort_unstable();
+    feed.dedup();
+    feed
+}
+
+/// Processed `p` rows on the host, flat (`[rows · V]` as f32).
+pub(crate) fn host_rows(p: &Tensor) -> Result<Vec<f32>, EngineError> {
+    Ok(Vec::<f32>::try_from(
+        p.to_kind(tch::Kind::Float)
+            .to_device(Device::Cpu)
+            .reshape([-1]),
+    )?)
 }
 
 /// Bool `[S, W]` mask: input `s` at grid position `positions[s]` sees the condition and every

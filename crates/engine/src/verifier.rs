@@ -141,11 +141,7 @@ impl Session {
             Some(v)
                 if v.committed == book.committed && v.tokens == book.tokens[book.committed..] =>
             {
-                let p =
-                    v.p.to_kind(Kind::Float)
-                        .to_device(Device::Cpu)
-                        .reshape([-1]);
-                Ok(Some(Vec::<f32>::try_from(p)?))
+                Ok(Some(crate::session::host_rows(&v.p)?))
             }
             _ => Ok(None),
         }
